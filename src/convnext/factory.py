@@ -1,0 +1,134 @@
+"""`create_model`, `list_models`, `list_pretrained`: the front door of the library."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .models import MODELS
+from .weights import (PRETRAINED, PretrainedWeights, checkpoint_config, download, infer_config,
+                      load_state_dict_into, read_state_dict)
+
+logger = logging.getLogger(__name__)
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered architecture names matching a shell-style pattern, e.g. "convnextv2_*"."""
+    return sorted(n for n in MODELS if fnmatch.fnmatch(n, pattern))
+
+
+def list_pretrained(pattern: str = "*") -> list[str]:
+    """Weight tags `arch.tag` matching a pattern; "convnext_tiny" alone lists all of its tags."""
+    if "." not in pattern and not pattern.endswith("*"):
+        pattern += ".*"
+    return sorted(n for n in PRETRAINED if fnmatch.fnmatch(n, pattern))
+
+
+def check_model_name(name: str) -> str:
+    """`name` itself if registered, else ValueError with close matches."""
+    if name not in MODELS:
+        close = difflib.get_close_matches(name, list(MODELS), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown model {name!r}{hint} (`convnext list` shows all)")
+    return name
+
+
+def _match_arch(cls_name: str, cfg: dict[str, Any]) -> str | None:
+    """Registered name whose architecture equals the inferred config (ignoring head/drop path)."""
+    keys = ("depths", "dims", "depth", "dim", "use_grn")
+    for name, (cls, base) in MODELS.items():
+        if cls.__name__ == cls_name and all(getattr(base, k) == cfg[k] for k in keys if k in cfg):
+            return name
+    return None
+
+
+def _resolve_pretrained(arch: str, tag: str, pretrained: Any
+                        ) -> tuple[PretrainedWeights | None, Path | Mapping[str, Any] | None]:
+    if pretrained is False or pretrained is None:
+        return None, None
+    if isinstance(pretrained, Mapping):  # an already loaded checkpoint or state dict
+        return None, pretrained
+    if pretrained is True:
+        if tag:
+            pretrained = f"{arch}.{tag}"
+        else:  # default: the first ImageNet-1K classifier at 224 in table order, as timm
+            tags = [t for t, w in PRETRAINED.items() if t.split(".", 1)[0] == arch]
+            if not tags:
+                raise ValueError(f"no pretrained weights are published for {arch}; pass a checkpoint path instead")
+            pretrained = next((t for t in tags if PRETRAINED[t].num_classes == 1000
+                               and PRETRAINED[t].input_size == 224), tags[0])
+    if isinstance(pretrained, str) and pretrained in PRETRAINED:
+        if pretrained.split(".", 1)[0] != arch:
+            raise ValueError(f"weights {pretrained!r} are for {pretrained.split('.', 1)[0]}, not {arch}")
+        info = PRETRAINED[pretrained]
+        return info, download(info.url, sha256=info.sha256)
+    if isinstance(pretrained, (str, os.PathLike)) and Path(pretrained).exists():
+        return None, Path(pretrained)
+    close = difflib.get_close_matches(str(pretrained), list_pretrained(arch) or list(PRETRAINED), n=3, cutoff=0.4)
+    raise ValueError(f"pretrained={str(pretrained)!r} is neither a weights tag nor an existing file"
+                     + (f"; did you mean {', '.join(close)}?" if close else "")
+                     + f" (`convnext info {arch}` lists its weights)")
+
+
+def create_model(name: str, *, pretrained: bool | str | os.PathLike = False, num_classes: int | None = None,
+                 in_chans: int = 3, drop_path_rate: float = 0.0, features_only: bool = False,
+                 out_indices: tuple[int, ...] = (0, 1, 2, 3), **overrides: Any) -> nn.Module:
+    """Build a registered ConvNeXt, optionally with weights.
+
+    Args:
+        name: architecture (`convnext_tiny`), or `arch.tag` to pick weights with `pretrained=True`.
+        pretrained: False; True (the first published weights, or the tag in `name`); a weights tag
+            such as "convnext_tiny.fb_in22k_ft_in1k"; a path to a checkpoint in any supported
+            format (official, FCMAE, timm, torchvision, Hugging Face, ours); or a loaded state dict.
+        num_classes: classifier size; None means the checkpoint's (1000 without weights). A
+            different number re-initialises the classifier and says so; 0 removes it.
+        in_chans: input channels; a different number than the checkpoint's adapts the stem.
+        drop_path_rate: stochastic depth at the last block (training only).
+        features_only: return the list of stage outputs at `out_indices` instead of logits.
+        **overrides: any other config field (e.g. `ls_init_value`, `head_init_scale`).
+    """
+    arch, _, tag = name.partition(".")
+    check_model_name(arch)
+    cls, base = MODELS[arch]
+    valid = {f.name for f in dataclasses.fields(base)}
+    bad = sorted(set(overrides) - valid)
+    if bad:
+        raise ValueError(f"unknown option(s) {', '.join(bad)} for {arch}; valid: {', '.join(sorted(valid))}")
+    info, path = _resolve_pretrained(arch, tag, pretrained)
+    fields: dict[str, Any] = dataclasses.asdict(base)
+    sd, fmt = None, None
+    if path is not None:
+        fmt, sd, metadata = read_state_dict(path, key=info.key if info else None)
+        _, saved = checkpoint_config(metadata)
+        cls_name, inferred = infer_config(sd)
+        found = _match_arch(cls_name, inferred)
+        if cls_name != cls.__name__ or any(inferred[k] != fields[k] for k in ("depths", "dims", "depth", "dim")
+                                           if k in inferred):
+            shape = {k: inferred[k] for k in ("depths", "dims", "depth", "dim") if k in inferred}
+            where = path if isinstance(path, Path) else "the checkpoint"
+            raise ValueError(f"{where} holds a {found or 'different architecture'} {shape}, not {arch}; "
+                             f"use create_model({(found or '<name>')!r}, pretrained=...)")
+        if saved:  # our own file: it knows its full config
+            fields.update({k: v for k, v in saved.items() if k in valid})
+        # The checkpoint decides what parameters exist (GRN, LayerScale, stem patch size).
+        fields.update({k: inferred[k] for k in ("use_grn", "patch_size", "ls_init_value") if k in inferred})
+        if num_classes is None:
+            num_classes = inferred.get("num_classes", 0)
+    fields.update(num_classes=1000 if num_classes is None else num_classes, in_chans=in_chans,
+                  drop_path_rate=drop_path_rate, **overrides)
+    cfg = type(base)(**fields)
+    model = cls(cfg, features_only=features_only, out_indices=out_indices)
+    model.model_name = arch
+    model.pretrained_cfg = info
+    if sd is not None:
+        load_state_dict_into(model, sd, adapt=True, allow_missing_head=fmt == "fcmae")
+        logger.info("loaded %s weights from %s", fmt, path if isinstance(path, Path) else "state dict")
+    return model

@@ -1,0 +1,18 @@
+"""Model definitions (torch only)."""
+
+from .convnext import (
+    Block,
+    ConvNeXt,
+    ConvNeXtConfig,
+    ConvNeXtIsotropic,
+    ConvNeXtIsotropicConfig,
+    FeatureInfo,
+    Stage,
+)
+from .layers import GRN, LayerNorm, LayerNorm2d
+from .variants import MODELS
+
+__all__ = [
+    "Block", "ConvNeXt", "ConvNeXtConfig", "ConvNeXtIsotropic", "ConvNeXtIsotropicConfig",
+    "FeatureInfo", "GRN", "LayerNorm", "LayerNorm2d", "MODELS", "Stage",
+]

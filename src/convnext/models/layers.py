@@ -1,0 +1,56 @@
+"""Layers of ConvNeXt that torch does not ship as-is: LayerNorm (channels-last and -first) and GRN.
+
+Stochastic depth comes from torchvision (`torchvision.ops.StochasticDepth`), the same per-sample
+"drop path, scaled by 1/keep" as timm's `DropPath`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm over the last (channel) dim of (N, H, W, C) or (N, C) inputs.
+
+    Statistics are computed in fp32 and the result cast back to the input dtype: under bf16/fp16
+    autocast, low-precision mean/variance are a known source of NaNs in ConvNeXt V2.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
+class LayerNorm2d(LayerNorm):
+    """LayerNorm over the channel dim of (N, C, H, W) inputs (the official "channels_first" LN).
+
+    Implemented as permute -> last-dim LayerNorm -> permute, which is exact and lets torch use its
+    fused layer_norm kernel instead of the official hand-written mean/var formula.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class GRN(nn.Module):
+    """Global Response Normalization (ConvNeXt V2, eq. 1-3) on (N, H, W, C) inputs.
+
+    Gx = ||x||_2 over (H, W); Nx = Gx / (mean_C(Gx) + eps); out = gamma * (x * Nx) + beta + x.
+    gamma and beta start at zero, so a fresh GRN is the identity. Computed in fp32 (the spatial
+    sum of squares overflows fp16 and loses precision in bf16).
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.gamma = nn.Parameter(torch.zeros(dim))
+        self.beta = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        gx = torch.linalg.vector_norm(xf, ord=2, dim=(1, 2), keepdim=True)  # (N, 1, 1, C)
+        nx = gx / (gx.mean(dim=-1, keepdim=True) + self.eps)
+        return (self.gamma.float() * (xf * nx) + self.beta.float() + xf).to(x.dtype)

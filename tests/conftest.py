@@ -1,0 +1,24 @@
+import os
+
+import pytest
+import torch
+
+# Two cores: keep torch's pool at the machine size and never oversubscribe with other work.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_offline(monkeypatch, tmp_path):
+    torch.manual_seed(0)
+    # No test may download: the cache is a fresh empty folder and hubs are offline.
+    monkeypatch.setenv("CONVNEXT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@torch.no_grad()
+def perturb(model: torch.nn.Module, std: float = 0.05) -> torch.nn.Module:
+    """Move every parameter off its init so parity tests exercise LayerScale, GRN, biases and norms."""
+    g = torch.Generator().manual_seed(1234)
+    for p in model.parameters():
+        p.add_(torch.randn(p.shape, generator=g) * std)
+    return model.eval()

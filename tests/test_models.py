@@ -1,0 +1,198 @@
+import math
+
+import pytest
+import torch
+
+import convnext
+from convnext.models import MODELS
+from convnext.models.flops import count_macs, count_params
+
+# Golden parameter counts with 1000 classes (equal to timm's; convnext_tiny = torchvision's 28,589,128).
+PARAMS = {
+    "convnext_atto": 3_695_520, "convnext_femto": 5_217_784, "convnext_pico": 9_045_672,
+    "convnext_nano": 15_593_560, "convnext_tiny": 28_589_128, "convnext_small": 50_223_688,
+    "convnext_base": 88_591_464, "convnext_large": 197_767_336, "convnext_xlarge": 350_196_968,
+    "convnextv2_atto": 3_708_400, "convnextv2_femto": 5_233_240, "convnextv2_pico": 9_066_280,
+    "convnextv2_nano": 15_623_800, "convnextv2_tiny": 28_635_496, "convnextv2_small": 50_318_440,
+    "convnextv2_base": 88_717_800, "convnextv2_large": 197_956_840, "convnextv2_huge": 660_289_640,
+    "convnext_isotropic_small": 22_308_712, "convnext_isotropic_base": 87_083_752,
+    "convnext_isotropic_large": 305_942_504,
+}
+# Papers' "FLOPs" (multiply-accumulates) at 224: ConvNeXt Table 10/README, ConvNeXt V2 Table 12/README.
+PAPER_GMACS = {
+    "convnext_tiny": 4.5, "convnext_small": 8.7, "convnext_base": 15.4, "convnext_large": 34.4,
+    "convnext_xlarge": 60.9, "convnextv2_atto": 0.55, "convnextv2_femto": 0.78, "convnextv2_pico": 1.37,
+    "convnextv2_nano": 2.45, "convnextv2_tiny": 4.47, "convnextv2_base": 15.4, "convnextv2_large": 34.4,
+    "convnextv2_huge": 115, "convnext_isotropic_small": 4.3, "convnext_isotropic_base": 16.9,
+    "convnext_isotropic_large": 59.7,
+}
+# Paper's 384 numbers, to check the FLOPs scale with resolution too.
+PAPER_GMACS_384 = {"convnext_tiny": 13.1, "convnext_base": 45.0, "convnext_xlarge": 179.0, "convnextv2_huge": 337.9}
+LARGE = {"convnext_xlarge", "convnextv2_huge", "convnext_isotropic_large", "convnextv2_large", "convnext_large"}
+
+
+def test_registry_lists_every_required_name():
+    required = [f"convnext_{s}" for s in ("atto", "femto", "pico", "nano", "tiny", "small", "base", "large", "xlarge")]
+    required += [f"convnextv2_{s}" for s in ("atto", "femto", "pico", "nano", "tiny", "base", "large", "huge")]
+    required += [f"convnext_isotropic_{s}" for s in ("small", "base", "large")]
+    assert set(required) <= set(convnext.list_models())
+    assert convnext.list_models("convnextv2_*") == sorted(n for n in MODELS if n.startswith("convnextv2_"))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_param_count_and_macs(name):
+    with torch.device("meta"):
+        model = convnext.create_model(name)
+        assert count_params(model) == PARAMS[name]
+        if name in PAPER_GMACS:
+            assert count_macs(model, 224) / 1e9 == pytest.approx(PAPER_GMACS[name], rel=0.01)
+        if name in PAPER_GMACS_384:
+            assert count_macs(model, 384) / 1e9 == pytest.approx(PAPER_GMACS_384[name], rel=0.01)
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in LARGE else n for n in MODELS])
+def test_forward_every_variant(name):
+    model = convnext.create_model(name, num_classes=7).eval()
+    assert count_params(model) == PARAMS[name] - (1000 - 7) * (model.num_features + 1)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        y = model(x)
+    assert y.shape == (2, 7)
+    assert torch.isfinite(y).all()
+
+
+def test_init_matches_the_paper():
+    model = convnext.create_model("convnext_tiny", head_init_scale=0.001)
+    blk = model.stages[2].blocks[0]
+    assert torch.equal(blk.gamma, torch.full((384,), 1e-6))
+    assert blk.pwconv1.bias.abs().max() == 0 and blk.dwconv.bias.abs().max() == 0
+    w = torch.cat([m.weight.flatten() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not model.head.fc])
+    assert w.std().item() == pytest.approx(0.02, rel=0.02) and w.abs().max() < 2.0
+    assert model.head.fc.weight.std().item() == pytest.approx(0.02 * 0.001, rel=0.05)
+    assert torch.equal(model.stem.norm.weight, torch.ones(96)) and model.stem.norm.eps == 1e-6
+    v2 = convnext.create_model("convnextv2_atto")
+    assert v2.stages[0].blocks[0].gamma is None
+    assert torch.equal(v2.stages[0].blocks[0].grn.gamma, torch.zeros(160))
+
+
+def test_drop_path_linear_in_depth_and_only_in_training():
+    model = convnext.create_model("convnext_atto", drop_path_rate=0.3)
+    rates = [b.drop_path.p for s in model.stages for b in s.blocks]
+    assert rates[0] == 0 and rates[-1] == pytest.approx(0.3)
+    assert all(b > a for a, b in zip(rates, rates[1:]))
+    x = torch.randn(8, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+        model.train()
+        assert not torch.equal(model(x), model(x))
+
+
+@pytest.mark.parametrize("hw", [(32, 32), (33, 47), (100, 64), (224, 160)])
+def test_any_input_size_at_least_32(hw):
+    model = convnext.create_model("convnextv2_atto", num_classes=3, features_only=True).eval()
+    feats = model(torch.randn(1, 3, *hw))
+    h, w = hw
+    for f, s in zip(feats, (4, 8, 16, 32)):
+        # Each patchify/downsample conv floors, like the official code.
+        assert f.shape[-2:] == (h // s, w // s)
+
+
+def test_channels_last_input_gives_same_logits():
+    model = convnext.create_model("convnext_atto").eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        a = model(x)
+        b = model.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last))
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_grad_checkpointing_same_gradients():
+    x = torch.randn(2, 3, 64, 64)
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = convnext.create_model("convnextv2_atto", num_classes=5)
+        model.set_grad_checkpointing(ckpt)
+        model(x).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("name", ["convnext_atto", "convnextv2_atto"])
+def test_bf16_autocast_norm_statistics_in_fp32(name):
+    model = convnext.create_model(name, num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64) * 50  # large activations: bf16/fp16 statistics would lose them
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model(x)
+    assert torch.isfinite(y).all()
+    assert (y.float() - ref).abs().max() < 0.1 * ref.abs().max() + 0.05
+    # The norm layers themselves must not run in bf16 statistics.
+    from convnext.models import GRN, LayerNorm
+
+    t = (torch.randn(2, 8, 8, 64) * 1e3).to(torch.bfloat16)
+    ln, grn = LayerNorm(64), GRN(64)
+    with torch.no_grad():
+        torch.nn.init.normal_(grn.gamma), torch.nn.init.normal_(grn.beta)
+        assert torch.allclose(ln(t).float(), ln(t.float()).to(torch.bfloat16).float(), atol=1e-2)
+        assert ln(t).dtype == torch.bfloat16
+        assert torch.allclose(grn(t).float(), grn(t.float()).to(torch.bfloat16).float(), rtol=1e-2, atol=1)
+
+
+def test_fp16_grn_does_not_overflow():
+    from convnext.models import GRN
+
+    grn = GRN(8)
+    x = torch.full((1, 128, 128, 8), 1000.0, dtype=torch.float16)  # spatial L2 norm > fp16 max
+    assert not torch.isfinite(torch.linalg.vector_norm(x, dim=(1, 2))).all()
+    assert torch.isfinite(grn(x)).all()
+
+
+def test_forward_head_pre_logits_and_reset_classifier():
+    model = convnext.create_model("convnext_atto").eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        f = model.forward_features(x)
+        assert f.shape == (2, 320, 2, 2)
+        assert model.forward_head(f, pre_logits=True).shape == (2, 320)
+        torch.testing.assert_close(model.forward_head(f), model(x))
+        model.reset_classifier(5)
+        assert model(x).shape == (2, 5) and model.num_classes == 5
+        model.reset_classifier(0)
+        assert model(x).shape == (2, 320)
+
+
+def test_features_only_feature_info_and_out_indices():
+    model = convnext.create_model("convnext_tiny", features_only=True, out_indices=(1, 3))
+    assert model.feature_info.channels() == [192, 768]
+    assert model.feature_info.reduction() == [8, 32]
+    assert not hasattr(model, "head")
+    feats = model(torch.randn(1, 3, 64, 64))
+    assert [f.shape[1] for f in feats] == [192, 768]
+    short = convnext.create_model("convnext_tiny", features_only=True, out_indices=(0, 1))
+    assert len(short.stages) == 2  # stages after the last output are not built
+
+
+def test_bad_arguments_raise_clear_errors():
+    with pytest.raises(ValueError, match="did you mean convnext_tiny"):
+        convnext.create_model("convnext_tinyy")
+    with pytest.raises(ValueError, match="unknown option"):
+        convnext.create_model("convnext_tiny", layer_scale=1.0)
+    with pytest.raises(ValueError, match="drop_path_rate"):
+        convnext.create_model("convnext_tiny", drop_path_rate=1.5)
+    with pytest.raises(ValueError, match="out_indices"):
+        convnext.create_model("convnext_tiny", features_only=True, out_indices=(4,))
+    with pytest.raises(ValueError, match="features_only"):
+        convnext.create_model("convnext_isotropic_small", features_only=True)
+
+
+def test_in_chans_and_isotropic_shapes():
+    model = convnext.create_model("convnext_isotropic_small", num_classes=4, in_chans=1).eval()
+    assert model.stem.weight.shape == (384, 1, 16, 16)
+    assert len(model.blocks) == 18 and model.blocks[0].gamma is None
+    assert convnext.create_model("convnext_isotropic_large", num_classes=0).blocks[0].gamma is not None
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 64, 48)).shape == (2, 4)
+    assert math.isclose(model.feature_info.reduction()[0], 16)
