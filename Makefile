@@ -14,7 +14,8 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/convnext demo
+	$(BIN)/convnext list
+	$(BIN)/convnext info convnext_tiny
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -13,12 +13,3 @@ def _seed_and_offline(monkeypatch, tmp_path):
     # No test may download: the cache is a fresh empty folder and hubs are offline.
     monkeypatch.setenv("CONVNEXT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-@torch.no_grad()
-def perturb(model: torch.nn.Module, std: float = 0.05) -> torch.nn.Module:
-    """Move every parameter off its init so parity tests exercise LayerScale, GRN, biases and norms."""
-    g = torch.Generator().manual_seed(1234)
-    for p in model.parameters():
-        p.add_(torch.randn(p.shape, generator=g) * std)
-    return model.eval()

@@ -9,10 +9,10 @@ from .convnext import (
     FeatureInfo,
     Stage,
 )
-from .layers import GRN, LayerNorm, LayerNorm2d
+from .layers import GRN, DropPath, LayerNorm, LayerNorm2d
 from .variants import MODELS
 
 __all__ = [
     "Block", "ConvNeXt", "ConvNeXtConfig", "ConvNeXtIsotropic", "ConvNeXtIsotropicConfig",
-    "FeatureInfo", "GRN", "LayerNorm", "LayerNorm2d", "MODELS", "Stage",
+    "DropPath", "FeatureInfo", "GRN", "LayerNorm", "LayerNorm2d", "MODELS", "Stage",
 ]

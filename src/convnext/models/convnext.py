@@ -19,9 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from torchvision.ops import StochasticDepth
-
-from .layers import GRN, LayerNorm, LayerNorm2d
+from .layers import GRN, DropPath, LayerNorm, LayerNorm2d
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -93,7 +91,7 @@ class Block(nn.Module):
         self.pwconv2 = nn.Linear(4 * dim, dim)
         # LayerScale: a per-channel gain that starts near zero so deep stacks start near identity.
         self.gamma = nn.Parameter(torch.full((dim,), float(ls_init_value))) if ls_init_value else None
-        self.drop_path = StochasticDepth(drop_path, mode="row")
+        self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x

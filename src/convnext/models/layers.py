@@ -1,7 +1,7 @@
-"""Layers of ConvNeXt that torch does not ship as-is: LayerNorm (channels-last and -first) and GRN.
+"""Layers of ConvNeXt that torch does not ship: LayerNorm (channels-last and -first), GRN, DropPath.
 
-Stochastic depth comes from torchvision (`torchvision.ops.StochasticDepth`), the same per-sample
-"drop path, scaled by 1/keep" as timm's `DropPath`.
+`models` imports torch only: torchvision's `ops.StochasticDepth` would do for DropPath, but
+importing torchvision costs ~2 s on every `import convnext` and CLI call.
 """
 
 from __future__ import annotations
@@ -54,3 +54,24 @@ class GRN(nn.Module):
         gx = torch.linalg.vector_norm(xf, ord=2, dim=(1, 2), keepdim=True)  # (N, 1, 1, C)
         nx = gx / (gx.mean(dim=-1, keepdim=True) + self.eps)
         return (self.gamma.float() * (xf * nx) + self.beta.float() + xf).to(x.dtype)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (Huang et al. 2016): drop the residual branch, scale by 1/keep.
+
+    Same semantics as timm's `DropPath` and torchvision's `StochasticDepth(p, "row")`.
+    """
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"

@@ -301,8 +301,7 @@ def infer_config(sd: Mapping[str, torch.Tensor]) -> tuple[str, dict[str, Any]]:
         raise CheckpointError("checkpoint has no stem weights")
     cfg["in_chans"] = stem.shape[1]
     cfg["patch_size"] = stem.shape[-1]
-    if not has_ls:
-        cfg["ls_init_value"] = None
+    cfg["ls_init_value"] = 1e-6 if has_ls else None  # the value itself comes from the checkpoint
     if "head.fc.weight" in sd:
         cfg["num_classes"] = sd["head.fc.weight"].shape[0]
     elif "head.norm.weight" in sd:

@@ -1,0 +1,85 @@
+"""The `convnext` command, run as a user runs it: a subprocess, its exit code and its words."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import convnext
+from convnext.weights import from_ours
+
+from helpers import perturb
+
+
+def run(*args, cwd=None):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "convnext", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=300)
+
+
+def assert_one_line_error(r, *needles):
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert "Traceback" not in r.stderr
+    assert len(lines) == 1 or lines[0].startswith("usage:"), r.stderr
+    for n in needles:
+        assert n in r.stderr, r.stderr
+
+
+def test_list_prints_params_macs_and_tags():
+    r = run("list")
+    assert r.returncode == 0, r.stderr
+    rows = {line.split()[0]: line for line in r.stdout.splitlines()[1:]}
+    assert set(convnext.list_models()) == set(rows)
+    assert "28.59" in rows["convnext_tiny"] and "4.46" in rows["convnext_tiny"]
+    assert "fb_in22k_ft_in1k_384" in rows["convnext_tiny"] and "tv_in1k" in rows["convnext_tiny"]
+    r = run("list", "convnextv2_*")
+    assert r.returncode == 0 and all(line.startswith("convnextv2_") for line in r.stdout.splitlines()[1:])
+
+
+def test_info():
+    r = run("info", "convnextv2_huge")
+    assert r.returncode == 0, r.stderr
+    assert "660,289,640 parameters" in r.stdout and "fcmae_ft_in22k_in1k_512" in r.stdout
+    assert "cc-by-nc-4.0" in r.stdout
+
+
+@pytest.mark.parametrize("args,needles", [
+    (("info", "convnext_tinny"), ("unknown model 'convnext_tinny'", "did you mean convnext_tiny")),
+    (("list", "resnet"), ("no model matches",)),
+    (("convert", "missing.pth", "out.safetensors"), ("checkpoint not found: missing.pth",)),
+    (("frobnicate",), ("invalid choice",)),
+])
+def test_errors_are_one_line_exit_2(args, needles, tmp_path):
+    assert_one_line_error(run(*args, cwd=tmp_path), *needles)
+
+
+def test_convert_torchvision_and_official_to_safetensors(tmp_path):
+    import torchvision
+
+    tv = perturb(torchvision.models.convnext_tiny(num_classes=3))
+    torch.save(tv.state_dict(), tmp_path / "tv.pth")
+    r = run("convert", tmp_path / "tv.pth", tmp_path / "tv.safetensors")
+    assert r.returncode == 0, r.stderr
+    assert "torchvision" in r.stdout and "convnext_tiny" in r.stdout
+    m = convnext.create_model("convnext_tiny", pretrained=tmp_path / "tv.safetensors").eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert (m(x) - tv(x)).abs().max() <= 1e-4
+
+    # Official training checkpoint, EMA weights picked with --key, written back in official layout.
+    src = perturb(convnext.create_model("convnextv2_atto", num_classes=2))
+    torch.save({"model": {}, "model_ema": from_ours(src.state_dict(), "official")}, tmp_path / "ckpt.pth")
+    r = run("convert", tmp_path / "ckpt.pth", tmp_path / "o.safetensors", "--key", "model_ema", "--to", "official")
+    assert r.returncode == 0, r.stderr
+    from safetensors.torch import load_file
+
+    back = load_file(tmp_path / "o.safetensors")
+    assert torch.equal(back["stages.0.0.grn.gamma"].flatten(), src.stages[0].blocks[0].grn.gamma)
+
+
+def test_convert_garbage_is_one_line(tmp_path):
+    (tmp_path / "bad.pth").write_bytes(b"garbage" * 100)
+    assert_one_line_error(run("convert", tmp_path / "bad.pth", tmp_path / "o.safetensors"), "bad.pth")

@@ -1,0 +1,258 @@
+"""Numerical parity with timm, torchvision and Hugging Face transformers, through our converters.
+
+Reference models are randomly initialised and then perturbed (every parameter moved off its init,
+so LayerScale, GRN, biases and norms all matter), saved in their own format, loaded through
+`load_checkpoint` / `create_model(pretrained=...)`, and must give the same fp32 logits.
+"""
+
+import warnings
+
+import pytest
+import torch
+
+import convnext
+from convnext.models import MODELS
+from convnext.weights import detect_format, from_ours, read_checkpoint
+
+from helpers import perturb
+
+timm = pytest.importorskip("timm")
+TOL = 1e-4
+BIG = {"convnext_xlarge", "convnextv2_huge", "convnext_large", "convnextv2_large", "convnext_base",
+       "convnextv2_base", "convnext_small", "convnextv2_small"}
+HIERARCHICAL = [n for n in MODELS if "isotropic" not in n]
+
+
+def _max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in BIG else n for n in HIERARCHICAL])
+def test_timm_parity(name, tmp_path):
+    ref = perturb(timm.create_model(name, num_classes=11))
+    path = tmp_path / "timm.pth"
+    torch.save(ref.state_dict(), path)
+    ours = convnext.create_model(name, pretrained=path).eval()
+    assert ours.num_classes == 11
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert _max_diff(ours(x), ref(x)) <= TOL
+        # features_only: our stage outputs equal timm's intermediates.
+        feats = convnext.create_model(name, pretrained=path, features_only=True).eval()(x)
+        ref_feats = ref.forward_intermediates(x, intermediates_only=True)
+    assert len(feats) == len(ref_feats) == 4
+    for f, r in zip(feats, ref_feats):
+        # Stage outputs of wide perturbed models reach |x| ~ 50: same 1e-4 budget, relative to scale.
+        assert f.shape == r.shape and _max_diff(f, r) <= TOL * max(1.0, r.abs().max().item())
+
+
+@pytest.mark.parametrize("name", ["convnext_tiny", "convnextv2_atto"])
+def test_features_only_matches_timm_features_only(name, tmp_path):
+    ref = perturb(timm.create_model(name))
+    torch.save(ref.state_dict(), tmp_path / "w.pth")
+    # timm loads the same local file into its own features_only wrapper.
+    ref_feat = timm.create_model(name, features_only=True, out_indices=(0, 1, 2, 3), pretrained=True,
+                                 pretrained_cfg_overlay=dict(file=str(tmp_path / "w.pth"))).eval()
+    ours = convnext.create_model(name, pretrained=tmp_path / "w.pth", features_only=True).eval()
+    assert ours.feature_info.channels() == ref_feat.feature_info.channels()
+    assert ours.feature_info.reduction() == ref_feat.feature_info.reduction()
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        for f, r in zip(ours(x), ref_feat(x)):
+            assert _max_diff(f, r) <= TOL
+
+
+@pytest.mark.parametrize("size", ["tiny", pytest.param("small", marks=pytest.mark.slow),
+                                  pytest.param("base", marks=pytest.mark.slow),
+                                  pytest.param("large", marks=pytest.mark.slow)])
+def test_torchvision_parity(size, tmp_path):
+    import torchvision
+
+    ref = perturb(getattr(torchvision.models, f"convnext_{size}")(num_classes=13))
+    path = tmp_path / "tv.pth"
+    torch.save(ref.state_dict(), path)
+    ours = convnext.create_model(f"convnext_{size}", pretrained=path).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert _max_diff(ours(x), ref(x)) <= TOL
+    # and back: our weights exported in torchvision's layout load into torchvision strictly
+    back = from_ours(ours.state_dict(), "torchvision")
+    ref2 = getattr(torchvision.models, f"convnext_{size}")(num_classes=13).eval()
+    ref2.load_state_dict(back, strict=True)
+    with torch.no_grad():
+        assert _max_diff(ref2(x), ref(x)) == 0
+
+
+def _hf_models():
+    transformers = pytest.importorskip("transformers")
+    cfg_v1 = transformers.ConvNextConfig(depths=[2, 2, 6, 2], hidden_sizes=[40, 80, 160, 320], num_labels=9)
+    cfg_v2 = transformers.ConvNextV2Config(depths=[2, 2, 6, 2], hidden_sizes=[40, 80, 160, 320], num_labels=9)
+    return [("convnext_atto", transformers.ConvNextForImageClassification(cfg_v1)),
+            ("convnextv2_atto", transformers.ConvNextV2ForImageClassification(cfg_v2))]
+
+
+@pytest.mark.parametrize("idx", [0, 1], ids=["ConvNextForImageClassification", "ConvNextV2ForImageClassification"])
+@pytest.mark.parametrize("serialization", ["safetensors", "bin"])
+def test_huggingface_parity(idx, serialization, tmp_path):
+    name, ref = _hf_models()[idx]
+    perturb(ref)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref.save_pretrained(tmp_path, safe_serialization=serialization == "safetensors")
+    ours = convnext.create_model(name, pretrained=tmp_path).eval()  # the directory save_pretrained wrote
+    assert ours.num_classes == 9
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        # HF's final LayerNorm uses eps 1e-12 (official: 1e-6); match it to compare the weights alone.
+        ours.head.norm.eps = ref.config.layer_norm_eps
+        assert _max_diff(ours(x), ref(pixel_values=x).logits) <= TOL
+
+
+def test_huggingface_eps_difference_is_tiny():
+    """With the official eps 1e-6 the logits differ from HF's 1e-12 final LN by far less than 1e-4."""
+    name, ref = _hf_models()[0]
+    perturb(ref)
+    ours = convnext.create_model(name, pretrained=ref.state_dict()).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert _max_diff(ours(x), ref(pixel_values=x).logits) <= TOL
+
+
+@pytest.mark.parametrize("name", ["convnext_atto", "convnextv2_atto", "convnext_tiny"])
+def test_official_round_trip_is_exact(name, tmp_path):
+    """ours -> official .pth ({'model': ...}) -> ours -> safetensors -> ours, bit for bit."""
+    src = perturb(convnext.create_model(name, num_classes=5))
+    official = from_ours(src.state_dict(), "official")
+    assert "downsample_layers.0.0.weight" in official and "head.weight" in official
+    if "v2" in name:
+        assert official["stages.0.0.grn.gamma"].shape == (1, 1, 1, 4 * src.cfg.dims[0])
+    torch.save({"model": official, "epoch": 3}, tmp_path / "official.pth")
+
+    a = convnext.create_model(name, pretrained=tmp_path / "official.pth")
+    convnext.save_checkpoint(a, tmp_path / "ours.safetensors")
+    b = convnext.create_model(name, pretrained=tmp_path / "ours.safetensors")
+    for m in (a, b):
+        for (k, v), (k2, v2) in zip(src.state_dict().items(), m.state_dict().items()):
+            assert k == k2 and torch.equal(v, v2), k
+    again = from_ours(b.state_dict(), "official")
+    assert official.keys() == again.keys() and all(torch.equal(official[k], again[k]) for k in official)
+
+    # An independent reader of the official layout (timm's own remapping) gives the same logits.
+    from timm.models.convnext import checkpoint_filter_fn
+
+    ref = timm.create_model(name, num_classes=5).eval()
+    ref.load_state_dict(checkpoint_filter_fn({"model": official}, ref))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert _max_diff(ref(x), b.eval()(x)) <= TOL
+
+
+def test_official_model_ema_wrapper(tmp_path):
+    src = perturb(convnext.create_model("convnext_atto", num_classes=3))
+    other = perturb(convnext.create_model("convnext_atto", num_classes=3), std=0.5)
+    torch.save({"model": from_ours(src.state_dict(), "official"),
+                "model_ema": from_ours(other.state_dict(), "official")}, tmp_path / "train.pth")
+    m = convnext.create_model("convnext_atto", num_classes=3)
+    assert convnext.load_checkpoint(m, tmp_path / "train.pth") == "official"
+    assert torch.equal(m.stem.conv.weight, src.stem.conv.weight)
+    convnext.load_checkpoint(m, tmp_path / "train.pth", key="model_ema")
+    assert torch.equal(m.stem.conv.weight, other.stem.conv.weight)
+
+
+def _reference_isotropic(sd, x, eps=1e-6):
+    """The official convnext_isotropic.py forward, written out over an official state dict."""
+    import torch.nn.functional as F
+
+    x = F.conv2d(x, sd["stem.weight"], sd["stem.bias"], stride=16)
+    j = 0
+    while f"blocks.{j}.dwconv.weight" in sd:
+        p = f"blocks.{j}."
+        y = F.conv2d(x, sd[p + "dwconv.weight"], sd[p + "dwconv.bias"], padding=3, groups=x.shape[1])
+        y = y.permute(0, 2, 3, 1)
+        y = F.layer_norm(y, y.shape[-1:], sd[p + "norm.weight"], sd[p + "norm.bias"], eps)
+        y = F.linear(F.gelu(F.linear(y, sd[p + "pwconv1.weight"], sd[p + "pwconv1.bias"])),
+                     sd[p + "pwconv2.weight"], sd[p + "pwconv2.bias"])
+        if p + "gamma" in sd:
+            y = sd[p + "gamma"] * y
+        x = x + y.permute(0, 3, 1, 2)
+        j += 1
+    x = F.layer_norm(x.mean([-2, -1]), (x.shape[1],), sd["norm.weight"], sd["norm.bias"], eps)
+    return F.linear(x, sd["head.weight"], sd["head.bias"])
+
+
+@pytest.mark.parametrize("name", ["convnext_isotropic_small", pytest.param("convnext_isotropic_large", marks=pytest.mark.slow)])
+def test_official_isotropic_checkpoint(name, tmp_path):
+    src = perturb(convnext.create_model(name, num_classes=6))
+    official = from_ours(src.state_dict(), "official_isotropic")
+    assert "stem.weight" in official and "norm.weight" in official and "head.weight" in official
+    torch.save({"model": official}, tmp_path / "iso.pth")
+    ours = convnext.create_model(name, pretrained=tmp_path / "iso.pth").eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert _max_diff(ours(x), _reference_isotropic(official, x)) <= TOL
+
+
+def test_isotropic_layer_scale_follows_checkpoint(tmp_path):
+    """Official iso-L was trained with LayerScale, S/B without: the checkpoint decides."""
+    src = convnext.create_model("convnext_isotropic_small", num_classes=2, ls_init_value=0.5)
+    torch.save({"model": from_ours(src.state_dict(), "official_isotropic")}, tmp_path / "w.pth")
+    ours = convnext.create_model("convnext_isotropic_small", pretrained=tmp_path / "w.pth")
+    assert ours.blocks[0].gamma is not None and torch.equal(ours.blocks[0].gamma, src.blocks[0].gamma)
+
+
+def _to_fcmae(official: dict) -> dict:
+    """Our official-layout weights written as an FCMAE (MinkowskiEngine) pre-training checkpoint."""
+    out = {}
+    for k, v in official.items():
+        if k.startswith(("head.", "norm.")):
+            continue  # FCMAE encoders have no classifier or final norm
+        dense_stem = k.startswith("downsample_layers.0.")
+        if k.endswith(".weight") and v.ndim == 4 and not dense_stem:
+            base = k[: -len(".weight")]
+            if v.shape[1] == 1:  # depthwise (C, 1, k, k) -> (k*k, C)
+                c, _, ks, _ = v.shape
+                out[f"encoder.{base}.kernel"] = v.transpose(3, 2).reshape(c, ks * ks).permute(1, 0).contiguous()
+            else:  # (out, in, k, k) -> (k*k, in, out)
+                co, ci, ks, _ = v.shape
+                out[f"encoder.{base}.kernel"] = v.transpose(3, 2).reshape(co, ci, ks * ks).permute(2, 1, 0).contiguous()
+        elif k.endswith(".bias") and v.ndim == 1 and not dense_stem and (".dwconv." in k or ".1.bias" in k):
+            out[f"encoder.{k}"] = v.reshape(1, -1)  # Minkowski conv biases are (1, C)
+        elif not dense_stem and (".norm." in k or k.split(".")[-2] == "0"):
+            out[f"encoder.{k.rsplit('.', 1)[0]}.ln.{k.rsplit('.', 1)[1]}"] = v
+        elif ".pwconv" in k:
+            out[f"encoder.{k.rsplit('.', 1)[0]}.linear.{k.rsplit('.', 1)[1]}"] = v
+        elif ".grn." in k:
+            out[f"encoder.{k}"] = v.reshape(1, -1)
+        else:
+            out[f"encoder.{k}"] = v
+    out["mask_token"] = torch.zeros(1, 512, 1, 1)
+    out["proj.weight"], out["pred.weight"] = torch.zeros(512, 320, 1, 1), torch.zeros(3072, 512, 1, 1)
+    out["decoder.0.dwconv.weight"] = torch.zeros(512, 1, 7, 7)
+    return out
+
+
+def test_fcmae_pretraining_checkpoint(tmp_path, caplog):
+    src = perturb(convnext.create_model("convnextv2_atto"))
+    fcmae = _to_fcmae(from_ours(src.state_dict(), "official"))
+    assert any(k.endswith("dwconv.kernel") for k in fcmae) and detect_format(fcmae) == "fcmae"
+    torch.save({"model": fcmae}, tmp_path / "convnextv2_atto_1k_224_fcmae.pt")
+    m = convnext.create_model("convnextv2_atto", pretrained=tmp_path / "convnextv2_atto_1k_224_fcmae.pt",
+                              num_classes=10)
+    for k, v in src.state_dict().items():
+        if not k.startswith("head."):
+            assert torch.equal(m.state_dict()[k], v), k
+    assert m.num_classes == 10
+
+
+def test_every_public_layout_is_detected(tmp_path):
+    ours = convnext.create_model("convnext_atto").state_dict()
+    for fmt in ("official", "timm", "torchvision", "hf"):
+        assert detect_format(from_ours(ours, fmt)) == fmt
+    iso = convnext.create_model("convnext_isotropic_small", num_classes=2).state_dict()
+    assert detect_format(from_ours(iso, "official_isotropic")) == "official_isotropic"
+    assert detect_format(iso) == "ours"
+    # DDP / torch.compile prefixes are stripped.
+    torch.save({"state_dict": {"module._orig_mod." + k: v for k, v in ours.items()}}, tmp_path / "ddp.pth")
+    obj, _ = read_checkpoint(tmp_path / "ddp.pth")
+    m = convnext.create_model("convnext_atto")
+    assert convnext.load_checkpoint(m, obj) == "ours"

@@ -1,0 +1,230 @@
+"""The safe loader, our safetensors format, the pretrained table and downloads (all offline)."""
+
+import hashlib
+import json
+import pickle
+import zipfile
+
+import pytest
+import torch
+
+import convnext
+from convnext.weights import PRETRAINED, CheckpointError, download, read_checkpoint
+from convnext.weights.io import sha256_file
+
+
+class _Payload:
+    """Unpickling this runs `touch <marker>`: the loader must refuse it without running it."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_is_refused_without_running(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {"w": torch.zeros(1)}, "x": _Payload(marker)}, path)
+    with pytest.raises(CheckpointError, match="refused to load") as e:
+        read_checkpoint(path)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+    assert not marker.exists()
+    with pytest.raises(CheckpointError):
+        convnext.create_model("convnext_atto", pretrained=path)
+    assert not marker.exists()
+
+
+def test_raw_pickle_payload_is_refused(tmp_path):
+    marker = tmp_path / "pwned2"
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(CheckpointError):
+        read_checkpoint(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("kind", ["empty", "truncated_pth", "truncated_safetensors", "lfs_pointer", "garbage"])
+def test_broken_files_give_one_clear_error(kind, tmp_path):
+    good = convnext.create_model("convnext_atto")
+    if kind == "empty":
+        path = tmp_path / "w.pth"
+        path.touch()
+    elif kind == "truncated_pth":
+        path = tmp_path / "w.pth"
+        torch.save(good.state_dict(), path)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif kind == "truncated_safetensors":
+        path = tmp_path / "w.safetensors"
+        convnext.save_checkpoint(good, path)
+        path.write_bytes(path.read_bytes()[:-1000])
+    elif kind == "lfs_pointer":
+        path = tmp_path / "w.bin"
+        path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123\n")
+    else:
+        path = tmp_path / "w.pt"
+        path.write_bytes(b"\x00not a checkpoint at all" * 10)
+    with pytest.raises(CheckpointError) as e:
+        read_checkpoint(path)
+    msg = str(e.value)
+    assert str(path) in msg and "\n" not in msg
+    if kind == "lfs_pointer":
+        assert "LFS" in msg
+    if kind == "empty":
+        assert "empty" in msg
+
+
+def test_missing_file_and_bad_layout(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        read_checkpoint(tmp_path / "nope.pth")
+    torch.save({"foo.weight": torch.zeros(2)}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match="unrecognised checkpoint layout"):
+        convnext.load_checkpoint(convnext.create_model("convnext_atto"), tmp_path / "other.pth")
+
+
+def test_strict_loading_lists_mismatched_keys(tmp_path):
+    sd = convnext.create_model("convnext_atto").state_dict()
+    sd.pop("stages.1.blocks.0.norm.weight")
+    sd["stages.9.blocks.0.extra.weight"] = torch.zeros(1)
+    model = convnext.create_model("convnext_atto")
+    with pytest.raises(CheckpointError, match=r"missing 1: stages\.1\.blocks\.0\.norm\.weight.*unexpected 1"):
+        convnext.load_checkpoint(model, sd)
+    # Another architecture is named, with how to fix it.
+    torch.save(convnext.create_model("convnext_femto").state_dict(), tmp_path / "femto.pth")
+    with pytest.raises(ValueError, match="holds a convnext_femto"):
+        convnext.create_model("convnext_atto", pretrained=tmp_path / "femto.pth")
+
+
+def test_head_and_stem_adapt_and_say_so(tmp_path, caplog):
+    src = convnext.create_model("convnext_atto", num_classes=1000)
+    torch.save(src.state_dict(), tmp_path / "w.pth")
+    with caplog.at_level("INFO"):
+        m = convnext.create_model("convnext_atto", pretrained=tmp_path / "w.pth", num_classes=10, in_chans=1)
+    assert "classifier re-initialised: checkpoint has 1000 classes, model 10" in caplog.text
+    assert "adapting stem from 3 to 1 input channels" in caplog.text
+    torch.testing.assert_close(m.stem.conv.weight, src.stem.conv.weight.sum(1, keepdim=True))
+    assert torch.equal(m.stages[3].blocks[1].pwconv2.weight, src.stages[3].blocks[1].pwconv2.weight)
+    # A grey image through the adapted stem equals its RGB copy through the original.
+    g = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(m.eval().forward_features(g), src.eval().forward_features(g.expand(1, 3, 64, 64)))
+    # num_classes=None keeps the checkpoint's classifier.
+    assert convnext.create_model("convnext_atto", pretrained=tmp_path / "w.pth").num_classes == 1000
+
+
+def test_save_checkpoint_metadata_rebuilds_the_model(tmp_path):
+    src = convnext.create_model("convnextv2_atto", num_classes=4, head_init_scale=0.5)
+    convnext.save_checkpoint(src, tmp_path / "m.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["format"] == "convnext" and meta["model"] == "convnextv2_atto"
+    assert json.loads(meta["config"])["num_classes"] == 4
+    m = convnext.create_model("convnextv2_atto", pretrained=tmp_path / "m.safetensors")
+    assert m.num_classes == 4 and m.cfg.head_init_scale == 0.5
+    assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), m.state_dict().values()))
+
+
+def test_pretrained_table_is_complete():
+    sizes_v1 = ("tiny", "small", "base", "large")
+    for s in sizes_v1:
+        for tag in ("fb_in1k", "fb_in22k", "fb_in22k_ft_in1k", "fb_in22k_ft_in1k_384", "tv_in1k"):
+            assert f"convnext_{s}.{tag}" in PRETRAINED
+    assert {"convnext_xlarge.fb_in22k", "convnext_xlarge.fb_in22k_ft_in1k_384", "convnext_base.fb_in1k_384",
+            "convnext_isotropic_large.fb_in1k", "convnextv2_huge.fcmae_ft_in22k_in1k_512"} <= set(PRETRAINED)
+    for s in ("atto", "femto", "pico", "nano", "tiny", "base", "large", "huge"):
+        assert {f"convnextv2_{s}.fcmae", f"convnextv2_{s}.fcmae_ft_in1k"} <= set(PRETRAINED)
+    for tag, w in PRETRAINED.items():
+        assert tag.split(".")[0] in convnext.list_models(), tag
+        assert w.url.startswith("https://") and w.num_classes in (0, 1000, 21841)
+        assert 0 < w.crop_pct <= 1 and w.input_size in (224, 384, 512) and w.license
+        assert (w.num_classes == 21841) == ("in22k" in tag and "ft" not in tag)
+    assert PRETRAINED["convnext_tiny.tv_in1k"].sha256 == "983f1562"
+    assert PRETRAINED["convnext_tiny.fb_in1k"].top1 == 82.1 and PRETRAINED["convnextv2_huge.fcmae_ft_in22k_in1k_512"].top1 == 88.9
+    assert PRETRAINED["convnextv2_tiny.fcmae"].license == "cc-by-nc-4.0"
+
+
+def _serve(tmp_path, model, name="w.pth"):
+    """A local file reachable through a file:// URL: the real download code path, no network."""
+    path = tmp_path / "server" / name
+    path.parent.mkdir(exist_ok=True)
+    torch.save({"model": convnext.weights.from_ours(model.state_dict(), "official")}, path)
+    return path, path.as_uri()
+
+
+def test_download_verifies_published_hash(tmp_path):
+    path, url = _serve(tmp_path, convnext.create_model("convnext_atto"))
+    digest = sha256_file(path)
+    got = download(url, sha256=digest, progress=False)
+    assert got.read_bytes() == path.read_bytes()
+    assert download(url, sha256=digest[:8], progress=False) == got  # cached, prefix accepted
+    got.write_bytes(got.read_bytes()[:-1] + b"!")  # the cached file changes on disk
+    with pytest.raises(CheckpointError, match="differs from the published"):
+        download(url, sha256=digest, progress=False)
+    got.unlink()
+    with pytest.raises(CheckpointError, match="does not match the published"):
+        download(url, sha256="0" * 64, progress=False)
+    assert not got.exists() and not list(got.parent.glob("*.part"))  # nothing half-written is left
+
+
+def test_download_records_unknown_hash_and_refuses_later_change(tmp_path):
+    path, url = _serve(tmp_path, convnext.create_model("convnext_atto"), name="convnext_atto_x.pth")
+    got = download(url, progress=False)
+    record = got.with_name(got.name + ".sha256")
+    assert record.read_text().strip() == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert download(url, progress=False) == got
+    got.write_bytes(b"tampered")
+    with pytest.raises(CheckpointError, match="recorded"):
+        download(url, progress=False)
+
+
+def test_offline_download_says_how_to_pass_a_local_file(tmp_path):
+    with pytest.raises(CheckpointError) as e:
+        download("file:///nonexistent/dir/convnext_tiny_1k_224_ema.pth", progress=False)
+    msg = str(e.value)
+    assert "offline" in msg and "pretrained='/path/to/convnext_tiny_1k_224_ema.pth'" in msg and "\n" not in msg
+
+
+def test_pretrained_tag_uses_the_cache(tmp_path, monkeypatch):
+    """A tag resolves to its URL's file name in the cache; a torchvision file with a wrong hash is refused."""
+    import torchvision
+
+    from convnext.weights.io import cache_dir
+
+    tv = torchvision.models.convnext_tiny()
+    info = PRETRAINED["convnext_tiny.tv_in1k"]
+    cache_dir().mkdir(parents=True)
+    torch.save(tv.state_dict(), cache_dir() / info.filename)  # hash won't start with 983f1562
+    with pytest.raises(CheckpointError, match="983f1562"):
+        convnext.create_model("convnext_tiny", pretrained="convnext_tiny.tv_in1k")
+
+    src = convnext.create_model("convnext_atto")
+    info = PRETRAINED["convnext_atto.d2_in1k"]
+    path = cache_dir() / info.filename
+    torch.save(convnext.weights.from_ours(src.state_dict(), "timm"), path)
+    monkeypatch.setitem(PRETRAINED, "convnext_atto.d2_in1k",
+                        type(info)(**{**info.__dict__, "sha256": sha256_file(path)}))
+    m = convnext.create_model("convnext_atto.d2_in1k", pretrained=True)
+    assert torch.equal(m.stem.conv.weight, src.stem.conv.weight)
+    assert m.pretrained_cfg.crop_pct == 0.875
+
+
+def test_unknown_tag_suggests(tmp_path):
+    with pytest.raises(ValueError, match="did you mean convnext_tiny.fb_in1k"):
+        convnext.create_model("convnext_tiny", pretrained="convnext_tiny.fb_in1kk")
+    with pytest.raises(ValueError, match="are for convnext_base"):
+        convnext.create_model("convnext_tiny", pretrained="convnext_base.fb_in1k")
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        convnext.create_model("convnextv2_small", pretrained=True)
+
+
+def test_zip_without_data_is_reported(tmp_path):
+    path = tmp_path / "w.pth"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/version", "3")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        read_checkpoint(path)
