@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 logger = logging.getLogger("convnext")
 
@@ -73,6 +75,115 @@ def _cmd_convert(args: argparse.Namespace) -> None:
     print(f"converted {fmt} checkpoint {args.src} -> {args.dst} ({name}, {args.to} layout)")
 
 
+def _cmd_train(args: argparse.Namespace) -> None:
+    from .train import fit
+    from .train.config import from_args
+
+    cfg = from_args(args)
+    summary = fit(cfg)
+    if "val_acc1" in summary:
+        print(f"done: {cfg.model} epoch {summary['epoch']}  val top-1 {summary['val_acc1']:.2f}%  "
+              f"top-5 {summary['val_acc5']:.2f}%  best top-1 {summary['best_acc1']:.2f}%  -> {summary['output']}")
+
+
+def _eval_root(data: str) -> Path:
+    root = Path(data)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder not found: {root}")
+    return root / "val" if (root / "val").is_dir() else root
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    import json
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    from .data import ImageFolder, collate
+    from .eval import evaluate, load_for_inference
+    from .plots import plot_confusion
+
+    model, info = load_for_inference(args.checkpoint, key=args.key)
+    dataset = ImageFolder(_eval_root(args.data), transform=info.transform(), classes=info.classes)
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate)
+    res = evaluate(model, loader, torch.device("cpu"), len(info.classes), precision=args.precision, progress=True)
+    out = Path(args.output) if args.output else Path(args.checkpoint).resolve().parent
+    plot_confusion(res["confusion"], info.classes, out / "confusion_matrix.png",
+                   title=f"{info.model_name}: top-1 {res['acc1']:.2f}% on {res['count']} images")
+    if args.json:
+        print(json.dumps({k: v for k, v in res.items() if k != "confusion"} | {
+            "classes": info.classes, "confusion": res["confusion"].tolist()}))
+        return
+    print(f"{info.model_name} on {dataset.root}: {res['count']} images  top-1 {res['acc1']:.2f}%  "
+          f"top-5 {res['acc5']:.2f}%  loss {res['loss']:.4f}" + (f"  ({res['bad_images']} unreadable skipped)"
+                                                                  if res["bad_images"] else ""))
+    width = max(len(c) for c in info.classes)
+    for c, acc, n in zip(info.classes, res["per_class_acc"], res["confusion"].sum(1).tolist()):
+        print(f"  {c:<{width}}  {acc:6.2f}%  ({n} images)")
+    print(f"confusion matrix: {out / 'confusion_matrix.png'}")
+
+
+def _cmd_predict(args: argparse.Namespace) -> None:
+    import csv
+    import json
+
+    from .eval import load_for_inference, predict
+    from .eval.predict import expand_images
+
+    model, info = load_for_inference(args.checkpoint, key=args.key)
+    results = predict(model, info, expand_images(args.images), topk=args.topk)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    elif args.csv:
+        w = csv.writer(sys.stdout)
+        w.writerow(["path", "rank", "class", "probability", "error"])
+        for r in results:
+            for k, (c, p) in enumerate(r.get("top", []), 1):
+                w.writerow([r["path"], k, c, f"{p:.6f}", ""])
+            if "error" in r:
+                w.writerow([r["path"], "", "", "", r["error"]])
+    else:
+        for r in results:
+            if "error" in r:
+                print(f"{r['path']}: unreadable ({r['error']})")
+            else:
+                print(f"{r['path']}: " + ", ".join(f"{c} {100 * p:.1f}%" for c, p in r["top"]))
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    import platform
+    import time
+
+    from .data.fashion_mnist import prepare
+    from .train import fit
+    from .train.config import TrainConfig, load_yaml
+
+    t0 = time.perf_counter()
+    out = Path(args.output)
+    data = prepare(out / "data")
+    recipe = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+    values = load_yaml(recipe) | {"data": str(data), "output": str(out / "train")}
+    if args.epochs:
+        values["epochs"] = args.epochs
+    cfg = TrainConfig(**values)
+    print(f"demo: training {cfg.model} on Fashion-MNIST ({data}) with {recipe.name}, {cfg.epochs} epochs")
+    summary = fit(cfg)
+    train_min = (time.perf_counter() - t0) / 60
+    best = out / "train" / "best.safetensors"
+    print(f"\n== evaluate {best}")
+    _cmd_eval(argparse.Namespace(checkpoint=str(best), key=None, data=str(data), batch_size=256, workers=0,
+                                 precision="fp32", output=str(out / "train"), json=False))
+    samples = sorted((data / "val").glob("*/*.png"))[::1000][:5]
+    print("\n== predict")
+    _cmd_predict(argparse.Namespace(checkpoint=str(best), key=None, images=[str(s) for s in samples], topk=3,
+                                    json=False, csv=False))
+    print(f"\ndemo result: {cfg.model} reached {summary['val_acc1']:.2f}% top-1 (best {summary['best_acc1']:.2f}%) on "
+          f"the 10,000 Fashion-MNIST test images in {train_min:.1f} min (data + training) on "
+          f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
+          f"torch {__import__('torch').__version__}. Outputs: {out / 'train'} (metrics.jsonl, curves.png, "
+          f"confusion_matrix.png, best.safetensors, last.pt)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -97,6 +208,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", default="ours", choices=["ours", "official", "official_isotropic", "timm",
                                                    "torchvision", "hf"], help="layout to write (default: ours)")
     p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("train", help="train with the ConvNeXt recipe on an image folder",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from .train.config import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="top-1/top-5, loss, per-class accuracy and confusion matrix of a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="best.safetensors, last.pt or any supported checkpoint")
+    p.add_argument("--data", required=True, help="folder of <class>/<image> (or a root holding val/)")
+    p.add_argument("--key", help="state dict key, e.g. model_ema for a training checkpoint's EMA weights")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--output", help="folder for confusion_matrix.png (default: beside the checkpoint)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("predict", help="top-k classes of images with a trained checkpoint")
+    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--key", help="state dict key, e.g. model_ema")
+    p.add_argument("--topk", type=int, default=5)
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true")
+    fmt.add_argument("--csv", action="store_true")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("demo", help="the main job: train on embedded Fashion-MNIST, evaluate, predict")
+    p.add_argument("--output", default="runs/demo")
+    p.add_argument("--epochs", type=int, help="override the demo recipe's epochs")
+    p.set_defaults(func=_cmd_demo)
     return parser
 
 
@@ -113,6 +257,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"convnext {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # e.g. a non-finite loss under --nan-policy abort
+        from .train.loop import NonFiniteLossError
+
+        if args.debug or not isinstance(e, NonFiniteLossError):
+            raise
+        print(f"convnext {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

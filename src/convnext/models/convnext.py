@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from .layers import GRN, DropPath, LayerNorm, LayerNorm2d
+from .layers import GRN, DepthwiseConv2d, DropPath, LayerNorm, LayerNorm2d
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -83,7 +83,7 @@ class Block(nn.Module):
     def __init__(self, dim: int, drop_path: float = 0.0, ls_init_value: float | None = 1e-6,
                  use_grn: bool = False, eps: float = 1e-6) -> None:
         super().__init__()
-        self.dwconv = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)  # depthwise, ~ attention's spatial mixing
+        self.dwconv = DepthwiseConv2d(dim, kernel_size=7)  # 7x7 depthwise: the spatial mixing, like attention
         self.norm = LayerNorm(dim, eps=eps)
         self.pwconv1 = nn.Linear(dim, 4 * dim)  # inverted bottleneck, expansion 4 like a Transformer MLP
         self.act = nn.GELU()  # exact (erf) GELU, as the official code

@@ -1,0 +1,107 @@
+"""Load a trained checkpoint for inference (model + classes + preprocessing) and classify images."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..data import IMG_EXTENSIONS, eval_transform, load_rgb
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ..factory import _match_arch, create_model
+from ..weights import CheckpointError, infer_config, read_checkpoint, to_ours, unwrap
+
+
+@dataclass
+class InferenceInfo:
+    model_name: str
+    classes: list[str]
+    input_size: int = 224
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+    extra: dict = field(default_factory=dict)
+
+    def transform(self):
+        return eval_transform(self.input_size, crop_pct=self.crop_pct, interpolation_name=self.interpolation,
+                              mean=self.mean, std=self.std)
+
+
+def load_for_inference(path: str | os.PathLike, *, key: str | None = None) -> tuple[nn.Module, InferenceInfo]:
+    """A model in eval mode and what it needs: class names and eval preprocessing.
+
+    Reads our `best.safetensors` (metadata), a training state `last.pt` (config + classes), or any
+    other supported checkpoint (class names are then the indices, preprocessing the defaults).
+    """
+    obj, metadata = read_checkpoint(path)
+    if metadata.get("format") == "convnext":
+        name = metadata.get("model")
+        pre = json.loads(metadata.get("preprocess", "{}"))
+        classes = json.loads(metadata["classes"]) if "classes" in metadata else None
+        sd = obj
+    elif "config" in obj and "classes" in obj and "model" in obj:  # our training state
+        name, classes = obj["model_name"], list(obj["classes"])
+        cfg = obj["config"]
+        pre = {"input_size": cfg["input_size"], "crop_pct": cfg["crop_pct"]}
+        sd = obj["model_ema"] if key == "model_ema" and obj.get("model_ema") else obj["model"]
+    else:
+        name, classes, pre, sd = None, None, {}, unwrap(obj, key)
+    _, ours = to_ours(sd)
+    if name is None:
+        cls_name, cfg = infer_config(ours)
+        name = _match_arch(cls_name, cfg)
+        if name is None:
+            raise CheckpointError(f"{path}: architecture {cfg} matches no registered model")
+    model = create_model(name, pretrained=ours).eval()
+    classes = classes or [str(i) for i in range(model.num_classes)]
+    if len(classes) != model.num_classes:
+        raise CheckpointError(f"{path}: {len(classes)} class names for a {model.num_classes}-class model")
+    info = InferenceInfo(model_name=name, classes=classes, **{k: tuple(v) if isinstance(v, list) else v
+                                                              for k, v in pre.items()})
+    return model, info
+
+
+def expand_images(inputs: list[str | os.PathLike]) -> list[Path]:
+    """Image files from files and folders (recursively, sorted); error for anything missing."""
+    out = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            out.extend(sorted(f for f in p.rglob("*") if f.suffix.lower() in IMG_EXTENSIONS))
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"image or folder not found: {p}")
+    if not out:
+        raise FileNotFoundError(f"no image files in {', '.join(map(str, inputs))}")
+    return out
+
+
+@torch.no_grad()
+def predict(model: nn.Module, info: InferenceInfo, paths: list[Path], *, topk: int = 5,
+            batch_size: int = 32) -> list[dict]:
+    """Top-k (class, probability) per image; unreadable images get an `error` instead."""
+    transform = info.transform()
+    k = min(topk, len(info.classes))
+    results: list[dict] = []
+    for start in range(0, len(paths), batch_size):
+        chunk, tensors, rows = paths[start:start + batch_size], [], []
+        for p in chunk:
+            try:
+                tensors.append(transform(load_rgb(p)))
+                rows.append({"path": str(p)})
+            except Exception as e:  # noqa: BLE001 - report per image, keep going
+                results.append({"path": str(p), "error": f"{type(e).__name__}: {e}"})
+        if tensors:
+            probs = model(torch.stack(tensors)).float().softmax(dim=1)
+            top = probs.topk(k, dim=1)
+            for row, values, idx in zip(rows, top.values, top.indices):
+                row["top"] = [(info.classes[i], float(v)) for v, i in zip(values.tolist(), idx.tolist())]
+                results.append(row)
+    order = {str(p): i for i, p in enumerate(paths)}
+    return sorted(results, key=lambda r: order[r["path"]])

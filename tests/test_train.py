@@ -1,0 +1,286 @@
+"""Training end to end on a slice of the embedded Fashion-MNIST: it learns, and never loses progress."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import convnext
+from convnext.data.fashion_mnist import prepare
+from convnext.train import TrainConfig, fit
+from convnext.weights import read_checkpoint
+
+pytestmark = pytest.mark.timeout(600)
+
+FAST = dict(model="convnext_atto", input_size=32, batch_size=32, lr=2e-3, warmup_epochs=0.5, aa="none",
+            color_jitter=0.0, reprob=0.0, mixup=0.0, cutmix=0.0, crop_pct=1.0, scale=(0.6, 1.0),
+            workers=0, threads=1, progress=False)
+
+
+@pytest.fixture(scope="session")
+def fmnist(tmp_path_factory):
+    """A stratified slice: 30 training and 10 validation images per class."""
+    return prepare(tmp_path_factory.mktemp("data") / "fm", per_class={"train": 30, "val": 10})
+
+
+def _args(**kw):
+    out = []
+    for k, v in kw.items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            out.append(flag if v else "--no-" + flag[2:])
+        elif isinstance(v, (tuple, list)):
+            out += [flag, *map(str, v)]
+        else:
+            out += [flag, str(v)]
+    return out
+
+
+def cli(*args, **kw):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "convnext", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=600, **kw)
+
+
+def train_cmd(data, output, **kw):
+    return ["train", *_args(**{**FAST, "data": data, "output": output, **kw})]
+
+
+def final_state(output):
+    state, _ = read_checkpoint(output / "last.pt")
+    return state
+
+
+def assert_same_run(a, b):
+    """Bitwise-equal weights, EMA, optimizer state and metrics (timings aside)."""
+    for key in ("model", "model_ema"):
+        if a[key] is None:
+            assert b[key] is None
+            continue
+        assert a[key].keys() == b[key].keys()
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), (key, k)
+    for (i, sa), (j, sb) in zip(a["optimizer"]["state"].items(), b["optimizer"]["state"].items()):
+        assert i == j and all(torch.equal(sa[k], sb[k]) for k in sa), i
+    strip = lambda h: [{k: v for k, v in e.items() if not k.startswith("train_time") and k != "train_img_s"} for e in h]  # noqa: E731
+    assert strip(a["history"]) == strip(b["history"])
+    assert a["step"] == b["step"]
+
+
+def test_training_learns_and_eval_predict_agree(fmnist, tmp_path):
+    out = tmp_path / "run"
+    summary = fit(TrainConfig(**{**FAST, "data": str(fmnist), "output": str(out), "epochs": 8, "lr": 3e-3}))
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(history) == 8
+    assert {"epoch", "train_loss", "val_loss", "val_acc1", "val_acc5", "lr"} <= set(history[0])
+    assert history[-1]["train_loss"] < history[0]["train_loss"] - 0.3  # the loss falls
+    assert summary["best_acc1"] >= 40.0  # chance is 10%
+    for name in ("config.yaml", "metrics.jsonl", "last.pt", "best.safetensors", "curves.png"):
+        assert (out / name).is_file(), name
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    torch.load(out / "last.pt", weights_only=True)  # full state, no allow-list needed
+
+    # `convnext eval` on the saved best weights reproduces training's evaluation of that epoch.
+    r = cli("eval", "--checkpoint", out / "best.safetensors", "--data", fmnist, "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["acc1"] == pytest.approx(summary["best_acc1"], abs=1e-6)
+    assert res["count"] == 100 and len(res["per_class_acc"]) == 10 and res["classes"][0] == "Ankle_boot"
+    assert (out / "confusion_matrix.png").is_file()
+    r = cli("eval", "--checkpoint", out / "last.pt", "--data", fmnist / "val", "--json")
+    assert json.loads(r.stdout)["acc1"] == pytest.approx(history[-1]["val_acc1"], abs=1e-6)
+
+    # `convnext predict` gives the class the model's logits give.
+    images = sorted((fmnist / "val" / "Trouser").glob("*.png"))[:3]
+    r = cli("predict", "--checkpoint", out / "best.safetensors", *images, "--json", "--topk", "3")
+    assert r.returncode == 0, r.stderr
+    preds = json.loads(r.stdout)
+    from convnext.eval import load_for_inference
+    from convnext.data import load_rgb
+
+    model, info = load_for_inference(out / "best.safetensors")
+    with torch.no_grad():
+        logits = model(torch.stack([info.transform()(load_rgb(p)) for p in images]))
+    for p, row in zip(preds, logits):
+        assert len(p["top"]) == 3 and p["top"][0][0] == info.classes[int(row.argmax())]
+        assert sum(prob for _, prob in p["top"]) <= 1.0 + 1e-6
+    r = cli("predict", "--checkpoint", out / "best.safetensors", images[0], "--csv")
+    assert r.stdout.splitlines()[0] == "path,rank,class,probability,error" and len(r.stdout.splitlines()) == 6
+
+
+def test_reproducible_whatever_the_workers(fmnist, tmp_path):
+    kw = dict(epochs=2, model_ema=True, model_ema_decay=0.9, drop_path=0.1, mixup=0.8, cutmix=1.0,
+              aa="rand-m9-mstd0.5-inc1", reprob=0.25)
+    assert cli(*train_cmd(fmnist, tmp_path / "w0", workers=0, **kw)).returncode == 0
+    r = cli(*train_cmd(fmnist, tmp_path / "w2", workers=2, **kw))
+    assert r.returncode == 0, r.stderr
+    a, b = final_state(tmp_path / "w0"), final_state(tmp_path / "w2")
+    assert_same_run(a, b)
+    assert "val_acc1_ema" in a["history"][-1]
+    assert not torch.equal(a["model"]["stem.conv.weight"], a["model_ema"]["module.stem.conv.weight"])
+
+
+def _wait_for(path_glob, proc, timeout=300):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if list(path_glob()):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended before the checkpoint appeared: {proc.stderr.read()}")
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting for a checkpoint")
+
+
+@pytest.mark.slow
+def test_sigkill_anywhere_then_resume_is_bitwise_identical(fmnist, tmp_path):
+    kw = dict(epochs=3, save_every_steps=2, model_ema=True, model_ema_decay=0.9, drop_path=0.1, mixup=0.8,
+              cutmix=1.0)
+    ref = tmp_path / "ref"
+    r = cli(*train_cmd(fmnist, ref, **kw))
+    assert r.returncode == 0, r.stderr
+    expected = final_state(ref)
+    assert expected["step"] == 27  # 9 steps per epoch: checkpoints at odd steps fall mid-epoch
+
+    # 1) SIGKILL mid-epoch, right after the step-4 checkpoint (epoch 1 has 9 steps).
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "convnext", *train_cmd(fmnist, out, **kw)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: (out / "checkpoints").glob("step-00000004.pt"), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # a newer but partial checkpoint (a crash mid-copy) must be ignored
+    (out / "checkpoints" / "step-00000099.pt").write_bytes(b"PK\x03\x04 truncated")
+    r = cli(*train_cmd(fmnist, out, resume="auto", **kw))
+    assert r.returncode == 0, r.stderr
+    assert "skipping incomplete checkpoint" in r.stderr and "resumed from" in r.stderr
+    assert_same_run(expected, final_state(out))
+
+    # 2) SIGKILL in the middle of writing a checkpoint (the 5th save dies half-written).
+    out = tmp_path / "died_writing"
+    script = (
+        "import os, signal, sys, torch\n"
+        "real, count = torch.save, [0]\n"
+        "def dying_save(obj, f, *a, **k):\n"
+        "    count[0] += 1\n"
+        "    if count[0] == 5:\n"
+        "        open(f, 'wb').write(b'PK partial')\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return real(obj, f, *a, **k)\n"
+        "torch.save = dying_save\n"
+        "from convnext.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script, *map(str, train_cmd(fmnist, out, **kw))],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == -signal.SIGKILL
+    assert list((out / "checkpoints").glob(".step-*.tmp")), "the partial write should be left as a temp file"
+    newest = sorted((out / "checkpoints").glob("step-*.pt"))[-1]
+    torch.load(newest, weights_only=True)  # the newest visible checkpoint is complete
+    r = cli(*train_cmd(fmnist, out, resume="auto", **kw))
+    assert r.returncode == 0, r.stderr
+    assert_same_run(expected, final_state(out))
+
+
+def test_grad_accumulation_equals_the_big_batch(fmnist, tmp_path):
+    a = fit(TrainConfig(**{**FAST, "data": str(fmnist), "output": str(tmp_path / "a"), "epochs": 1, "batch_size": 32}))
+    b = fit(TrainConfig(**{**FAST, "data": str(fmnist), "output": str(tmp_path / "b"), "epochs": 1, "batch_size": 16,
+                           "grad_accum": 2}))
+    assert a["step"] == b["step"] == 9
+    sa, sb = final_state(tmp_path / "a")["model"], final_state(tmp_path / "b")["model"]
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], atol=2e-5, rtol=1e-4)
+
+
+def test_nan_policy(fmnist, tmp_path):
+    r = cli(*train_cmd(fmnist, tmp_path / "abort", epochs=1, lr=1e12, save_every_steps=1))
+    assert r.returncode == 1, r.stderr
+    err = [ln for ln in r.stderr.splitlines() if "error" in ln][-1]
+    assert "non-finite loss" in err and ".png" in err and "no checkpoint written" in err
+    for ck in (tmp_path / "abort" / "checkpoints").glob("*.pt"):
+        state = torch.load(ck, weights_only=True)
+        assert all(torch.isfinite(v).all() for v in state["model"].values())
+    r = cli(*train_cmd(fmnist, tmp_path / "skip", epochs=1, lr=1e12, nan_policy="skip"))
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()[-1])["nan_skipped"] > 0
+
+
+def test_bad_images_are_skipped_and_reported(fmnist, tmp_path):
+    import shutil
+
+    from test_data import make_bad_folder
+
+    data = tmp_path / "data"
+    shutil.copytree(fmnist, data)
+    bad = make_bad_folder(data / "train" / "Bag" / "odd")  # a nested folder of tricky files
+    r = cli(*train_cmd(data, tmp_path / "run", epochs=1, batch_size=16))
+    assert r.returncode == 0, r.stderr
+    for name in ("truncated.jpg", "empty.png", "text.jpg"):
+        assert f"skipping unreadable image {bad / name}" in r.stderr
+    assert "cmyk" not in r.stderr and "rgba" not in r.stderr
+    line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert line["bad_images"] == 3
+    r = cli(*train_cmd(data, tmp_path / "strict", epochs=1, batch_size=16, bad_images="error"))
+    assert r.returncode == 2 and "unreadable image" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_finetune_from_checkpoint_reinitialises_the_head(fmnist, tmp_path):
+    src = convnext.create_model("convnext_atto", num_classes=1000)
+    torch.save({"model": convnext.weights.from_ours(src.state_dict(), "official")}, tmp_path / "in1k.pth")
+    fit(TrainConfig(**{**FAST, "data": str(fmnist), "output": str(tmp_path / "ft"), "epochs": 1,
+                       "finetune": str(tmp_path / "in1k.pth"), "head_init_scale": 0.001, "lr": 1e-12,
+                       "layer_decay": 0.7}))
+    state = final_state(tmp_path / "ft")["model"]
+    torch.testing.assert_close(state["stages.3.blocks.1.pwconv2.weight"], src.stages[3].blocks[1].pwconv2.weight)
+    assert state["head.fc.weight"].shape == (10, 320)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("--model", "convnext_tinny"), "did you mean convnext_tiny"),
+    (("--data", "/nonexistent/data"), "not found"),
+    (("--lr", "-1"), "--lr must be a finite number > 0"),
+    (("--lr", "nan"), "--lr must be a finite number > 0"),
+    (("--warmup-epochs", "5", "--epochs", "5"), "--warmup-epochs must be"),
+    (("--batch-size", "0"), "--batch-size must be >= 1"),
+    (("--input-size", "16"), "--input-size must be >= 32"),
+    (("--precision", "fp8"), "--precision must be one of"),
+    (("--scale", "0.5", "x"), "scale: cannot use"),
+    (("--config", "/nonexistent.yaml"), "config file not found"),
+])
+def test_cli_bad_input_is_one_line_exit_2(fmnist, tmp_path, args, needle):
+    base = {"--data": str(fmnist), "--output": str(tmp_path / "o"), "--epochs": "1", "--warmup-epochs": "0"}
+    argv = ["train"]
+    for k, v in base.items():
+        if k not in args:
+            argv += [k, v]
+    r = cli(*argv, *args)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert needle in lines[0]
+
+
+def test_yaml_recipes_parse(tmp_path):
+    from pathlib import Path
+
+    from convnext.train.config import load_yaml
+
+    configs = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert len(configs) >= 6
+    for path in configs:
+        values = load_yaml(path)
+        TrainConfig(**{"data": "x", **values})
+    (tmp_path / "bad.yaml").write_text("lerning_rate: 3\n")
+    with pytest.raises(ValueError, match="unknown option 'lerning_rate'"):
+        load_yaml(tmp_path / "bad.yaml")
+
+
+def test_resume_refuses_another_run(fmnist, tmp_path):
+    fit(TrainConfig(**{**FAST, "data": str(fmnist), "output": str(tmp_path / "r"), "epochs": 1}))
+    with pytest.raises(ValueError, match="use another --output"):
+        fit(TrainConfig(**{**FAST, "data": str(fmnist), "output": str(tmp_path / "r"), "epochs": 2,
+                           "model": "convnextv2_atto", "resume": "auto"}))
