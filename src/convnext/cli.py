@@ -79,11 +79,38 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from .train import fit
     from .train.config import from_args
 
-    cfg = from_args(args)
+    cfg = from_args(args)  # validate here, before any process is launched
+    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        _launch_torchrun(args)
+        return
     summary = fit(cfg)
     if "val_acc1" in summary:
         print(f"done: {cfg.model} epoch {summary['epoch']}  val top-1 {summary['val_acc1']:.2f}%  "
               f"top-5 {summary['val_acc5']:.2f}%  best top-1 {summary['best_acc1']:.2f}%  -> {summary['output']}")
+
+
+def _launch_torchrun(args: argparse.Namespace) -> None:
+    """`convnext train --nproc N ...` = `torchrun --standalone --nproc-per-node N -m convnext train ...`."""
+    import subprocess
+
+    argv, skip = [], False
+    raw = sys.argv[1:] if args.argv is None else args.argv
+    for i, a in enumerate(raw):
+        if skip:
+            skip = False
+            continue
+        if a in ("--nproc", "--max-restarts"):
+            skip = True
+            continue
+        if a.startswith(("--nproc=", "--max-restarts=")):
+            continue
+        argv.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+           f"--max-restarts={args.max_restarts}", "-m", "convnext", *argv]
+    logger.info("launching: %s", " ".join(cmd))
+    rc = subprocess.call(cmd)
+    if rc != 0:
+        raise SystemExit(rc)
 
 
 def _eval_root(data: str) -> Path:
@@ -177,9 +204,14 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     print("\n== predict")
     _cmd_predict(argparse.Namespace(checkpoint=str(best), key=None, images=[str(s) for s in samples], topk=3,
                                     json=False, csv=False))
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
     print(f"\ndemo result: {cfg.model} reached {summary['val_acc1']:.2f}% top-1 (best {summary['best_acc1']:.2f}%) on "
           f"the 10,000 Fashion-MNIST test images in {train_min:.1f} min (data + training) on "
-          f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
+          f"{os.cpu_count()} CPU cores ({cpu}), "
           f"torch {__import__('torch').__version__}. Outputs: {out / 'train'} (metrics.jsonl, curves.png, "
           f"confusion_matrix.png, best.safetensors, last.pt)")
 
@@ -214,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .train.config import add_arguments
 
     add_arguments(p)
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes on this machine: launches torchrun --standalone for you (default: 1)")
+    p.add_argument("--max-restarts", type=int, default=0,
+                   help="with --nproc: restarts after a failure, each resuming from the last checkpoint")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="top-1/top-5, loss, per-class accuracy and confusion matrix of a checkpoint")
@@ -247,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = None if argv is None else list(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s")
     func: Callable[[argparse.Namespace], None] = args.func
     try:

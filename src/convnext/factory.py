@@ -130,5 +130,5 @@ def create_model(name: str, *, pretrained: bool | str | os.PathLike = False, num
     model.pretrained_cfg = info
     if sd is not None:
         load_state_dict_into(model, sd, adapt=True, allow_missing_head=fmt == "fcmae")
-        logger.info("loaded %s weights from %s", fmt, path if isinstance(path, Path) else "state dict")
+        logger.debug("loaded %s weights from %s", fmt, path if isinstance(path, Path) else "state dict")
     return model

@@ -24,20 +24,30 @@ def autocast(device: torch.device, precision: str):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int, *, precision: str = "fp32",
-             channels_last: bool = False, progress: bool = False, desc: str = "eval") -> dict:
+             channels_last: bool = False, progress: bool = False, desc: str = "eval", lockstep: bool = False) -> dict:
     """Loss, top-1/top-5 accuracy (%), per-class accuracy and the confusion matrix (rows: truth).
 
     Works with a loader yielding `(images, targets, indices, bad)` (see `data.collate`); unreadable
-    images are counted in `bad_images`, never in the accuracy.
+    images are counted in `bad_images`, never in the accuracy. `lockstep` (sharded models, whose
+    forward is collective) makes ranks with fewer batches run discarded dummy forwards until all
+    ranks are done.
     """
     model.eval()
     k = min(5, num_classes)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top1, topk, bad images
+    distributed = dist.is_available() and dist.is_initialized()
+    n_batches = torch.tensor([len(loader)], device=device)
+    if lockstep and distributed:
+        dist.all_reduce(n_batches, op=dist.ReduceOp.MAX)
+    shape = None
     for images, targets, _, bad in tqdm(loader, desc=desc, disable=not progress, leave=False):
         sums[3] += len(bad)
         if images is None:
+            if lockstep and shape is not None:
+                model(torch.zeros((1, *shape), device=device))
             continue
+        shape = images.shape[1:]
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -50,7 +60,11 @@ def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int, *
         sums[2] += (top == targets[:, None]).any(dim=1).sum()
         confusion += torch.bincount(targets * num_classes + top[:, 0], minlength=num_classes ** 2).view(
             num_classes, num_classes)
-    if dist.is_available() and dist.is_initialized():
+    if lockstep and distributed:
+        dummy = torch.zeros((1, *(shape or loader.dataset[0][0].shape)), device=device)
+        for _ in range(int(n_batches.item()) - len(loader)):
+            model(dummy)
+    if distributed:
         dist.all_reduce(sums)
         dist.all_reduce(confusion)
     n = int(confusion.sum())

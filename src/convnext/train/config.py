@@ -64,6 +64,7 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False
     grad_checkpointing: bool = False
+    fsdp: bool = False  # shard parameters, gradients and optimizer state (FSDP2 fully_shard), per stage
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
     workers: int = 2  # DataLoader processes; each competes with torch threads for cores

@@ -44,7 +44,19 @@ def setup(preference: str = "auto") -> DistEnv:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         timeout = datetime.timedelta(seconds=float(os.environ.get("CONVNEXT_DIST_TIMEOUT", "600")))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        if restart > 0:
+            # After `torchrun --max-restarts` restarts the workers, the store still holds the dead
+            # round's peer addresses under the default keys, and gloo/NCCL connect to those
+            # (pytorch/pytorch#167288). A per-round key prefix keeps the rounds apart.
+            agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                                  is_master=rank == 0 and not agent_store, timeout=timeout)
+            dist.init_process_group(backend, store=dist.PrefixStore(f"convnext/restart{restart}", store),
+                                    rank=rank, world_size=world, timeout=timeout)
+        else:
+            dist.init_process_group(backend, timeout=timeout)
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 
@@ -53,13 +65,13 @@ def barrier(env: DistEnv) -> None:
         dist.barrier()
 
 
-def all_true(flag: bool, env: DistEnv) -> bool:
-    """Whether `flag` holds on every rank (so all ranks take the same branch: no hang)."""
+def sum_all(values: list[float], env: DistEnv) -> list[float]:
+    """Element-wise sum of `values` over all ranks (float64: exact for counts and loss sums)."""
     if not env.distributed:
-        return flag
-    t = torch.tensor([0 if flag else 1], device=env.device)
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=env.device)
     dist.all_reduce(t)
-    return int(t.item()) == 0
+    return t.tolist()
 
 
 def cleanup(env: DistEnv) -> None:

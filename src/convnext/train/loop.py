@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -134,6 +136,16 @@ def _fit(cfg: TrainConfig, env: D.DistEnv) -> dict[str, Any]:
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     raw = model
+    if cfg.fsdp:
+        if not env.distributed:
+            raise ValueError("--fsdp shards across processes: run under torchrun or with --nproc N (N >= 2)")
+        if cfg.model_ema:
+            raise ValueError("--model-ema is not supported with --fsdp yet; use DDP (no --fsdp) for EMA runs")
+        from torch.distributed.fsdp import fully_shard
+
+        for unit in getattr(raw, "stages", None) or raw.blocks:  # one FSDP unit per stage (per block: isotropic)
+            fully_shard(unit)
+        fully_shard(raw)
     ema = None
     if cfg.model_ema:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -144,7 +156,7 @@ def _fit(cfg: TrainConfig, env: D.DistEnv) -> dict[str, Any]:
     optimizer = build_optimizer(raw, lr=peak_lr, weight_decay=cfg.weight_decay, betas=cfg.opt_betas, eps=cfg.opt_eps,
                                 layer_decay=cfg.layer_decay, layer_decay_type=cfg.layer_decay_type)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    if env.distributed:
+    if env.distributed and not cfg.fsdp:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         model = torch.compile(model)
@@ -161,21 +173,25 @@ def _fit(cfg: TrainConfig, env: D.DistEnv) -> dict[str, Any]:
 
     prog, history = _Progress(), []
     resumed = None
-    if cfg.resume == "auto":
+    resume = cfg.resume
+    if resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        resume = "auto"  # torchrun --max-restarts restarted us: continue from the last complete checkpoint
+    if resume == "auto":
         resumed = find_resume(out)
         if resumed is None:
             logger.info("--resume auto: no checkpoint in %s, starting fresh", out)
-    elif cfg.resume:
-        resumed = (Path(cfg.resume), load_state(cfg.resume))
+    elif resume:
+        resumed = (Path(resume), load_state(resume))
     if resumed is not None:
         path, state = resumed
         if state["model_name"] != cfg.model or list(state["classes"]) != classes:
             raise ValueError(f"{path} was trained as {state['model_name']} on {len(state['classes'])} classes; "
                              f"this run is {cfg.model} on {len(classes)}: use another --output")
-        raw.load_state_dict(state["model"])
+        # Full, parameter-name-keyed states: the same file resumes with or without FSDP, on any world size.
+        set_model_state_dict(raw, state["model"], options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(raw, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
         if ema is not None and state.get("model_ema") is not None:
             ema.load_state_dict(state["model_ema"])
-        optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         prog = _Progress(**state["progress"])
         history = list(state["history"])
@@ -191,20 +207,28 @@ def _fit(cfg: TrainConfig, env: D.DistEnv) -> dict[str, Any]:
                     len(classes), effective_batch, cfg.batch_size, cfg.grad_accum, env.world_size, peak_lr,
                     total_steps, warmup_steps, cfg.precision, device)
 
-    def state_dict() -> dict[str, Any]:
-        return {
-            "version": STATE_VERSION, "model_name": cfg.model, "classes": classes, "config": cfg.to_dict(),
-            "model": raw.state_dict(), "model_ema": ema.state_dict() if ema is not None else None,
-            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "progress": vars(prog).copy(),
-            "step": prog.step, "history": history,
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-        }
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+    def model_state() -> dict[str, torch.Tensor]:
+        """Unsharded weights (collective under FSDP: every rank calls, rank 0 receives them)."""
+        return get_model_state_dict(raw, options=full)
 
     def checkpoint() -> None:
-        if not all(torch.isfinite(p).all() for p in raw.parameters()):
+        finite = all(bool(torch.isfinite(p.full_tensor() if hasattr(p, "full_tensor") else p).all())
+                     for p in raw.parameters())
+        if not finite:
             raise NonFiniteLossError(f"parameters are not finite at step {prog.step}; no checkpoint written")
+        # Full (unsharded, FQN-keyed under FSDP) state: loadable by any number of processes.
+        model_sd = model_state()
+        optim_sd = get_optimizer_state_dict(raw, optimizer, options=full)
         if env.is_main:
-            save_state(out, state_dict(), prog.step, keep=cfg.keep_checkpoints)
+            save_state(out, {
+                "version": STATE_VERSION, "model_name": cfg.model, "classes": classes, "config": cfg.to_dict(),
+                "model": model_sd, "model_ema": ema.state_dict() if ema is not None else None,
+                "optimizer": optim_sd, "scaler": scaler.state_dict(), "progress": vars(prog).copy(),
+                "step": prog.step, "history": history,
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+            }, prog.step, keep=cfg.keep_checkpoints)
         D.barrier(env)
 
     seen_bad: set[int] = set()
@@ -221,7 +245,6 @@ def _fit(cfg: TrainConfig, env: D.DistEnv) -> dict[str, Any]:
             b = prog.batch
             if bad:
                 _report_bad(train_ds, bad, cfg.bad_images, seen_bad)
-                prog.bad_images += len(bad)
             first_micro = b % cfg.grad_accum == 0
             if first_micro:
                 lr = lr_at(prog.step, base_lr=peak_lr, min_lr=cfg.min_lr, warmup_steps=warmup_steps,
@@ -230,7 +253,7 @@ def _fit(cfg: TrainConfig, env: D.DistEnv) -> dict[str, Any]:
                     g["lr"] = lr * g["lr_scale"]
                 step_ok = True
             torch.manual_seed(_step_seed(cfg.seed, epoch, b, env.rank))  # mixup and drop path
-            loss_value = float("nan")
+            loss, n_local, files = None, 0, []
             if images is not None:
                 images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
                 if mix is not None:
@@ -239,21 +262,29 @@ def _fit(cfg: TrainConfig, env: D.DistEnv) -> dict[str, Any]:
                     images = images.contiguous(memory_format=torch.channels_last)
                 with autocast(device, cfg.precision):
                     loss = criterion(model(images).float(), targets)
-                finite = D.all_true(bool(torch.isfinite(loss)), env)
-                if not finite:
-                    files = [train_ds.samples[i][0] for i in indices.tolist()[:8]]
-                    msg = (f"non-finite loss at epoch {epoch + 1}, step {prog.step}, batch {b} "
-                           f"(files: {', '.join(files)}{', ...' if len(indices) > 8 else ''})")
-                    if cfg.nan_policy == "abort":
-                        raise NonFiniteLossError(msg + "; no checkpoint written. --nan-policy skip skips such steps")
-                    logger.warning("%s; skipping this step", msg)
-                    step_ok = False
-                else:
+                n_local = len(targets)
+                files = [train_ds.samples[i][0] for i in indices.tolist()]
+            # One reduction per step: every rank learns whether any rank saw a non-finite loss (so all
+            # take the same branch, no hang) and the global loss sum (so every rank's progress, and the
+            # checkpoint rank 0 writes, hold the same numbers).
+            bad_local = loss is not None and not bool(torch.isfinite(loss))
+            stats = D.sum_all([float(bad_local), 0.0 if (loss is None or bad_local) else loss.item() * n_local,
+                               float(n_local), float(len(bad))], env)
+            prog.bad_images += int(stats[3])
+            if stats[0] > 0:
+                msg = (f"non-finite loss at epoch {epoch + 1}, step {prog.step}, batch {b}"
+                       + (f" (files: {', '.join(files[:8])}{', ...' if len(files) > 8 else ''})" if bad_local else
+                          " on another process"))
+                if cfg.nan_policy == "abort":
+                    raise NonFiniteLossError(msg + "; no checkpoint written. --nan-policy skip skips such steps")
+                logger.warning("%s; skipping this step", msg)
+                step_ok = False
+            else:
+                if loss is not None:
                     scaler.scale(loss / cfg.grad_accum).backward()
-                    loss_value = loss.item()
-                    prog.loss_sum += loss_value * len(targets)
-                    prog.loss_count += len(targets)
-                    n_images += len(targets)
+                prog.loss_sum += stats[1]
+                prog.loss_count += int(stats[2])
+                n_images += int(stats[2])
             prog.batch += 1
             bar.update(1)
             if prog.batch % cfg.grad_accum == 0:  # optimizer step boundary
@@ -272,7 +303,7 @@ def _fit(cfg: TrainConfig, env: D.DistEnv) -> dict[str, Any]:
                 if prog.step % cfg.log_every == 0 or prog.batch == batches_per_epoch:
                     dt = time.perf_counter() - t0
                     bar.set_postfix(loss=f"{prog.loss_sum / max(prog.loss_count, 1):.4f}", lr=f"{lr:.2e}",
-                                    img_s=f"{n_images * env.world_size / max(dt, 1e-9):.0f}")
+                                    img_s=f"{n_images / max(dt, 1e-9):.0f}")
                 if cfg.save_every_steps and prog.step % cfg.save_every_steps == 0:
                     checkpoint()
             if prog.batch >= steps_per_epoch * cfg.grad_accum:
@@ -283,7 +314,7 @@ def _fit(cfg: TrainConfig, env: D.DistEnv) -> dict[str, Any]:
         line: dict[str, Any] = {"epoch": epoch + 1, "train_loss": prog.loss_sum / max(prog.loss_count, 1),
                                 "lr": optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_scale"],
                                 "step": prog.step, "train_time_s": round(train_time, 2),
-                                "train_img_s": round(n_images * env.world_size / max(train_time, 1e-9), 1)}
+                                "train_img_s": round(n_images / max(train_time, 1e-9), 1)}
         if prog.bad_images:
             line["bad_images"] = prog.bad_images
         if prog.nan_skipped:
@@ -291,7 +322,8 @@ def _fit(cfg: TrainConfig, env: D.DistEnv) -> dict[str, Any]:
         last = epoch + 1 == cfg.epochs
         if (epoch + 1) % cfg.eval_every == 0 or last:
             res = evaluate(raw if env.distributed else model, val_loader, device, len(classes), precision=cfg.precision,
-                           channels_last=cfg.channels_last, progress=cfg.progress and env.is_main)
+                           channels_last=cfg.channels_last, progress=cfg.progress and env.is_main,
+                           lockstep=cfg.fsdp)
             line.update(val_loss=res["loss"], val_acc1=res["acc1"], val_acc5=res["acc5"])
             if ema is not None:
                 res_ema = evaluate(ema.module, val_loader, device, len(classes), precision=cfg.precision,
@@ -299,8 +331,9 @@ def _fit(cfg: TrainConfig, env: D.DistEnv) -> dict[str, Any]:
                 line["val_acc1_ema"] = res_ema["acc1"]
             if res["acc1"] > prog.best_acc1:
                 prog.best_acc1 = res["acc1"]
+                best_sd = model_state()
                 if env.is_main:
-                    _save_best(raw, out / "best.safetensors", cfg, classes, epoch + 1, res["acc1"])
+                    _save_best(raw, best_sd, out / "best.safetensors", cfg, classes, epoch + 1, res["acc1"])
         history.append(line)
         prog.epoch, prog.batch = epoch + 1, 0
         prog.loss_sum, prog.loss_count, prog.bad_images, prog.nan_skipped = 0.0, 0, 0, 0
@@ -309,21 +342,23 @@ def _fit(cfg: TrainConfig, env: D.DistEnv) -> dict[str, Any]:
             from ..plots import plot_curves
 
             plot_curves(history, out / "curves.png")
-            logger.info("epoch %d/%d  train_loss %.4f%s  lr %.2e  %.0f img/s  %.1f s", epoch + 1, cfg.epochs,
+            logger.info("epoch %d/%d  train_loss %.4f%s  lr %.2e  %.0f img/s  %.1f s%s", epoch + 1, cfg.epochs,
                         line["train_loss"],
                         (f"  val_loss {line['val_loss']:.4f}  acc1 {line['val_acc1']:.2f}  acc5 {line['val_acc5']:.2f}"
                          + (f"  acc1_ema {line['val_acc1_ema']:.2f}" if "val_acc1_ema" in line else ""))
-                        if "val_acc1" in line else "", line["lr"], line["train_img_s"], train_time)
+                        if "val_acc1" in line else "", line["lr"], line["train_img_s"], train_time,
+                        f"  ({line['bad_images']} unreadable images skipped)" if "bad_images" in line else "")
         checkpoint()
         summary = dict(line)
     summary.update(best_acc1=prog.best_acc1, output=str(out))
     return summary
 
 
-def _save_best(model: nn.Module, path: Path, cfg: TrainConfig, classes: list[str], epoch: int, acc1: float) -> None:
+def _save_best(model: nn.Module, state_dict: dict, path: Path, cfg: TrainConfig, classes: list[str], epoch: int,
+               acc1: float) -> None:
     from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-    save_checkpoint(model, path, extra_metadata={
+    save_checkpoint(model, path, state_dict=state_dict, extra_metadata={
         "classes": json.dumps(classes), "epoch": str(epoch), "val_acc1": f"{acc1:.4f}",
         "preprocess": json.dumps({"input_size": cfg.input_size, "crop_pct": cfg.crop_pct, "interpolation": "bicubic",
                                   "mean": IMAGENET_MEAN, "std": IMAGENET_STD}),

@@ -123,11 +123,13 @@ def load_checkpoint(model: nn.Module, src: str | os.PathLike | Mapping[str, Any]
 
 
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, fmt: str = "ours",
-                    extra_metadata: Mapping[str, Any] | None = None) -> None:
+                    extra_metadata: Mapping[str, Any] | None = None,
+                    state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
     """Write the model's weights as safetensors (atomically) with its name and config as metadata.
 
     `fmt="official"` (or timm, torchvision, hf, official_isotropic) writes that layout instead, so
-    weights trained here can go back to other tools.
+    weights trained here can go back to other tools. `state_dict` replaces `model.state_dict()`
+    (e.g. the gathered full weights of a sharded model).
     """
     from dataclasses import asdict
 
@@ -140,7 +142,7 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, fmt: str = "ou
         metadata["arch"] = type(model).__name__
         metadata["config"] = json.dumps(asdict(cfg))
     metadata.update(extra_metadata or {})
-    sd = from_ours(model.state_dict(), fmt)
+    sd = from_ours(model.state_dict() if state_dict is None else state_dict, fmt)
     write_safetensors(path, sd, metadata)
 
 
