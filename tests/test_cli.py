@@ -31,12 +31,13 @@ def assert_one_line_error(r, *needles):
 def test_list_prints_params_macs_and_tags():
     r = run("list")
     assert r.returncode == 0, r.stderr
-    rows = {line.split()[0]: line for line in r.stdout.splitlines()[1:]}
+    rows = {line.split()[0]: line for line in r.stdout.splitlines()[1:-1]}
+    assert r.stdout.splitlines()[-1].startswith("* at 224x224")
     assert set(convnext.list_models()) == set(rows)
     assert "28.59" in rows["convnext_tiny"] and "4.46" in rows["convnext_tiny"]
     assert "fb_in22k_ft_in1k_384" in rows["convnext_tiny"] and "tv_in1k" in rows["convnext_tiny"]
     r = run("list", "convnextv2_*")
-    assert r.returncode == 0 and all(line.startswith("convnextv2_") for line in r.stdout.splitlines()[1:])
+    assert r.returncode == 0 and all(line.startswith("convnextv2_") for line in r.stdout.splitlines()[1:-1])
 
 
 def test_info():

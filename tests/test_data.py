@@ -48,7 +48,7 @@ def test_decoding_every_mode_correctly(tmp_path):
     assert load_rgb(half).getpixel((0, 0)) == (128, 128, 128)
     assert load_rgb(d / "exif_rotated.jpg").size == (20, 40)  # EXIF orientation applied
     for bad in ("truncated.jpg", "empty.png", "text.jpg"):
-        with pytest.raises(Exception):
+        with pytest.raises(OSError):  # PIL's UnidentifiedImageError is an OSError too
             load_rgb(d / bad)
 
 

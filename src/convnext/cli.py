@@ -22,13 +22,14 @@ def _cmd_list(args: argparse.Namespace) -> None:
     names = list_models(args.pattern if any(c in args.pattern for c in "*?[") else f"*{args.pattern}*")
     if not names:
         raise ValueError(f"no model matches {args.pattern!r} (`convnext list` shows all)")
-    print(f"{'model':<26} {'params (M)':>10} {'GMACs@224':>9}  weights")
+    print(f"{'model':<26} {'params (M)':>10} {'GFLOPs*':>9}  weights")
     for name in names:
         with torch.device("meta"):  # shapes only: counts without allocating weights
             model = create_model(name)
             params, macs = count_params(model), count_macs(model, 224)
         tags = [t.split(".", 1)[1] for t in PRETRAINED if t.split(".", 1)[0] == name]
         print(f"{name:<26} {params / 1e6:>10.2f} {macs / 1e9:>9.2f}  {', '.join(tags) or '-'}")
+    print("* at 224x224, counted as the papers do: one multiply-accumulate = one FLOP (fvcore convention)")
 
 
 def _cmd_info(args: argparse.Namespace) -> None:
@@ -44,7 +45,8 @@ def _cmd_info(args: argparse.Namespace) -> None:
     with torch.device("meta"):
         model = create_model(name)
         params, macs = count_params(model), count_macs(model, 224)
-    print(f"{name}: {type(model).__name__}, {params:,} parameters, {macs / 1e9:.2f} GMACs at 224x224")
+    print(f"{name}: {type(model).__name__}, {params:,} parameters, {macs / 1e9:.2f} GFLOPs (multiply-accumulates) "
+          f"at 224x224")
     for k, v in dataclasses.asdict(model.cfg).items():
         print(f"  {k:<16} {v}")
     tags = {t: w for t, w in PRETRAINED.items() if t.split(".", 1)[0] == name}
@@ -95,7 +97,7 @@ def _launch_torchrun(args: argparse.Namespace) -> None:
 
     argv, skip = [], False
     raw = sys.argv[1:] if args.argv is None else args.argv
-    for i, a in enumerate(raw):
+    for a in raw:
         if skip:
             skip = False
             continue

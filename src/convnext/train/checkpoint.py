@@ -56,7 +56,7 @@ def load_state(path: str | os.PathLike) -> dict[str, Any]:
 
 def find_resume(output: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:
     """The newest complete training checkpoint under `output`, or None if there is none."""
-    for step, path in sorted(_step_files(Path(output)), reverse=True):
+    for _, path in sorted(_step_files(Path(output)), reverse=True):
         try:
             return path, load_state(path)
         except (CheckpointError, FileNotFoundError) as e:
