@@ -243,8 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "torchvision", "hf"], help="layout to write (default: ours)")
     p.set_defaults(func=_cmd_convert)
 
-    p = sub.add_parser("train", help="train with the ConvNeXt recipe on an image folder",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("train", help="train with the ConvNeXt recipe on an image folder")
     from .train.config import add_arguments
 
     add_arguments(p)
