@@ -59,19 +59,13 @@ def _cmd_info(args: argparse.Namespace) -> None:
 
 
 def _cmd_convert(args: argparse.Namespace) -> None:
-    from .factory import _match_arch, check_model_name, create_model
-    from .weights import infer_config, read_checkpoint, save_checkpoint, to_ours, unwrap
+    from .factory import check_model_name, create_model, infer_model_name
+    from .weights import read_checkpoint, save_checkpoint, to_ours, unwrap
 
     obj, _ = read_checkpoint(args.src)
     state_dict = unwrap(obj, args.key)
     fmt, ours = to_ours(state_dict)
-    if args.model:
-        name = check_model_name(args.model)
-    else:
-        cls_name, cfg = infer_config(ours)
-        name = _match_arch(cls_name, cfg)
-        if name is None:
-            raise ValueError(f"{args.src}: architecture {cfg} matches no registered model; pass --model NAME")
+    name = check_model_name(args.model) if args.model else infer_model_name(ours, args.src)
     model = create_model(name, pretrained=state_dict)
     save_checkpoint(model, args.dst, fmt=args.to)
     print(f"converted {fmt} checkpoint {args.src} -> {args.dst} ({name}, {args.to} layout)")

@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from .models import MODELS
-from .weights import (PRETRAINED, PretrainedWeights, checkpoint_config, download, infer_config,
+from .weights import (PRETRAINED, CheckpointError, PretrainedWeights, checkpoint_config, download, infer_config,
                       load_state_dict_into, read_state_dict)
 
 logger = logging.getLogger(__name__)
@@ -48,6 +48,15 @@ def _match_arch(cls_name: str, cfg: dict[str, Any]) -> str | None:
         if cls.__name__ == cls_name and all(getattr(base, k) == cfg[k] for k in keys if k in cfg):
             return name
     return None
+
+
+def infer_model_name(state_dict: Mapping[str, Any], source: object = "checkpoint") -> str:
+    """The registered architecture of a state dict in our layout, or CheckpointError naming `source`."""
+    cls_name, cfg = infer_config(state_dict)
+    name = _match_arch(cls_name, cfg)
+    if name is None:
+        raise CheckpointError(f"{source}: architecture {cfg} matches no registered model; name the model explicitly")
+    return name
 
 
 def _resolve_pretrained(arch: str, tag: str, pretrained: Any

@@ -12,8 +12,8 @@ from torch import nn
 
 from ..data import IMG_EXTENSIONS, eval_transform, load_rgb
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from ..factory import _match_arch, create_model
-from ..weights import CheckpointError, infer_config, read_checkpoint, to_ours, unwrap
+from ..factory import create_model, infer_model_name
+from ..weights import CheckpointError, read_checkpoint, to_ours, unwrap
 
 
 @dataclass
@@ -52,11 +52,7 @@ def load_for_inference(path: str | os.PathLike, *, key: str | None = None) -> tu
     else:
         name, classes, pre, sd = None, None, {}, unwrap(obj, key)
     _, ours = to_ours(sd)
-    if name is None:
-        cls_name, cfg = infer_config(ours)
-        name = _match_arch(cls_name, cfg)
-        if name is None:
-            raise CheckpointError(f"{path}: architecture {cfg} matches no registered model")
+    name = name or infer_model_name(ours, path)
     model = create_model(name, pretrained=ours).eval()
     classes = classes or [str(i) for i in range(model.num_classes)]
     if len(classes) != model.num_classes:
