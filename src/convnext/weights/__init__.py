@@ -6,7 +6,6 @@ import json
 import logging
 import math
 import os
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -153,6 +152,3 @@ def checkpoint_config(metadata: Mapping[str, str]) -> tuple[str | None, dict[str
     cfg = json.loads(metadata["config"]) if "config" in metadata else None
     return metadata.get("model"), cfg
 
-
-def is_weights_tag(value: str) -> bool:
-    return bool(re.fullmatch(r"[\w]+\.[\w]+", value)) and value in PRETRAINED
