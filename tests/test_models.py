@@ -7,6 +7,8 @@ import convnext
 from convnext.models import MODELS
 from convnext.models.flops import count_macs, count_params
 
+from helpers import perturb
+
 # Golden parameter counts with 1000 classes (equal to timm's; convnext_tiny = torchvision's 28,589,128).
 PARAMS = {
     "convnext_atto": 3_695_520, "convnext_femto": 5_217_784, "convnext_pico": 9_045_672,
@@ -196,3 +198,86 @@ def test_in_chans_and_isotropic_shapes():
     with torch.no_grad():
         assert model(torch.randn(2, 1, 64, 48)).shape == (2, 4)
     assert math.isclose(model.feature_info.reduction()[0], 16)
+
+
+# --- The fast path: same function as the textbook block, in inference and in training -----------
+
+def _reference_block_forward(self, x):
+    """The official ConvNeXt block op by op (NCHW, separate Linear, GELU, GRN, LayerScale, residual)."""
+    import torch.nn.functional as F
+
+    x = x.contiguous()
+    shortcut = x
+    x = F.conv2d(x, self.dwconv.weight, self.dwconv.bias, padding=3, groups=self.dwconv.groups)
+    x = x.permute(0, 2, 3, 1)
+    x = F.layer_norm(x, self.norm.normalized_shape, self.norm.weight, self.norm.bias, self.norm.eps)
+    x = F.gelu(self.pwconv1(x))
+    if isinstance(self.grn, convnext.models.GRN):
+        gx = torch.norm(x, p=2, dim=(1, 2), keepdim=True)
+        nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
+        x = self.grn.gamma * (x * nx) + self.grn.beta + x
+    x = self.pwconv2(x)
+    if self.gamma is not None:
+        x = self.gamma * x
+    return shortcut + self.drop_path(x.permute(0, 3, 1, 2))
+
+
+def _reference(model):
+    import copy
+
+    ref = copy.deepcopy(model)
+    for blk in ref.modules():
+        if isinstance(blk, convnext.models.Block):
+            blk.forward = _reference_block_forward.__get__(blk)
+    return ref
+
+
+@pytest.mark.parametrize("name", ["convnext_atto", "convnextv2_atto", "convnext_isotropic_small"])
+def test_fast_path_logits_and_fused_model_match_the_reference(name):
+    import copy
+
+    model = perturb(convnext.create_model(name))
+    ref = _reference(model)
+    for size in (64, 96):  # 96: last stage 3x3, where the depthwise kernel is cropped
+        x = torch.randn(3, 3, size, size)
+        with torch.no_grad():
+            want = ref(x)
+            fast = model(x)  # eager CPU inference: oneDNN fused Linear+GELU / Linear+residual
+            fused = copy.deepcopy(model).fuse_for_inference()(x)
+            nchw_grad = model(x.contiguous(memory_format=torch.channels_last))
+        with torch.enable_grad():
+            train_path = model(x)  # the autograd path (folded LayerScale, Toeplitz dwconv on small maps)
+        for got in (fast, fused, nchw_grad, train_path):
+            assert (got - want).abs().max().item() <= 1e-4
+
+
+def test_fast_path_training_loss_curve_matches_the_reference_for_20_steps():
+    import torch.nn.functional as F
+
+    for name in ("convnext_atto", "convnextv2_atto"):
+        model = perturb(convnext.create_model(name, num_classes=10)).train()
+        ref = _reference(model).train()
+        x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))
+        curves = []
+        for m in (model, ref):
+            opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+            losses = []
+            for _ in range(20):
+                loss = F.cross_entropy(m(x), y)
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                losses.append(loss.item())
+            curves.append(losses)
+        assert curves[0][-1] < curves[0][0] - 0.5  # it learns
+        assert max(abs(a - b) for a, b in zip(*curves)) <= 1e-4, curves
+
+
+def test_fuse_for_inference_is_one_way():
+    model = convnext.create_model("convnext_atto").fuse_for_inference()
+    assert not model.training
+    assert all(b.gamma is None and b.norm.weight is None for b in model.stages[0].blocks)
+    with pytest.raises(RuntimeError, match="fused for inference"):
+        model.train()
+    v2 = convnext.create_model("convnextv2_atto").fuse_for_inference()
+    assert v2.stages[0].blocks[0].grn.beta is None

@@ -153,7 +153,13 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     from .eval import load_for_inference, predict
     from .eval.predict import expand_images
 
-    model, info = load_for_inference(args.checkpoint, key=args.key)
+    if args.backend == "torch":
+        model, info = load_for_inference(args.checkpoint, key=args.key)
+    else:
+        from .export import ExportedModel
+
+        model = ExportedModel(args.checkpoint, args.backend)
+        info = model.info
     results = predict(model, info, expand_images(args.images), topk=args.topk)
     if args.json:
         print(json.dumps(results, indent=2))
@@ -171,6 +177,41 @@ def _cmd_predict(args: argparse.Namespace) -> None:
                 print(f"{r['path']}: unreadable ({r['error']})")
             else:
                 print(f"{r['path']}: " + ", ".join(f"{c} {100 * p:.1f}%" for c, p in r["top"]))
+
+
+def _cmd_bench(args: argparse.Namespace) -> None:
+    import json
+
+    from .bench import format_table, run
+
+    compare = tuple(p for p in args.compare.split(",") if p) if args.compare else ()
+    res = run(args.model, args.batch_size, args.input_size, args.mode, args.precision, compare, args.repeats,
+              args.warmup, args.device, args.threads, args.compile, memory=not args.no_memory,
+              progress=args.json != "-")
+    res["command"] = "convnext " + " ".join(args.argv if args.argv is not None else sys.argv[2:])
+    if args.json != "-":
+        print(format_table(res))
+    if args.json:
+        text = json.dumps(res, indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            Path(args.json).write_text(text + "\n")
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from .eval import load_for_inference
+    from .export import FORMATS, export_model
+
+    fmt = args.format
+    out = Path(args.output) if args.output else Path(args.checkpoint).with_suffix(FORMATS[fmt])
+    model, info = load_for_inference(args.checkpoint, key=args.key)
+    if args.input_size:
+        info.input_size = args.input_size
+    path = export_model(model, info, out, fmt, dynamic_size=not args.static_size)
+    size = "dynamic batch and image size" if not args.static_size and fmt != "torchscript" else "dynamic batch"
+    print(f"exported {info.model_name} ({len(info.classes)} classes) as {fmt} to {path} ({size}; "
+          f"preprocessing: {info.input_size}px, crop {info.crop_pct}, mean/std embedded)")
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -263,10 +304,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--key", help="state dict key, e.g. model_ema")
     p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "torchscript", "torch-export"],
+                   help="torch: a checkpoint; others: a file from `convnext export` (default: torch)")
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true")
     fmt.add_argument("--csv", action="store_true")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("export", help="export a checkpoint to ONNX, TorchScript or torch.export for deployment")
+    p.add_argument("--checkpoint", required=True, help="best.safetensors, last.pt or any supported checkpoint")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript", "torch-export"])
+    p.add_argument("--output", help="output file (default: the checkpoint's name with .onnx/.pt/.pt2)")
+    p.add_argument("--key", help="state dict key, e.g. model_ema")
+    p.add_argument("--input-size", type=int, help="preprocessing input size to record (default: the checkpoint's)")
+    p.add_argument("--static-size", action="store_true", help="fix the image size (batch stays dynamic)")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("bench", help="speed against timm/torchvision/ONNX Runtime, measured side by side")
+    p.add_argument("--model", default="convnext_tiny")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--input-size", type=int, default=224)
+    p.add_argument("--mode", choices=["infer", "train"], default="infer")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="fp32, or autocast to bf16/fp16 (LayerNorm/GRN statistics stay fp32)")
+    p.add_argument("--compare", default="timm,torchvision",
+                   help="comma-separated peers: timm, torchvision, onnxruntime ('' for none)")
+    p.add_argument("--repeats", type=int, default=10, help="timed rounds; each runs every candidate once")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's default)")
+    p.add_argument("--compile", action="store_true", help="also benchmark torch.compile (with freezing for infer)")
+    p.add_argument("--no-memory", action="store_true", help="skip the per-candidate peak-memory runs")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH ('-': only JSON, to stdout)")
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("demo", help="the main job: train on embedded Fashion-MNIST, evaluate, predict")
     p.add_argument("--output", default="runs/demo")

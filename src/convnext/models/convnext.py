@@ -17,6 +17,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from .layers import GRN, DepthwiseConv2d, DropPath, LayerNorm, LayerNorm2d
@@ -77,6 +78,21 @@ class ConvNeXtIsotropicConfig:
         _check(0.0 <= self.drop_path_rate < 1.0, f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
 
 
+def _onednn_inference(x: torch.Tensor) -> bool:
+    """True for eager fp32 CPU inference, where oneDNN's fused Linear+GELU / Linear+add kernels apply.
+
+    They compute the same function as the reference ops (tests: max |diff| <= 1e-5) but fuse the
+    bias, GELU and residual add into the GEMM and avoid MKL's slow sgemm path for small widths.
+    Tracing, scripting, compiling and exporting take the reference ops, which every backend knows.
+    """
+    return (_HAS_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling())
+
+
+_HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
 class Block(nn.Module):
     """ConvNeXt block: (N, C, H, W) -> (N, C, H, W)."""
 
@@ -95,13 +111,34 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
-        x = self.dwconv(x)
-        x = x.permute(0, 2, 3, 1)  # (N, H, W, C): LN and Linear act on the last dim
-        x = self.pwconv2(self.grn(self.act(self.pwconv1(self.norm(x)))))
-        if self.gamma is not None:
-            x = self.gamma * x
-        x = x.permute(0, 3, 1, 2)  # (N, C, H, W)
+        x = self.dwconv(x).permute(0, 2, 3, 1)  # (N, H, W, C), a free view of channels-last memory
+        x = self.norm(x)
+        w2, b2 = self.pwconv2.weight, self.pwconv2.bias
+        if self.gamma is not None:  # LayerScale folded into the last Linear: g*(Wx + b) = (gW)x + gb
+            w2, b2 = self.gamma[:, None] * w2, self.gamma * b2
+        if not self.training and _onednn_inference(x):
+            x = torch.ops.mkldnn._linear_pointwise(x, self.pwconv1.weight, self.pwconv1.bias, "gelu", [], "none")
+            x = self.grn(x)
+            shortcut = shortcut.permute(0, 2, 3, 1).contiguous()
+            return torch.ops.mkldnn._linear_pointwise.binary(x, shortcut, w2, b2, "add").permute(0, 3, 1, 2)
+        x = self.grn(self.act(self.pwconv1(x)))
+        x = F.linear(x, w2, b2).permute(0, 3, 1, 2)  # (N, C, H, W)
         return shortcut + self.drop_path(x)
+
+    @torch.no_grad()
+    def fuse_for_inference(self) -> None:
+        """Fold LN's affine into pwconv1, LayerScale and GRN's beta into pwconv2 (same function)."""
+        w, b = self.norm.weight, self.norm.bias
+        self.pwconv1.bias.add_(self.pwconv1.weight @ b)  # W1 (xhat*w + b) + b1 = (W1 diag w) xhat + (W1 b + b1)
+        self.pwconv1.weight.mul_(w)
+        self.norm = LayerNorm(self.norm.normalized_shape, eps=self.norm.eps, elementwise_affine=False)
+        if isinstance(self.grn, GRN) and self.grn.beta is not None:  # W2 (y + beta) + b2
+            self.pwconv2.bias.add_(self.pwconv2.weight @ self.grn.beta)
+            self.grn.beta = None
+        if self.gamma is not None:
+            self.pwconv2.weight.mul_(self.gamma[:, None])
+            self.pwconv2.bias.mul_(self.gamma)
+            self.gamma = None
 
 
 class Stage(nn.Module):
@@ -194,6 +231,26 @@ class _Base(nn.Module):
         """(N, C, H, W) features -> (N, num_classes) logits, or (N, C) pooled features."""
         return self.head(x, pre_logits=pre_logits)
 
+    @torch.no_grad()
+    def fuse_for_inference(self) -> _Base:
+        """Fold every block's LN affine, LayerScale and GRN beta into its Linears; returns self in eval mode.
+
+        The fused model computes the same logits (fp32, |diff| <= 1e-4) with fewer element-wise
+        passes. It is one-way: its state dict no longer matches the checkpoint layout and it
+        refuses `train()`; keep (or reload) the unfused model to train or save checkpoints.
+        """
+        for m in self.modules():
+            if isinstance(m, Block):
+                m.fuse_for_inference()
+        self.fused = True
+        return self.eval()
+
+    def train(self, mode: bool = True) -> _Base:
+        if mode and getattr(self, "fused", False):
+            raise RuntimeError("this model was fused for inference (fuse_for_inference) and cannot be trained; "
+                               "create it again from its checkpoint to train")
+        return super().train(mode)
+
     def _run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():
             return checkpoint(module, x, use_reentrant=False)
@@ -248,14 +305,14 @@ class ConvNeXt(_Base):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, in_chans, H, W) -> (N, dims[-1], H/32, W/32)."""
-        x = self.stem(x)
+        x = self.stem(x).contiguous(memory_format=torch.channels_last)  # (N, H, W, C) views are free
         for stage in self.stages:
             x = self._run(stage, x)
         return x
 
     def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
         """(N, in_chans, H, W) -> [(N, dims[i], H/(4*2^i), W/(4*2^i)) for i in out_indices]."""
-        x = self.stem(x)
+        x = self.stem(x).contiguous(memory_format=torch.channels_last)
         outs = []
         for i, stage in enumerate(self.stages):
             x = self._run(stage, x)
@@ -290,7 +347,7 @@ class ConvNeXtIsotropic(_Base):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, in_chans, H, W) -> (N, dim, H/16, W/16)."""
-        x = self.stem(x)
+        x = self.stem(x).contiguous(memory_format=torch.channels_last)
         for block in self.blocks:
             x = self._run(block, x)
         return x

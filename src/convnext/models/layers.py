@@ -40,7 +40,8 @@ class GRN(nn.Module):
 
     Gx = ||x||_2 over (H, W); Nx = Gx / (mean_C(Gx) + eps); out = gamma * (x * Nx) + beta + x.
     gamma and beta start at zero, so a fresh GRN is the identity. Computed in fp32 (the spatial
-    sum of squares overflows fp16 and loses precision in bf16).
+    sum of squares overflows fp16 and loses precision in bf16), as x * (1 + gamma * Nx) + beta: one
+    pass over x after the norm instead of four. `beta` is None once folded into the next Linear.
     """
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
@@ -52,8 +53,9 @@ class GRN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         gx = torch.linalg.vector_norm(xf, ord=2, dim=(1, 2), keepdim=True)  # (N, 1, 1, C)
-        nx = gx / (gx.mean(dim=-1, keepdim=True) + self.eps)
-        return (self.gamma.float() * (xf * nx) + self.beta.float() + xf).to(x.dtype)
+        scale = torch.addcmul(torch.ones_like(gx), self.gamma.float(), gx / (gx.mean(dim=-1, keepdim=True) + self.eps))
+        out = xf * scale if self.beta is None else torch.addcmul(self.beta.float(), xf, scale)
+        return out.to(x.dtype)
 
 
 class DropPath(nn.Module):
@@ -87,7 +89,7 @@ class DepthwiseConv2d(nn.Conv2d):
       (H*W x H*W) Toeplitz matrix gathered from the kernel (a batched matmul; for H*W <= 4 a
       broadcast multiply-sum over channels-last data); CPU depthwise backward kernels spend 5-60x
       longer on such shapes than the arithmetic needs (convnext_atto at 32 px: 1.45x faster steps);
-    - otherwise `nn.Conv2d`.
+    - otherwise, and whenever a graph is traced, compiled or exported, `nn.Conv2d`.
     Same parameters and state-dict keys as `nn.Conv2d(dim, dim, k, padding=k//2, groups=dim)`.
     """
 
@@ -108,6 +110,8 @@ class DepthwiseConv2d(nn.Conv2d):
         return self._taps[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            return super().forward(x)  # a graph for any input size: no branch on H, W
         n, ch, h, w = x.shape
         k, c = self.kernel_size[0], self.kernel_size[0] // 2
         if h * w <= 16 and torch.is_grad_enabled() and x.device.type == "cpu":

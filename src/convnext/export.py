@@ -1,0 +1,147 @@
+"""Deployment: export a model to ONNX, TorchScript or torch.export, and run the exported files.
+
+Every exported file carries its preprocessing (`model`, `classes`, `input_size`, `crop_pct`,
+`interpolation`, `mean`, `std`) as JSON: ONNX metadata property `convnext`, or the extra file
+`convnext.json` inside a TorchScript / torch.export archive. The model is fused for inference
+first (`fuse_for_inference`: fewer nodes, same logits) and exported with a dynamic batch size and,
+for ONNX and torch.export, a dynamic image size (height and width >= 64; TorchScript's trace is
+shape-generic too). Exported files are programs: load only files you trust.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .eval.predict import InferenceInfo
+
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "torch-export": ".pt2"}
+BACKENDS = {"onnxruntime": "onnx", "torchscript": "torchscript", "torch-export": "torch-export"}
+MIN_SIZE = 64  # smallest dynamic height/width (torch.export specialises stage outputs of size 1)
+_META = "convnext.json"
+
+
+def _dynamic_shapes(size: bool) -> dict:
+    from torch.export import Dim
+
+    dims = {0: Dim("batch", min=1, max=4096)}
+    if size:
+        dims |= {2: Dim("height", min=MIN_SIZE, max=8192), 3: Dim("width", min=MIN_SIZE, max=8192)}
+    return {"x": dims}
+
+
+def export_model(model: nn.Module, info: InferenceInfo, path: str | os.PathLike, fmt: str, *,
+                 dynamic_size: bool = True, opset: int | None = None) -> Path:
+    """Write `model` (a ConvNeXt) in format `fmt` to `path` atomically; returns the path."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    path = Path(path)
+    if fmt == "torch-export" and path.suffix != ".pt2":
+        raise ValueError(f"torch.export archives must end in .pt2, got {path.name}")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"output folder does not exist: {path.parent}")
+    model = copy.deepcopy(model).float().fuse_for_inference()
+    size = max(info.input_size, MIN_SIZE) if dynamic_size else info.input_size
+    example = torch.randn(2, model.cfg.in_chans, size, size)
+    meta = json.dumps(asdict(info) | {"format": fmt, "dynamic_size": dynamic_size})
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.tmp", suffix=path.suffix)
+    os.close(fd)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # exporters' deprecation/progress chatter
+            if fmt == "onnx":
+                _export_onnx(model, example, tmp, meta, dynamic_size, opset)
+            elif fmt == "torchscript":
+                traced = torch.jit.freeze(torch.jit.trace(model, example))
+                torch.jit.save(traced, tmp, _extra_files={_META: meta})
+            else:
+                program = torch.export.export(model, (example,), dynamic_shapes=_dynamic_shapes(dynamic_size))
+                torch.export.save(program, tmp, extra_files={_META: meta})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _export_onnx(model: nn.Module, example: torch.Tensor, tmp: str, meta: str, dynamic_size: bool,
+                 opset: int | None) -> None:
+    try:
+        import onnx
+    except ImportError as e:
+        raise ValueError("ONNX export needs the onnx and onnxscript packages: pip install 'convnext[deploy]'") from e
+    import contextlib
+    import io
+    import logging
+
+    for name in ("onnxscript", "onnx_ir", "torch.onnx"):  # their INFO chatter under our CLI's logging
+        logging.getLogger(name).setLevel(logging.WARNING)
+    with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its progress
+        program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=_dynamic_shapes(dynamic_size),
+                                    input_names=["images"], output_names=["logits"], opset_version=opset)
+    proto = program.model_proto
+    proto.metadata_props.add(key="convnext", value=meta)
+    onnx.save_model(proto, tmp)  # weights inline: one file (< 2 GB; convnextv2_huge is 2.6 GB in fp32)
+
+
+def read_export_metadata(path: str | os.PathLike) -> tuple[str, InferenceInfo]:
+    """(format, preprocessing) of an exported file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"exported model not found: {path}")
+    if path.suffix == ".onnx":
+        import onnx
+
+        props = {p.key: p.value for p in onnx.load_model(str(path), load_external_data=False).metadata_props}
+        raw = props.get("convnext")
+    else:
+        import zipfile
+
+        if not zipfile.is_zipfile(path):
+            raise ValueError(f"{path}: not a TorchScript or torch.export archive (export one with `convnext export`)")
+        with zipfile.ZipFile(path) as z:
+            names = [n for n in z.namelist() if n.endswith(f"/{_META}") or n.endswith(f"extra/{_META}")
+                     or n.split("/")[-1] == _META]
+            raw = z.read(names[0]).decode() if names else None
+    if raw is None:
+        raise ValueError(f"{path}: no convnext metadata; export the model with `convnext export`")
+    meta = json.loads(raw)
+    fmt = meta.pop("format")
+    meta.pop("dynamic_size", None)
+    return fmt, InferenceInfo(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta.items()})
+
+
+class ExportedModel:
+    """An exported model as a callable: (N, C, H, W) float tensor -> (N, classes) logits tensor."""
+
+    def __init__(self, path: str | os.PathLike, backend: str, threads: int | None = None) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of torch, {', '.join(BACKENDS)}")
+        fmt, self.info = read_export_metadata(path)
+        if BACKENDS[backend] != fmt:
+            raise ValueError(f"{path} is a {fmt} export; backend {backend} needs a {BACKENDS[backend]} export")
+        self.backend = backend
+        if backend == "onnxruntime":
+            import onnxruntime as ort
+
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = threads or torch.get_num_threads()
+            self._session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        elif backend == "torchscript":
+            self._module = torch.jit.load(str(path), map_location="cpu")
+        else:
+            self._module = torch.export.load(str(path)).module()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "onnxruntime":
+            return torch.from_numpy(self._session.run(None, {"images": x.float().contiguous().numpy()})[0])
+        with torch.no_grad():
+            return self._module(x)
