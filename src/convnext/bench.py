@@ -103,8 +103,8 @@ def build(spec: Spec, state_dict: dict[str, torch.Tensor] | None, workdir: str) 
         path = os.path.join(workdir, f"{spec.model}.onnx")
         if not os.path.exists(path):
             model = _build_module(Spec(**{**spec.__dict__, "library": "convnext"}), state_dict)
-            export_model(model, InferenceInfo(spec.model, [str(i) for i in range(1000)]), path, "onnx",
-                         dynamic_size=False)
+            info = InferenceInfo(spec.model, [str(i) for i in range(1000)], input_size=spec.input_size)
+            export_model(model, info, path, "onnx", dynamic_size=False)
         runner = ExportedModel(path, "onnxruntime", threads=spec.threads)
         return lambda: runner(x)
 

@@ -188,7 +188,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     res = run(args.model, args.batch_size, args.input_size, args.mode, args.precision, compare, args.repeats,
               args.warmup, args.device, args.threads, args.compile, memory=not args.no_memory,
               progress=args.json != "-")
-    res["command"] = "convnext " + " ".join(args.argv if args.argv is not None else sys.argv[2:])
+    res["command"] = "convnext " + " ".join(args.argv if args.argv is not None else sys.argv[1:])
     if args.json != "-":
         print(format_table(res))
     if args.json:

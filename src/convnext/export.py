@@ -116,7 +116,7 @@ def read_export_metadata(path: str | os.PathLike) -> tuple[str, InferenceInfo]:
     meta = json.loads(raw)
     fmt = meta.pop("format")
     meta.pop("dynamic_size", None)
-    return fmt, InferenceInfo(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta.items()})
+    return fmt, InferenceInfo(**{k: tuple(v) if k in ("mean", "std") else v for k, v in meta.items()})
 
 
 class ExportedModel:

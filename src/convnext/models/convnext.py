@@ -5,9 +5,12 @@ Reading order, as in the papers: `Block` (dw 7x7 -> LN -> Linear 4C -> GELU [-> 
 `ConvNeXt` (4x4/4 patchify stem + LN, four stages, head = global mean pool -> LN -> Linear), and
 `ConvNeXtIsotropic` (16x16 patchify stem, one constant-width stack of blocks; paper section 3.3).
 
-The pointwise MLP uses `nn.Linear` on channels-last (N, H, W, C) tensors, as the official code does
-("slightly faster in PyTorch" than 1x1 convs); checkpoints of timm's 1x1-conv variants load by
-reshaping. V1 and V2 differ only in `use_grn` and `ls_init_value`, so they share every class.
+The pointwise MLP uses `nn.Linear` parameters on channels-last (N, H, W, C) tensors, as the official
+code does; checkpoints of timm's 1x1-conv variants load by reshaping. The forward computes the same
+function as the official block, faster: activations stay channels-last after the stem (the NHWC
+view is free), LayerScale is folded into `pwconv2`, and on CPU the Linears run through oneDNN with
+the bias, GELU and residual add fused (`layers.linear`). V1 and V2 differ only in `use_grn` and
+`ls_init_value`, so they share every class.
 """
 
 from __future__ import annotations
@@ -17,10 +20,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from .layers import GRN, DepthwiseConv2d, DropPath, LayerNorm, LayerNorm2d
+from .layers import GRN, DepthwiseConv2d, DropPath, LayerNorm, LayerNorm2d, linear
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -78,21 +80,6 @@ class ConvNeXtIsotropicConfig:
         _check(0.0 <= self.drop_path_rate < 1.0, f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
 
 
-def _onednn_inference(x: torch.Tensor) -> bool:
-    """True for eager fp32 CPU inference, where oneDNN's fused Linear+GELU / Linear+add kernels apply.
-
-    They compute the same function as the reference ops (tests: max |diff| <= 1e-5) but fuse the
-    bias, GELU and residual add into the GEMM and avoid MKL's slow sgemm path for small widths.
-    Tracing, scripting, compiling and exporting take the reference ops, which every backend knows.
-    """
-    return (_HAS_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing()
-            and not torch.compiler.is_compiling())
-
-
-_HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
 class Block(nn.Module):
     """ConvNeXt block: (N, C, H, W) -> (N, C, H, W)."""
 
@@ -102,7 +89,6 @@ class Block(nn.Module):
         self.dwconv = DepthwiseConv2d(dim, kernel_size=7)  # 7x7 depthwise: the spatial mixing, like attention
         self.norm = LayerNorm(dim, eps=eps)
         self.pwconv1 = nn.Linear(dim, 4 * dim)  # inverted bottleneck, expansion 4 like a Transformer MLP
-        self.act = nn.GELU()  # exact (erf) GELU, as the official code
         self.grn = GRN(4 * dim) if use_grn else nn.Identity()
         self.pwconv2 = nn.Linear(4 * dim, dim)
         # LayerScale: a per-channel gain that starts near zero so deep stacks start near identity.
@@ -112,18 +98,14 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
         x = self.dwconv(x).permute(0, 2, 3, 1)  # (N, H, W, C), a free view of channels-last memory
-        x = self.norm(x)
+        x = linear(self.norm(x), self.pwconv1.weight, self.pwconv1.bias, gelu=True)  # exact (erf) GELU
+        x = self.grn(x)
         w2, b2 = self.pwconv2.weight, self.pwconv2.bias
         if self.gamma is not None:  # LayerScale folded into the last Linear: g*(Wx + b) = (gW)x + gb
             w2, b2 = self.gamma[:, None] * w2, self.gamma * b2
-        if not self.training and _onednn_inference(x):
-            x = torch.ops.mkldnn._linear_pointwise(x, self.pwconv1.weight, self.pwconv1.bias, "gelu", [], "none")
-            x = self.grn(x)
-            shortcut = shortcut.permute(0, 2, 3, 1).contiguous()
-            return torch.ops.mkldnn._linear_pointwise.binary(x, shortcut, w2, b2, "add").permute(0, 3, 1, 2)
-        x = self.grn(self.act(self.pwconv1(x)))
-        x = F.linear(x, w2, b2).permute(0, 3, 1, 2)  # (N, C, H, W)
-        return shortcut + self.drop_path(x)
+        if self.drop_path.p > 0 and self.training:
+            return shortcut + self.drop_path(linear(x, w2, b2).permute(0, 3, 1, 2))
+        return linear(x, w2, b2, residual=shortcut.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (N, C, H, W)
 
     @torch.no_grad()
     def fuse_for_inference(self) -> None:

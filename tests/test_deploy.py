@@ -1,0 +1,91 @@
+"""Deployment: exported ONNX / TorchScript / torch.export programs give eager PyTorch's logits."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import convnext
+from convnext.eval.predict import InferenceInfo
+from convnext.export import ExportedModel, export_model, read_export_metadata
+from convnext.models import ConvNeXt, ConvNeXtConfig
+from convnext.weights import save_checkpoint
+
+from helpers import perturb
+
+pytest.importorskip("onnxruntime", reason="deployment extra: pip install -e '.[test]'")
+
+# Small V1 and V2 models (real blocks, 4 stages, few of them) keep exports fast.
+CONFIGS = {
+    "v1": ConvNeXtConfig(depths=(1, 1, 2, 1), dims=(16, 32, 64, 128), num_classes=7),
+    "v2": ConvNeXtConfig(depths=(1, 1, 2, 1), dims=(16, 32, 64, 128), num_classes=7, use_grn=True,
+                         ls_init_value=None),
+}
+BACKEND = {"onnx": "onnxruntime", "torchscript": "torchscript", "torch-export": "torch-export"}
+SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "torch-export": ".pt2"}
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript", "torch-export"])
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_exported_logits_match_eager_at_two_batch_and_image_sizes(fmt, version, tmp_path):
+    model = perturb(ConvNeXt(CONFIGS[version]))
+    info = InferenceInfo(model_name=f"test_{version}", classes=list("abcdefg"), input_size=64, crop_pct=0.9,
+                         mean=(0.1, 0.2, 0.3), std=(0.5, 0.6, 0.7))
+    path = export_model(model, info, tmp_path / f"m{SUFFIX[fmt]}", fmt)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
+    runner = ExportedModel(path, BACKEND[fmt])
+    assert runner.info == info  # preprocessing travels inside the file
+    for batch, size in [(1, 64), (3, 96)]:  # neither is the export example's batch of 2
+        x = torch.randn(batch, 3, size, size)
+        with torch.no_grad():
+            want = model(x)
+        got = runner(x)
+        assert got.shape == (batch, 7)
+        assert (got - want).abs().max().item() <= 1e-4
+
+
+def test_export_errors_are_clear(tmp_path):
+    model, info = ConvNeXt(CONFIGS["v1"]), InferenceInfo("m", list("abcdefg"))
+    with pytest.raises(ValueError, match="unknown export format"):
+        export_model(model, info, tmp_path / "m.x", "tflite")
+    with pytest.raises(ValueError, match=r"\.pt2"):
+        export_model(model, info, tmp_path / "m.pt", "torch-export")
+    path = export_model(model, info, tmp_path / "m.pt", "torchscript", dynamic_size=False)
+    with pytest.raises(ValueError, match="torchscript export; backend onnxruntime needs a onnx"):
+        ExportedModel(path, "onnxruntime")
+    (tmp_path / "plain.pt").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="not a TorchScript or torch.export archive"):
+        read_export_metadata(tmp_path / "plain.pt")
+
+
+def test_cli_export_then_predict_with_onnxruntime(tmp_path):
+    from PIL import Image
+
+    model = perturb(convnext.create_model("convnext_atto", num_classes=3))
+    classes = ["cat", "dog", "fox"]
+    ckpt = tmp_path / "best.safetensors"
+    save_checkpoint(model, ckpt, extra_metadata={"classes": json.dumps(classes), "preprocess": json.dumps(
+        {"input_size": 64, "crop_pct": 1.0, "interpolation": "bilinear"})})
+    for i in range(3):
+        Image.fromarray((torch.rand(80, 90, 3) * 255).byte().numpy()).save(tmp_path / f"img{i}.png")
+
+    def cli(*args):
+        r = subprocess.run([sys.executable, "-m", "convnext", *map(str, args)], capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    out = cli("export", "--checkpoint", ckpt, "--format", "onnx", "--output", tmp_path / "m.onnx")
+    assert "dynamic batch and image size" in out
+    images = [tmp_path / f"img{i}.png" for i in range(3)]
+    via_ort = json.loads(cli("predict", *images, "--checkpoint", tmp_path / "m.onnx", "--backend", "onnxruntime",
+                             "--json"))
+    via_torch = json.loads(cli("predict", *images, "--checkpoint", ckpt, "--json"))
+    assert [r["path"] for r in via_ort] == [str(p) for p in images]
+    for a, b in zip(via_ort, via_torch):
+        assert [c for c, _ in a["top"]] == [c for c, _ in b["top"]]
+        assert all(abs(pa - pb) <= 1e-4 for (_, pa), (_, pb) in zip(a["top"], b["top"]))
+    with pytest.raises(ValueError, match="convnext export"):  # a checkpoint is not an exported program
+        ExportedModel(ckpt, "onnxruntime")
