@@ -203,9 +203,9 @@ def matmul_peak(device: str, precision: str, reps: int = 5) -> tuple[float, str]
     for n in sizes:
         a = torch.randn(n, n, device=device).to(dtype)
         b = torch.randn(n, n, device=device).to(dtype)
-        cands = {"torch.mm": lambda: torch.mm(a, b)}
+        cands = {"torch.mm": lambda a=a, b=b: torch.mm(a, b)}
         if device == "cpu" and dtype == torch.float32 and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
-            cands["oneDNN linear"] = lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "none")
+            cands["oneDNN linear"] = lambda a=a, b=b: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "none")
         for name, f in cands.items():
             f()
             ts = []

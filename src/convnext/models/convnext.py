@@ -217,8 +217,9 @@ class _Base(nn.Module):
     def fuse_for_inference(self) -> _Base:
         """Fold every block's LN affine, LayerScale and GRN beta into its Linears; returns self in eval mode.
 
-        The fused model computes the same logits (fp32, |diff| <= 1e-4) with fewer element-wise
-        passes. It is one-way: its state dict no longer matches the checkpoint layout and it
+        The fused model computes the same logits (fp32, |diff| <= 1e-4) with fewer parameters and
+        graph nodes (what `convnext export` writes); in eager CPU inference the default forward
+        already folds LayerScale per call, so the gain there is small (benchmarks/). It is one-way: its state dict no longer matches the checkpoint layout and it
         refuses `train()`; keep (or reload) the unfused model to train or save checkpoints.
         """
         for m in self.modules():
