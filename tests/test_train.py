@@ -286,3 +286,16 @@ def test_resume_refuses_another_run(fmnist, tmp_path):
     with pytest.raises(ValueError, match="use another --output"):
         fit(TrainConfig(**{**FAST, "data": str(fmnist), "output": str(tmp_path / "r"), "epochs": 2,
                            "model": "convnextv2_atto", "resume": "auto"}))
+
+
+def test_demo_runs_train_eval_predict_end_to_end(fmnist, tmp_path, monkeypatch, capsys):
+    """The main job's own code path (recipe, training, eval, predict, summary) on the small slice."""
+    import convnext.data.fashion_mnist as fm
+    from convnext.cli import main
+
+    monkeypatch.setattr(fm, "prepare", lambda root: fmnist)
+    assert main(["demo", "--output", str(tmp_path / "demo"), "--epochs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "== evaluate" in out and "== predict" in out and "demo result: convnext_atto reached" in out
+    assert (tmp_path / "demo" / "train" / "confusion_matrix.png").stat().st_size > 0
+    assert any(ln.endswith("%") and ".png: " in ln for ln in out.splitlines())  # a top-3 prediction line

@@ -227,7 +227,8 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     data = prepare(out / "data")
     recipe = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
     values = load_yaml(recipe) | {"data": str(data), "output": str(out / "train")}
-    if args.epochs:
+    if args.epochs:  # keep the recipe's warm-up share of the schedule (1 of 6 epochs)
+        values["warmup_epochs"] = values.get("warmup_epochs", 0) * args.epochs / values["epochs"]
         values["epochs"] = args.epochs
     cfg = TrainConfig(**values)
     print(f"demo: training {cfg.model} on Fashion-MNIST ({data}) with {recipe.name}, {cfg.epochs} epochs")
@@ -235,12 +236,12 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     train_min = (time.perf_counter() - t0) / 60
     best = out / "train" / "best.safetensors"
     print(f"\n== evaluate {best}")
-    _cmd_eval(argparse.Namespace(checkpoint=str(best), key=None, data=str(data), batch_size=256, workers=0,
-                                 precision="fp32", output=str(out / "train"), json=False))
+    parser = build_parser()  # the same arguments and defaults as typing the commands
+    _cmd_eval(parser.parse_args(["eval", "--checkpoint", str(best), "--data", str(data), "--batch-size", "256",
+                                 "--output", str(out / "train")]))
     samples = sorted((data / "val").glob("*/*.png"))[::1000][:5]
     print("\n== predict")
-    _cmd_predict(argparse.Namespace(checkpoint=str(best), key=None, images=[str(s) for s in samples], topk=3,
-                                    json=False, csv=False))
+    _cmd_predict(parser.parse_args(["predict", *map(str, samples), "--checkpoint", str(best), "--topk", "3"]))
     cpu = platform.processor() or platform.machine()
     try:
         cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))

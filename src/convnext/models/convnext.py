@@ -8,9 +8,9 @@ Reading order, as in the papers: `Block` (dw 7x7 -> LN -> Linear 4C -> GELU [-> 
 The pointwise MLP uses `nn.Linear` parameters on channels-last (N, H, W, C) tensors, as the official
 code does; checkpoints of timm's 1x1-conv variants load by reshaping. The forward computes the same
 function as the official block, faster: activations stay channels-last after the stem (the NHWC
-view is free), LayerScale is folded into `pwconv2`, and on CPU the Linears run through oneDNN with
-the bias, GELU and residual add fused (`layers.linear`). V1 and V2 differ only in `use_grn` and
-`ls_init_value`, so they share every class.
+view is free), LayerScale is folded into `pwconv2`, and in CPU inference the Linears run through
+oneDNN with the bias, GELU and residual add fused (`layers.linear`). V1 and V2 differ only in
+`use_grn` and `ls_init_value`, so they share every class.
 """
 
 from __future__ import annotations
