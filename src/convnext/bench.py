@@ -250,11 +250,15 @@ def count_flops(model_name: str, batch_size: int, input_size: int, mode: str) ->
     return counter.get_total_flops() * (1 if mode == "infer" else 3)
 
 
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what `platform` knows."""
     with contextlib.suppress(OSError, StopIteration):
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+        return next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    info = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "native_bf16": _native_low_precision(torch.bfloat16)}
     if torch.cuda.is_available():

@@ -215,7 +215,6 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
-    import platform
     import time
 
     from .data.fashion_mnist import prepare
@@ -242,11 +241,9 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     samples = sorted((data / "val").glob("*/*.png"))[::1000][:5]
     print("\n== predict")
     _cmd_predict(parser.parse_args(["predict", *map(str, samples), "--checkpoint", str(best), "--topk", "3"]))
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    from .bench import cpu_name
+
+    cpu = cpu_name()
     print(f"\ndemo result: {cfg.model} reached {summary['val_acc1']:.2f}% top-1 (best {summary['best_acc1']:.2f}%) on "
           f"the 10,000 Fashion-MNIST test images in {train_min:.1f} min (data + training) on "
           f"{os.cpu_count()} CPU cores ({cpu}), "

@@ -108,8 +108,7 @@ def read_export_metadata(path: str | os.PathLike) -> tuple[str, InferenceInfo]:
         if not zipfile.is_zipfile(path):
             raise ValueError(f"{path}: not a TorchScript or torch.export archive (export one with `convnext export`)")
         with zipfile.ZipFile(path) as z:
-            names = [n for n in z.namelist() if n.endswith(f"/{_META}") or n.endswith(f"extra/{_META}")
-                     or n.split("/")[-1] == _META]
+            names = [n for n in z.namelist() if n.rsplit("/", 1)[-1] == _META]
             raw = z.read(names[0]).decode() if names else None
     if raw is None:
         raise ValueError(f"{path}: no convnext metadata; export the model with `convnext export`")
