@@ -12,9 +12,9 @@ from convnext import bench
 def test_bench_infer_against_timm_and_onnxruntime():
     pytest.importorskip("timm")
     pytest.importorskip("onnxruntime")
-    res = bench.run("convnext_atto", batch_size=2, input_size=64, mode="infer",
-                    compare=("timm", "torchvision", "onnxruntime"), repeats=3, warmup=1, device="cpu",
-                    threads=1, memory=False, progress=False)
+    res = bench.run(bench.BenchOptions("convnext_atto", batch_size=2, input_size=64, mode="infer",
+                                       compare=("timm", "torchvision", "onnxruntime"), repeats=3, warmup=1,
+                                       device="cpu", threads=1, memory=False, progress=False))
     names = [r["candidate"] for r in res["results"]]
     assert names == ["convnext (nchw)", "convnext+fused (nchw)", "timm (nchw)", "timm (channels_last)",
                      "onnxruntime+onnx (nchw)"]

@@ -9,6 +9,7 @@ from PIL import Image
 from convnext.data import (DataError, ImageFolder, check_same_classes, eval_transform, load_rgb, mixup_cutmix,
                            parse_aa, train_transform)
 from convnext.data.transforms import RandAugment
+from convnext.preprocess import Preprocess
 
 
 def make_bad_folder(root):
@@ -54,7 +55,7 @@ def test_decoding_every_mode_correctly(tmp_path):
 
 def test_dataset_marks_bad_images_instead_of_crashing(tmp_path):
     make_bad_folder(tmp_path / "train")
-    ds = ImageFolder(tmp_path / "train", transform=eval_transform(32, crop_pct=1.0))
+    ds = ImageFolder(tmp_path / "train", transform=eval_transform(Preprocess(32, crop_pct=1.0)))
     out = {ds.samples[i][0].rsplit("/", 1)[1]: ds[(0, i)] for i in range(len(ds))}
     for bad in ("truncated.jpg", "empty.png", "text.jpg"):
         assert out[bad][0] is None
@@ -125,10 +126,10 @@ def test_randaugment_spec():
 def test_eval_transform_crop_pct_and_no_crop_at_384():
     img = Image.new("RGB", (400, 300), (0, 0, 0))
     img.paste((255, 255, 255), (0, 0, 400, 10))  # white band along the top edge
-    x = eval_transform(224, crop_pct=0.875)(img)
+    x = eval_transform(Preprocess(224, crop_pct=0.875))(img)
     assert x.shape == (3, 224, 224)
     assert x[:, :2].mean() < 0  # resize 256 + center crop cuts the top band away
-    y = eval_transform(384)(img)
+    y = eval_transform(Preprocess(384))(img)
     assert y.shape == (3, 384, 384) and y[:, :4].mean() > 1  # whole image squashed, band kept
 
 

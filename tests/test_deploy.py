@@ -9,6 +9,7 @@ import torch
 
 import convnext
 from convnext.eval.predict import InferenceInfo, load_for_inference, predict
+from convnext.preprocess import Preprocess
 from convnext.export import ExportedModel, export_model, read_export_metadata
 from convnext.models import ConvNeXt, ConvNeXtConfig
 from convnext.weights import save_checkpoint
@@ -31,8 +32,8 @@ SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "torch-export": ".pt2"}
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_exported_logits_match_eager_at_two_batch_and_image_sizes(fmt, version, tmp_path):
     model = perturb(ConvNeXt(CONFIGS[version]))
-    info = InferenceInfo(model_name=f"test_{version}", classes=list("abcdefg"), input_size=64, crop_pct=0.9,
-                         mean=(0.1, 0.2, 0.3), std=(0.5, 0.6, 0.7))
+    info = InferenceInfo(model_name=f"test_{version}", classes=list("abcdefg"), preprocess=Preprocess(
+        input_size=64, crop_pct=0.9, mean=(0.1, 0.2, 0.3), std=(0.5, 0.6, 0.7)))
     path = export_model(model, info, tmp_path / f"m{SUFFIX[fmt]}", fmt)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
     runner = ExportedModel(path, BACKEND[fmt])

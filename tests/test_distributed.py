@@ -57,11 +57,12 @@ def _eval_worker(rank, world, store, root, out):
     import convnext
     from convnext.data import ImageFolder, ShardSampler, collate, eval_transform
     from convnext.eval import evaluate
+    from convnext.preprocess import Preprocess
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     torch.manual_seed(0)
     model = convnext.create_model("convnext_atto", num_classes=10)
-    ds = ImageFolder(root, transform=eval_transform(32, crop_pct=1.0))
+    ds = ImageFolder(root, transform=eval_transform(Preprocess(32, crop_pct=1.0)))
     loader = DataLoader(ds, batch_size=8, sampler=ShardSampler(len(ds), rank, world), collate_fn=collate)
     res = evaluate(model, loader, torch.device("cpu"), 10)
     if rank == 0:

@@ -141,7 +141,7 @@ def test_pretrained_table_is_complete():
     for tag, w in PRETRAINED.items():
         assert tag.split(".")[0] in convnext.list_models(), tag
         assert w.url.startswith("https://") and w.num_classes in (0, 1000, 21841)
-        assert 0 < w.crop_pct <= 1 and w.input_size in (224, 384, 512) and w.license
+        assert 0 < w.preprocess.crop_pct <= 1 and w.preprocess.input_size in (224, 384, 512) and w.license
         assert (w.num_classes == 21841) == ("in22k" in tag and "ft" not in tag)
     assert PRETRAINED["convnext_tiny.tv_in1k"].sha256 == "983f1562"
     assert PRETRAINED["convnext_tiny.fb_in1k"].top1 == 82.1 and PRETRAINED["convnextv2_huge.fcmae_ft_in22k_in1k_512"].top1 == 88.9
@@ -210,7 +210,7 @@ def test_pretrained_tag_uses_the_cache(tmp_path, monkeypatch):
                         type(info)(**{**info.__dict__, "sha256": sha256_file(path)}))
     m = convnext.create_model("convnext_atto.d2_in1k", pretrained=True)
     assert torch.equal(m.stem.conv.weight, src.stem.conv.weight)
-    assert m.pretrained_cfg.crop_pct == 0.875
+    assert m.pretrained_cfg.preprocess.crop_pct == 0.875
 
 
 def test_unknown_tag_suggests(tmp_path):

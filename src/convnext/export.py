@@ -11,17 +11,19 @@ shape-generic too). Exported files are programs: load only files you trust.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import tempfile
 import warnings
-from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from .eval.predict import InferenceInfo
+if TYPE_CHECKING:
+    from .eval.predict import InferenceInfo
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "torch-export": ".pt2"}
 BACKENDS = {"onnxruntime": "onnx", "torchscript": "torchscript", "torch-export": "torch-export"}
@@ -49,9 +51,10 @@ def export_model(model: nn.Module, info: InferenceInfo, path: str | os.PathLike,
     if not path.parent.is_dir():
         raise FileNotFoundError(f"output folder does not exist: {path.parent}")
     model = copy.deepcopy(model).float().fuse_for_inference()
-    size = max(info.input_size, MIN_SIZE) if dynamic_size else info.input_size
+    input_size = info.preprocess.input_size
+    size = max(input_size, MIN_SIZE) if dynamic_size else input_size
     example = torch.randn(2, model.cfg.in_chans, size, size)
-    meta = json.dumps(asdict(info) | {"format": fmt, "dynamic_size": dynamic_size})
+    meta = json.dumps(info.to_dict() | {"format": fmt, "dynamic_size": dynamic_size})
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.tmp", suffix=path.suffix)
     os.close(fd)
     try:
@@ -112,10 +115,23 @@ def read_export_metadata(path: str | os.PathLike) -> tuple[str, InferenceInfo]:
             raw = z.read(names[0]).decode() if names else None
     if raw is None:
         raise ValueError(f"{path}: no convnext metadata; export the model with `convnext export`")
+    from .eval.predict import InferenceInfo
+
     meta = json.loads(raw)
-    fmt = meta.pop("format")
-    meta.pop("dynamic_size", None)
-    return fmt, InferenceInfo(**{k: tuple(v) if k in ("mean", "std") else v for k, v in meta.items()})
+    return meta["format"], InferenceInfo.from_dict(meta)
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, fmt: str, output: str | os.PathLike | None = None, *,
+                      key: str | None = None, input_size: int | None = None, dynamic_size: bool = True
+                      ) -> tuple[Path, InferenceInfo]:
+    """`convnext export`: a checkpoint (ours or any supported layout) -> an exported file with its preprocessing."""
+    from .eval.predict import load_for_inference
+
+    out = Path(output) if output else Path(checkpoint).with_suffix(FORMATS[fmt])
+    model, info = load_for_inference(checkpoint, key=key)
+    if input_size:
+        info = dataclasses.replace(info, preprocess=dataclasses.replace(info.preprocess, input_size=input_size))
+    return export_model(model, info, out, fmt, dynamic_size=dynamic_size), info
 
 
 class ExportedModel:

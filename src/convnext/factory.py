@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from .models import MODELS
@@ -73,7 +74,7 @@ def _resolve_pretrained(arch: str, tag: str, pretrained: Any
             if not tags:
                 raise ValueError(f"no pretrained weights are published for {arch}; pass a checkpoint path instead")
             pretrained = next((t for t in tags if PRETRAINED[t].num_classes == 1000
-                               and PRETRAINED[t].input_size == 224), tags[0])
+                               and PRETRAINED[t].preprocess.input_size == 224), tags[0])
     if isinstance(pretrained, str) and pretrained in PRETRAINED:
         if pretrained.split(".", 1)[0] != arch:
             raise ValueError(f"weights {pretrained!r} are for {pretrained.split('.', 1)[0]}, not {arch}")
@@ -107,6 +108,8 @@ def create_model(name: str, *, pretrained: bool | str | os.PathLike = False, num
     arch, _, tag = name.partition(".")
     check_model_name(arch)
     cls, base = MODELS[arch]
+    if features_only and not hasattr(base, "depths"):
+        raise ValueError(f"features_only needs a hierarchical ConvNeXt; {arch} is isotropic (one scale)")
     valid = {f.name for f in dataclasses.fields(base)}
     bad = sorted(set(overrides) - valid)
     if bad:
@@ -134,10 +137,46 @@ def create_model(name: str, *, pretrained: bool | str | os.PathLike = False, num
     fields.update(num_classes=1000 if num_classes is None else num_classes, in_chans=in_chans,
                   drop_path_rate=drop_path_rate, **overrides)
     cfg = type(base)(**fields)
-    model = cls(cfg, features_only=features_only, out_indices=out_indices)
+    model = cls(cfg, features_only=features_only, out_indices=out_indices) if hasattr(cfg, "depths") else cls(cfg)
     model.model_name = arch
     model.pretrained_cfg = info
     if sd is not None:
         load_state_dict_into(model, sd, adapt=True, allow_missing_head=fmt == "fcmae")
         logger.debug("loaded %s weights from %s", fmt, path if isinstance(path, Path) else "state dict")
     return model
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSummary:
+    name: str
+    architecture: str  # class name
+    config: dict[str, Any]
+    params: int  # with the default 1000-class head
+    macs: int  # multiply-accumulates at `input_size` (the papers' "FLOPs")
+    input_size: int
+    weights: list[str]  # published weight tags
+
+
+def describe_model(name: str, input_size: int = 224) -> ModelSummary:
+    """Parameters, multiply-accumulates and published weights of a registered model (counted on `meta`)."""
+    from .models.flops import count_macs, count_params
+
+    name = check_model_name(name.split(".", 1)[0])
+    with torch.device("meta"):  # shapes only: counts without allocating weights
+        model = create_model(name)
+        params, macs = count_params(model), count_macs(model, input_size)
+    return ModelSummary(name, type(model).__name__, dataclasses.asdict(model.cfg), params, macs, input_size,
+                        list_pretrained(name))
+
+
+def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, to: str = "ours", key: str | None = None,
+                       model: str | None = None) -> tuple[str, str]:
+    """`convnext convert`: any supported checkpoint -> safetensors in layout `to`; returns (source format, model)."""
+    from .weights import read_checkpoint, save_checkpoint, to_ours, unwrap
+
+    obj, _ = read_checkpoint(src)
+    state_dict = unwrap(obj, key)
+    fmt, ours = to_ours(state_dict)
+    name = check_model_name(model) if model else infer_model_name(ours, src)
+    save_checkpoint(create_model(name, pretrained=state_dict), dst, fmt=to)
+    return fmt, name

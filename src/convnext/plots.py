@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
+
+from .utils import atomic_write
+
+# metrics.jsonl bookkeeping that is not a curve
+_NOT_PLOTTED = {"epoch", "lr", "step", "train_time_s", "train_img_s", "bad_images", "nan_skipped"}
 
 
 def _pyplot():
@@ -17,26 +21,20 @@ def _pyplot():
 
 
 def plot_curves(history: Sequence[dict], path: str | os.PathLike) -> None:
-    """Loss, accuracy and learning rate against epochs, one panel each."""
-    from .weights.io import atomic_write
-
+    """Losses, validation metrics and learning rate against epochs, one panel each (metrics.jsonl keys)."""
     plt = _pyplot()
-    ep = [h["epoch"] for h in history]
+    keys = list(dict.fromkeys(k for h in history for k in h if k not in _NOT_PLOTTED))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    axes[0].plot(ep, [h["train_loss"] for h in history], "o-", label="train")
-    if any("val_loss" in h for h in history):
-        axes[0].plot([h["epoch"] for h in history if "val_loss" in h],
-                     [h["val_loss"] for h in history if "val_loss" in h], "o-", label="val")
+    for ax, group in ((axes[0], [k for k in keys if "loss" in k]), (axes[1], [k for k in keys if "loss" not in k])):
+        for key in group:
+            pts = [(h["epoch"], h[key]) for h in history if key in h]
+            ax.plot(*zip(*pts), "o-", label=key)
+        if group:
+            ax.legend()
     axes[0].set(title="loss", xlabel="epoch")
-    for key, label in (("val_acc1", "top-1"), ("val_acc5", "top-5"), ("val_acc1_ema", "top-1 EMA")):
-        pts = [(h["epoch"], h[key]) for h in history if key in h]
-        if pts:
-            axes[1].plot(*zip(*pts), "o-", label=label)
-    axes[1].set(title="validation accuracy (%)", xlabel="epoch")
-    axes[2].plot(ep, [h["lr"] for h in history], "o-")
+    axes[1].set(title="validation metrics", xlabel="epoch")
+    axes[2].plot([h["epoch"] for h in history], [h["lr"] for h in history], "o-")
     axes[2].set(title="learning rate (end of epoch)", xlabel="epoch")
-    for ax in axes[:2]:
-        ax.legend()
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -46,8 +44,6 @@ def plot_curves(history: Sequence[dict], path: str | os.PathLike) -> None:
 
 def plot_confusion(confusion, classes: Sequence[str], path: str | os.PathLike, title: str = "") -> None:
     """Row-normalised confusion matrix (rows: true class) with counts annotated when small enough."""
-    from .weights.io import atomic_write
-
     plt = _pyplot()
     cm = confusion.double()
     norm = cm / cm.sum(1, keepdim=True).clamp(min=1)
@@ -65,6 +61,5 @@ def plot_confusion(confusion, classes: Sequence[str], path: str | os.PathLike, t
                             color="white" if norm[i, j] > 0.5 else "black")
     ax.set(xlabel="predicted", ylabel="true", title=title or "confusion matrix")
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -162,11 +163,22 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
-def collate(batch: list[tuple[Any, int, int]]) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, list[int]]:
-    """Stack the good samples; return the indices of unreadable ones separately."""
-    good = [b for b in batch if b[0] is not None]
-    bad = [b[2] for b in batch if b[0] is None]
+@dataclass
+class Batch:
+    """One loader batch, as every task's collate function delivers it to the training engine."""
+
+    inputs: Any  # what the model takes: an (N, C, H, W) tensor, a list of images (detection); None if empty
+    targets: Any = None  # labels, boxes/masks, pixel maps; None when self-supervised
+    indices: list[int] = field(default_factory=list)  # dataset indices of the samples in the batch
+    bad: list[int] = field(default_factory=list)  # dataset indices that could not be read (left out)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def collate(items: list[tuple[Any, int, int]]) -> Batch:
+    """Stack the good (image, class, index) samples; the indices of unreadable ones go to `bad`."""
+    good = [b for b in items if b[0] is not None]
     images = torch.stack([b[0] for b in good]) if good else None
     targets = torch.tensor([b[1] for b in good], dtype=torch.long)
-    indices = torch.tensor([b[2] for b in good], dtype=torch.long)
-    return images, targets, indices, bad
+    return Batch(images, targets, [b[2] for b in good], [b[2] for b in items if b[0] is None])

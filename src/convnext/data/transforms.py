@@ -9,8 +9,8 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+
 _INTERP = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR,
            "nearest": InterpolationMode.NEAREST}
 
@@ -80,19 +80,17 @@ def train_transform(input_size: int, *, scale: tuple[float, float] = (0.08, 1.0)
     return v2.Compose(ops)
 
 
-def eval_transform(input_size: int, *, crop_pct: float = 0.875, interpolation_name: str = "bicubic",
-                   mean=IMAGENET_MEAN, std=IMAGENET_STD) -> v2.Compose:
+def eval_transform(pre: Preprocess) -> v2.Compose:
     """Resize the shorter side to input/crop_pct and center-crop; at >= 384, resize to the square, no crop.
 
     The second branch is what the official ConvNeXt evaluation does for 384 fine-tunes.
     """
-    interp = interpolation(interpolation_name)
-    if input_size >= 384:
-        ops = [v2.Resize((input_size, input_size), interpolation=interp, antialias=True)]
+    interp, size = interpolation(pre.interpolation), pre.input_size
+    if size >= 384:
+        ops = [v2.Resize((size, size), interpolation=interp, antialias=True)]
     else:
-        ops = [v2.Resize(math.floor(input_size / crop_pct), interpolation=interp, antialias=True),
-               v2.CenterCrop(input_size)]
-    return v2.Compose([*ops, v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+        ops = [v2.Resize(math.floor(size / pre.crop_pct), interpolation=interp, antialias=True), v2.CenterCrop(size)]
+    return v2.Compose([*ops, v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(pre.mean, pre.std)])
 
 
 def mixup_cutmix(num_classes: int, *, mixup: float = 0.8, cutmix: float = 1.0, switch_prob: float = 0.5,

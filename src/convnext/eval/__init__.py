@@ -1,6 +1,9 @@
 """Evaluation (top-1/top-5, loss, per-class accuracy, confusion matrix) and prediction."""
 
-from .metrics import autocast, evaluate
-from .predict import load_for_inference, predict
+from .metrics import evaluate, evaluate_checkpoint, format_results
+from .predict import InferenceInfo, format_predictions, load_for_inference, predict, predict_files
 
-__all__ = ["autocast", "evaluate", "load_for_inference", "predict"]
+__all__ = [
+    "InferenceInfo", "evaluate", "evaluate_checkpoint", "format_predictions", "format_results", "load_for_inference",
+    "predict", "predict_files",
+]

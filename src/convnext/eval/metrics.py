@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -11,15 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from ..utils import autocast
+
 logger = logging.getLogger(__name__)
-
-
-def autocast(device: torch.device, precision: str):
-    """torch.autocast for bf16/fp16, a no-op context for fp32."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
 
 
 @torch.no_grad()
@@ -27,7 +22,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int, *
              channels_last: bool = False, progress: bool = False, desc: str = "eval", lockstep: bool = False) -> dict:
     """Loss, top-1/top-5 accuracy (%), per-class accuracy and the confusion matrix (rows: truth).
 
-    Works with a loader yielding `(images, targets, indices, bad)` (see `data.collate`); unreadable
+    Works with a loader yielding `data.Batch`es of images and class indices (`data.collate`); unreadable
     images are counted in `bad_images`, never in the accuracy. `lockstep` (sharded models, whose
     forward is collective) makes ranks with fewer batches run discarded dummy forwards until all
     ranks are done.
@@ -41,8 +36,9 @@ def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int, *
     if lockstep and distributed:
         dist.all_reduce(n_batches, op=dist.ReduceOp.MAX)
     shape = None
-    for images, targets, _, bad in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        sums[3] += len(bad)
+    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        images, targets = batch.inputs, batch.targets
+        sums[3] += len(batch.bad)
         if images is None:
             if lockstep and shape is not None:
                 model(torch.zeros((1, *shape), device=device))
@@ -78,3 +74,44 @@ def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int, *
         "per_class_acc": (100.0 * confusion.diag() / per_class_n).tolist(),
         "confusion": confusion.cpu(),
     }
+
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike, *, key: str | None = None,
+                        batch_size: int = 64, workers: int = 0, precision: str = "fp32",
+                        output: str | os.PathLike | None = None) -> dict:
+    """`convnext eval`: a checkpoint on an image folder (`<class>/*`, or a root holding `val/`).
+
+    Returns `evaluate`'s results plus `model_name`, `classes`, `root` and `confusion_png`, the
+    confusion-matrix plot written to `output` (default: beside the checkpoint).
+    """
+    from torch.utils.data import DataLoader
+
+    from ..data import ImageFolder, collate
+    from ..plots import plot_confusion
+    from .predict import load_for_inference
+
+    root = Path(data)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder not found: {root}")
+    root = root / "val" if (root / "val").is_dir() else root
+    model, info = load_for_inference(checkpoint, key=key)
+    dataset = ImageFolder(root, transform=info.transform(), classes=info.classes)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
+    res = evaluate(model, loader, torch.device("cpu"), len(info.classes), precision=precision, progress=True)
+    png = Path(output or Path(checkpoint).resolve().parent) / "confusion_matrix.png"
+    plot_confusion(res["confusion"], info.classes, png,
+                   title=f"{info.model_name}: top-1 {res['acc1']:.2f}% on {res['count']} images")
+    return res | {"model_name": info.model_name, "classes": info.classes, "root": str(dataset.root),
+                  "confusion_png": str(png)}
+
+
+def format_results(res: dict) -> str:
+    """`evaluate_checkpoint`'s results as the text `convnext eval` prints: totals, then per-class accuracy."""
+    lines = [f"{res['model_name']} on {res['root']}: {res['count']} images  top-1 {res['acc1']:.2f}%  "
+             f"top-5 {res['acc5']:.2f}%  loss {res['loss']:.4f}"
+             + (f"  ({res['bad_images']} unreadable skipped)" if res["bad_images"] else "")]
+    width = max(len(c) for c in res["classes"])
+    for c, acc, n in zip(res["classes"], res["per_class_acc"], res["confusion"].sum(1).tolist()):
+        lines.append(f"  {c:<{width}}  {acc:6.2f}%  ({n} images)")
+    lines.append(f"confusion matrix: {res['confusion_png']}")
+    return "\n".join(lines)

@@ -6,30 +6,35 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..data import IMG_EXTENSIONS, eval_transform, load_rgb
-from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..factory import create_model, infer_model_name
-from ..weights import CheckpointError, read_checkpoint, to_ours, unwrap
+from ..preprocess import Preprocess
+from ..weights import FORMAT_TAG, CheckpointError, read_checkpoint, to_ours, unwrap
 
 
 @dataclass
 class InferenceInfo:
+    """What a trained model needs besides its weights: its name, class names and preprocessing."""
+
     model_name: str
     classes: list[str]
-    input_size: int = 224
-    crop_pct: float = 0.875
-    interpolation: str = "bicubic"
-    mean: tuple = IMAGENET_MEAN
-    std: tuple = IMAGENET_STD
-    extra: dict = field(default_factory=dict)
+    preprocess: Preprocess = field(default_factory=Preprocess)
 
     def transform(self):
-        return eval_transform(self.input_size, crop_pct=self.crop_pct, interpolation_name=self.interpolation,
-                              mean=self.mean, std=self.std)
+        return eval_transform(self.preprocess)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat JSON (what exported files embed): model_name, classes and the preprocessing fields."""
+        return {"model_name": self.model_name, "classes": list(self.classes), **self.preprocess.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> InferenceInfo:
+        return cls(d["model_name"], list(d["classes"]), Preprocess.from_dict(d))
 
 
 def load_for_inference(path: str | os.PathLike, *, key: str | None = None) -> tuple[nn.Module, InferenceInfo]:
@@ -39,15 +44,14 @@ def load_for_inference(path: str | os.PathLike, *, key: str | None = None) -> tu
     other supported checkpoint (class names are then the indices, preprocessing the defaults).
     """
     obj, metadata = read_checkpoint(path)
-    if metadata.get("format") == "convnext":
+    if metadata.get("format") == FORMAT_TAG:
         name = metadata.get("model")
         pre = json.loads(metadata.get("preprocess", "{}"))
         classes = json.loads(metadata["classes"]) if "classes" in metadata else None
         sd = obj
     elif "config" in obj and "classes" in obj and "model" in obj:  # our training state
         name, classes = obj["model_name"], list(obj["classes"])
-        cfg = obj["config"]
-        pre = {"input_size": cfg["input_size"], "crop_pct": cfg["crop_pct"]}
+        pre = obj["config"]  # input_size, crop_pct (Preprocess takes its own keys)
         sd = obj["model_ema"] if key == "model_ema" and obj.get("model_ema") else obj["model"]
     else:
         name, classes, pre, sd = None, None, {}, unwrap(obj, key)
@@ -57,9 +61,7 @@ def load_for_inference(path: str | os.PathLike, *, key: str | None = None) -> tu
     classes = classes or [str(i) for i in range(model.num_classes)]
     if len(classes) != model.num_classes:
         raise CheckpointError(f"{path}: {len(classes)} class names for a {model.num_classes}-class model")
-    info = InferenceInfo(model_name=name, classes=classes, **{k: tuple(v) if isinstance(v, list) else v
-                                                              for k, v in pre.items()})
-    return model, info
+    return model, InferenceInfo(name, classes, Preprocess.from_dict(pre))
 
 
 def expand_images(inputs: list[str | os.PathLike]) -> list[Path]:
@@ -101,3 +103,37 @@ def predict(model: nn.Module, info: InferenceInfo, paths: list[Path], *, topk: i
                 results.append(row)
     order = {str(p): i for i, p in enumerate(paths)}
     return sorted(results, key=lambda r: order[r["path"]])
+
+
+def predict_files(checkpoint: str | os.PathLike, inputs: list[str | os.PathLike], *, backend: str = "torch",
+                  key: str | None = None, topk: int = 5) -> list[dict]:
+    """`convnext predict`: top-k classes of image files and folders with a checkpoint or an exported model."""
+    if backend == "torch":
+        model, info = load_for_inference(checkpoint, key=key)
+    else:
+        from ..export import ExportedModel
+
+        model = ExportedModel(checkpoint, backend)
+        info = model.info
+    return predict(model, info, expand_images(inputs), topk=topk)
+
+
+def format_predictions(results: list[dict], style: str = "text") -> str:
+    """Predictions as `convnext predict` prints them: "text", "json" or "csv"."""
+    if style == "json":
+        return json.dumps(results, indent=2)
+    if style == "csv":
+        import csv
+        import io
+
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["path", "rank", "class", "probability", "error"])
+        for r in results:
+            for k, (c, p) in enumerate(r.get("top", []), 1):
+                w.writerow([r["path"], k, c, f"{p:.6f}", ""])
+            if "error" in r:
+                w.writerow([r["path"], "", "", "", r["error"]])
+        return buf.getvalue().rstrip("\n")
+    return "\n".join(f"{r['path']}: unreadable ({r['error']})" if "error" in r else
+                     f"{r['path']}: " + ", ".join(f"{c} {100 * p:.1f}%" for c, p in r["top"]) for r in results)

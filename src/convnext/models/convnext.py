@@ -2,15 +2,9 @@
 
 Reading order, as in the papers: `Block` (dw 7x7 -> LN -> Linear 4C -> GELU [-> GRN] -> Linear C
 [-> LayerScale] -> DropPath + residual), `Stage` (optional LN + 2x2/2 downsampling, then blocks),
-`ConvNeXt` (4x4/4 patchify stem + LN, four stages, head = global mean pool -> LN -> Linear), and
-`ConvNeXtIsotropic` (16x16 patchify stem, one constant-width stack of blocks; paper section 3.3).
-
-The pointwise MLP uses `nn.Linear` parameters on channels-last (N, H, W, C) tensors, as the official
-code does; checkpoints of timm's 1x1-conv variants load by reshaping. The forward computes the same
-function as the official block, faster: activations stay channels-last after the stem (the NHWC
-view is free), LayerScale is folded into `pwconv2`, and in CPU inference the Linears run through
-oneDNN with the bias, GELU and residual add fused (`layers.linear`). V1 and V2 differ only in
-`use_grn` and `ls_init_value`, so they share every class.
+`ConvNeXt` (4x4/4 "patchify" stem + LN, four stages, head = global mean pool -> LN -> Linear),
+`ConvNeXtIsotropic` (16x16 patchify stem, one constant-width stack; paper section 3.3), and the
+registered variants as a table. V1 and V2 differ only in `use_grn` and `ls_init_value`.
 """
 
 from __future__ import annotations
@@ -22,7 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from .layers import GRN, DepthwiseConv2d, DropPath, LayerNorm, LayerNorm2d, linear
+
+from . import fast
+from .layers import GRN, DropPath, LayerNorm, LayerNorm2d
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -48,14 +44,10 @@ class ConvNeXtConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
         object.__setattr__(self, "dims", tuple(int(d) for d in self.dims))
-        _check(len(self.depths) == len(self.dims) and len(self.depths) >= 1,
-               f"depths {self.depths} and dims {self.dims} must be non-empty and of equal length")
-        _check(all(d >= 1 for d in self.depths) and all(c >= 1 for c in self.dims),
-               f"depths {self.depths} and dims {self.dims} must be positive")
-        _check(self.in_chans >= 1, f"in_chans must be >= 1, got {self.in_chans}")
-        _check(self.num_classes >= 0, f"num_classes must be >= 0, got {self.num_classes}")
-        _check(0.0 <= self.drop_path_rate < 1.0, f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        _check(len(self.depths) == len(self.dims) >= 1 and min(self.depths) >= 1 and min(self.dims) >= 1,
+               f"depths {self.depths} and dims {self.dims} must be non-empty, positive and of equal length")
         _check(self.patch_size >= 1, f"patch_size must be >= 1, got {self.patch_size}")
+        _check_common(self)
 
 
 @dataclass(frozen=True)
@@ -75,52 +67,53 @@ class ConvNeXtIsotropicConfig:
 
     def __post_init__(self) -> None:
         _check(self.depth >= 1 and self.dim >= 1, f"depth {self.depth} and dim {self.dim} must be positive")
-        _check(self.in_chans >= 1, f"in_chans must be >= 1, got {self.in_chans}")
-        _check(self.num_classes >= 0, f"num_classes must be >= 0, got {self.num_classes}")
-        _check(0.0 <= self.drop_path_rate < 1.0, f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        _check_common(self)
+
+
+def _check_common(cfg: ConvNeXtConfig | ConvNeXtIsotropicConfig) -> None:
+    _check(cfg.in_chans >= 1, f"in_chans must be >= 1, got {cfg.in_chans}")
+    _check(cfg.num_classes >= 0, f"num_classes must be >= 0, got {cfg.num_classes}")
+    _check(0.0 <= cfg.drop_path_rate < 1.0, f"drop_path_rate must be in [0, 1), got {cfg.drop_path_rate}")
 
 
 class Block(nn.Module):
-    """ConvNeXt block: (N, C, H, W) -> (N, C, H, W)."""
+    """ConvNeXt block (paper Fig. 4 / V2 Fig. 5): (N, C, H, W) -> (N, C, H, W).
+
+    Two exact implementations: `forward` below is the paper's op sequence; in eager mode the
+    same function is computed by `fast.block_forward` (folded LayerScale, one-pass GRN, oneDNN
+    Linear+GELU / Linear+residual kernels, depthwise reformulations on small maps), which we use
+    because it measured faster on CPU (`benchmarks/`). `fast_path = False` selects the textbook.
+    """
 
     def __init__(self, dim: int, drop_path: float = 0.0, ls_init_value: float | None = 1e-6,
                  use_grn: bool = False, eps: float = 1e-6) -> None:
         super().__init__()
-        self.dwconv = DepthwiseConv2d(dim, kernel_size=7)  # 7x7 depthwise: the spatial mixing, like attention
+        self.dwconv = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)  # spatial mixing, like attention
         self.norm = LayerNorm(dim, eps=eps)
         self.pwconv1 = nn.Linear(dim, 4 * dim)  # inverted bottleneck, expansion 4 like a Transformer MLP
+        self.act = nn.GELU()  # exact (erf) GELU
         self.grn = GRN(4 * dim) if use_grn else nn.Identity()
         self.pwconv2 = nn.Linear(4 * dim, dim)
         # LayerScale: a per-channel gain that starts near zero so deep stacks start near identity.
         self.gamma = nn.Parameter(torch.full((dim,), float(ls_init_value))) if ls_init_value else None
         self.drop_path = DropPath(drop_path)
+        self.fast_path = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fast_path and not fast.capturing_graph():
+            return fast.block_forward(self, x)
         shortcut = x
-        x = self.dwconv(x).permute(0, 2, 3, 1)  # (N, H, W, C), a free view of channels-last memory
-        x = linear(self.norm(x), self.pwconv1.weight, self.pwconv1.bias, gelu=True)  # exact (erf) GELU
+        x = self.dwconv(x)
+        x = x.permute(0, 2, 3, 1)  # (N, C, H, W) -> (N, H, W, C)
+        x = self.norm(x)
+        x = self.pwconv1(x)  # (N, H, W, 4C)
+        x = self.act(x)
         x = self.grn(x)
-        w2, b2 = self.pwconv2.weight, self.pwconv2.bias
-        if self.gamma is not None:  # LayerScale folded into the last Linear: g*(Wx + b) = (gW)x + gb
-            w2, b2 = self.gamma[:, None] * w2, self.gamma * b2
-        if self.drop_path.p > 0 and self.training:
-            return shortcut + self.drop_path(linear(x, w2, b2).permute(0, 3, 1, 2))
-        return linear(x, w2, b2, residual=shortcut.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (N, C, H, W)
-
-    @torch.no_grad()
-    def fuse_for_inference(self) -> None:
-        """Fold LN's affine into pwconv1, LayerScale and GRN's beta into pwconv2 (same function)."""
-        w, b = self.norm.weight, self.norm.bias
-        self.pwconv1.bias.add_(self.pwconv1.weight @ b)  # W1 (xhat*w + b) + b1 = (W1 diag w) xhat + (W1 b + b1)
-        self.pwconv1.weight.mul_(w)
-        self.norm = LayerNorm(self.norm.normalized_shape, eps=self.norm.eps, elementwise_affine=False)
-        if isinstance(self.grn, GRN) and self.grn.beta is not None:  # W2 (y + beta) + b2
-            self.pwconv2.bias.add_(self.pwconv2.weight @ self.grn.beta)
-            self.grn.beta = None
+        x = self.pwconv2(x)  # (N, H, W, C)
         if self.gamma is not None:
-            self.pwconv2.weight.mul_(self.gamma[:, None])
-            self.pwconv2.bias.mul_(self.gamma)
-            self.gamma = None
+            x = self.gamma * x
+        x = x.permute(0, 3, 1, 2)  # (N, H, W, C) -> (N, C, H, W)
+        return shortcut + self.drop_path(x)
 
 
 class Stage(nn.Module):
@@ -136,12 +129,18 @@ class Stage(nn.Module):
             ))
         else:
             self.downsample = nn.Identity()
-        self.blocks = nn.Sequential(*[
-            Block(dim, drop_paths[j], ls_init_value, use_grn, eps) for j in range(depth)
-        ])
+        self.blocks = nn.Sequential(*[Block(dim, dp, ls_init_value, use_grn, eps) for dp in drop_paths])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(self.downsample(x))
+
+
+def stem(in_chans: int, dim: int, patch_size: int, eps: float) -> nn.Sequential:
+    """"Patchify" stem: a non-overlapping patch_size x patch_size conv, then LayerNorm."""
+    return nn.Sequential(OrderedDict(
+        conv=nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size),
+        norm=LayerNorm2d(dim, eps=eps),
+    ))
 
 
 class Head(nn.Module):
@@ -175,15 +174,17 @@ def _init_weights(m: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-class _Base(nn.Module):
-    """What both ConvNeXt families share: the head API, checkpointing flag and initialisation."""
+class ConvNeXtClassifierAPI(nn.Module):
+    """What both ConvNeXt families share: timm's classifier API, init, grad checkpointing, fast path."""
 
     head: Head
     cfg: ConvNeXtConfig | ConvNeXtIsotropicConfig
+    grad_checkpointing = False
+    fused = False
 
-    def _init(self) -> None:
+    def init_weights(self) -> None:
         self.apply(_init_weights)
-        if isinstance(self.head.fc, nn.Linear):
+        if isinstance(getattr(self, "head", None), Head) and isinstance(self.head.fc, nn.Linear):
             with torch.no_grad():
                 self.head.fc.weight.mul_(self.cfg.head_init_scale)
                 self.head.fc.bias.mul_(self.cfg.head_init_scale)
@@ -200,6 +201,12 @@ class _Base(nn.Module):
         """Recompute activations in backward (per stage / per block) to save memory."""
         self.grad_checkpointing = enable
 
+    def set_fast_path(self, enable: bool = True) -> None:
+        """Compute blocks with `fast.block_forward` (default) or with the textbook op sequence."""
+        for m in self.modules():
+            if isinstance(m, Block):
+                m.fast_path = enable
+
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the classifier with a freshly initialised one (0 removes it)."""
         _check(num_classes >= 0, f"num_classes must be >= 0, got {num_classes}")
@@ -214,33 +221,34 @@ class _Base(nn.Module):
         return self.head(x, pre_logits=pre_logits)
 
     @torch.no_grad()
-    def fuse_for_inference(self) -> _Base:
+    def fuse_for_inference(self) -> ConvNeXtClassifierAPI:
         """Fold every block's LN affine, LayerScale and GRN beta into its Linears; returns self in eval mode.
 
         The fused model computes the same logits (fp32, |diff| <= 1e-4) with fewer parameters and
-        graph nodes (what `convnext export` writes); in eager CPU inference the default forward
-        already folds LayerScale per call, so the gain there is small (benchmarks/). It is one-way: its state dict no longer matches the checkpoint layout and it
-        refuses `train()`; keep (or reload) the unfused model to train or save checkpoints.
+        graph nodes (what `convnext export` writes). It is one-way: its state dict no longer
+        matches the checkpoint layout and it refuses `train()`; keep (or reload) the unfused model
+        to train or save checkpoints.
         """
         for m in self.modules():
             if isinstance(m, Block):
-                m.fuse_for_inference()
+                fast.fuse_block(m)
         self.fused = True
         return self.eval()
 
-    def train(self, mode: bool = True) -> _Base:
-        if mode and getattr(self, "fused", False):
+    def train(self, mode: bool = True) -> ConvNeXtClassifierAPI:
+        if mode and self.fused:
             raise RuntimeError("this model was fused for inference (fuse_for_inference) and cannot be trained; "
                                "create it again from its checkpoint to train")
         return super().train(mode)
 
-    def _run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _maybe_checkpointed(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """`module(x)`, recomputed in backward when gradient checkpointing is on."""
         if self.grad_checkpointing and torch.is_grad_enabled():
             return checkpoint(module, x, use_reentrant=False)
         return module(x)
 
 
-class ConvNeXt(_Base):
+class ConvNeXt(ConvNeXtClassifierAPI):
     """Hierarchical ConvNeXt (V1 with LayerScale, V2 with GRN).
 
     With `features_only=True` the head is dropped, stages after the last requested level are not
@@ -251,7 +259,6 @@ class ConvNeXt(_Base):
                  out_indices: tuple[int, ...] = (0, 1, 2, 3)) -> None:
         super().__init__()
         self.cfg = cfg
-        self.grad_checkpointing = False
         self.features_only = features_only
         n = len(cfg.depths)
         out_indices = tuple(int(i) for i in out_indices)
@@ -260,46 +267,34 @@ class ConvNeXt(_Base):
         self.out_indices = tuple(sorted({i % n for i in out_indices}))
         num_stages = self.out_indices[-1] + 1 if features_only else n
 
-        self.stem = nn.Sequential(OrderedDict(
-            conv=nn.Conv2d(cfg.in_chans, cfg.dims[0], kernel_size=cfg.patch_size, stride=cfg.patch_size),
-            norm=LayerNorm2d(cfg.dims[0], eps=cfg.norm_eps),
-        ))
+        self.stem = stem(cfg.in_chans, cfg.dims[0], cfg.patch_size, cfg.norm_eps)
         # Drop-path rate grows linearly with block index over the whole network.
-        dpr = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths), device="cpu").tolist()
-        stages, in_dim, start = [], cfg.dims[0], 0
-        for i in range(num_stages):
-            stages.append(Stage(in_dim, cfg.dims[i], cfg.depths[i], dpr[start:start + cfg.depths[i]],
-                                cfg.ls_init_value, cfg.use_grn, cfg.norm_eps, downsample=i > 0))
-            in_dim, start = cfg.dims[i], start + cfg.depths[i]
-        self.stages = nn.Sequential(*stages)
+        dpr = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths), device="cpu").split(list(cfg.depths))
+        self.stages = nn.Sequential(*[
+            Stage(cfg.dims[max(i - 1, 0)], cfg.dims[i], cfg.depths[i], dpr[i].tolist(), cfg.ls_init_value,
+                  cfg.use_grn, cfg.norm_eps, downsample=i > 0)
+            for i in range(num_stages)
+        ])
         self.feature_info = FeatureInfo(
             dict(num_chs=cfg.dims[i], reduction=cfg.patch_size * 2 ** i, module=f"stages.{i}")
             for i in (self.out_indices if features_only else range(n))
         )
         if not features_only:
             self.head = Head(cfg.dims[-1], cfg.num_classes, cfg.norm_eps)
-        self._init()
-
-    def _init(self) -> None:
-        if self.features_only:
-            self.apply(_init_weights)
-        else:
-            super()._init()
+        self.init_weights()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, in_chans, H, W) -> (N, dims[-1], H/32, W/32)."""
-        x = self.stem(x).contiguous(memory_format=torch.channels_last)  # (N, H, W, C) views are free
-        for stage in self.stages:
-            x = self._run(stage, x)
-        return x
+        return self.forward_intermediates(x, (len(self.stages) - 1,))[0]
 
-    def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """(N, in_chans, H, W) -> [(N, dims[i], H/(4*2^i), W/(4*2^i)) for i in out_indices]."""
-        x = self.stem(x).contiguous(memory_format=torch.channels_last)
+    def forward_intermediates(self, x: torch.Tensor, indices: tuple[int, ...] | None = None) -> list[torch.Tensor]:
+        """(N, in_chans, H, W) -> [(N, dims[i], H/(4*2^i), W/(4*2^i)) for i in indices (default: out_indices)]."""
+        indices = self.out_indices if indices is None else indices
+        x = self.stem(x).contiguous(memory_format=torch.channels_last)  # the blocks' (N, H, W, C) views are free
         outs = []
         for i, stage in enumerate(self.stages):
-            x = self._run(stage, x)
-            if i in self.out_indices:
+            x = self._maybe_checkpointed(stage, x)
+            if i in indices:
                 outs.append(x)
         return outs
 
@@ -309,31 +304,61 @@ class ConvNeXt(_Base):
         return self.forward_head(self.forward_features(x))
 
 
-class ConvNeXtIsotropic(_Base):
+class ConvNeXtIsotropic(ConvNeXtClassifierAPI):
     """Isotropic ConvNeXt (official `convnext_isotropic.py`): patchify stem, blocks, head."""
 
-    def __init__(self, cfg: ConvNeXtIsotropicConfig, features_only: bool = False,
-                 out_indices: tuple[int, ...] = ()) -> None:
+    features_only = False
+
+    def __init__(self, cfg: ConvNeXtIsotropicConfig) -> None:
         super().__init__()
-        _check(not features_only, "features_only needs a hierarchical ConvNeXt; isotropic models have one scale")
         self.cfg = cfg
-        self.grad_checkpointing = False
-        self.features_only = False
         self.stem = nn.Conv2d(cfg.in_chans, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()
-        self.blocks = nn.Sequential(*[
-            Block(cfg.dim, dpr[j], cfg.ls_init_value, cfg.use_grn, cfg.norm_eps) for j in range(cfg.depth)
-        ])
+        self.blocks = nn.Sequential(*[Block(cfg.dim, dp, cfg.ls_init_value, cfg.use_grn, cfg.norm_eps) for dp in dpr])
         self.feature_info = FeatureInfo([dict(num_chs=cfg.dim, reduction=cfg.patch_size, module="blocks")])
         self.head = Head(cfg.dim, cfg.num_classes, cfg.norm_eps)
-        self._init()
+        self.init_weights()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, in_chans, H, W) -> (N, dim, H/16, W/16)."""
         x = self.stem(x).contiguous(memory_format=torch.channels_last)
         for block in self.blocks:
-            x = self._run(block, x)
+            x = self._maybe_checkpointed(block, x)
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+# --- Registered variants: name -> (model class, config). Read-only data. ---------------------------
+def _v1(depths, dims):
+    return ConvNeXt, ConvNeXtConfig(depths=depths, dims=dims)
+
+
+def _v2(depths, dims):
+    # V2: GRN after the MLP's GELU, and no LayerScale (GRN makes it redundant, V2 paper section 3).
+    return ConvNeXt, ConvNeXtConfig(depths=depths, dims=dims, use_grn=True, ls_init_value=None)
+
+
+def _iso(depth, dim, ls_init_value=None):
+    return ConvNeXtIsotropic, ConvNeXtIsotropicConfig(depth=depth, dim=dim, ls_init_value=ls_init_value)
+
+
+_SMALL, _NANO, _TINY, _DEEP = (2, 2, 6, 2), (2, 2, 8, 2), (3, 3, 9, 3), (3, 3, 27, 3)
+_WIDTHS = {"atto": (40, 80, 160, 320), "femto": (48, 96, 192, 384), "pico": (64, 128, 256, 512),
+           "nano": (80, 160, 320, 640), "tiny": (96, 192, 384, 768), "small": (96, 192, 384, 768),
+           "base": (128, 256, 512, 1024), "large": (192, 384, 768, 1536), "xlarge": (256, 512, 1024, 2048),
+           "huge": (352, 704, 1408, 2816)}
+_DEPTHS = {"atto": _SMALL, "femto": _SMALL, "pico": _SMALL, "nano": _NANO, "tiny": _TINY}
+
+MODELS: dict[str, tuple[type, ConvNeXtConfig | ConvNeXtIsotropicConfig]] = {
+    **{f"convnext_{s}": _v1(_DEPTHS.get(s, _DEEP), _WIDTHS[s])
+       for s in ("atto", "femto", "pico", "nano", "tiny", "small", "base", "large", "xlarge")},
+    # convnextv2_small is timm's (no official weights); the others are the V2 paper's.
+    **{f"convnextv2_{s}": _v2(_DEPTHS.get(s, _DEEP), _WIDTHS[s])
+       for s in ("atto", "femto", "pico", "nano", "tiny", "small", "base", "large", "huge")},
+    # Official isotropic models: LayerScale off for S/B, 1e-6 for L (TRAINING.md).
+    "convnext_isotropic_small": _iso(18, 384),
+    "convnext_isotropic_base": _iso(18, 768),
+    "convnext_isotropic_large": _iso(36, 1024, ls_init_value=1e-6),
+}

@@ -1,15 +1,20 @@
-"""Training: config, optimizer groups, schedule, checkpoints, distributed helpers and the loop."""
+"""Training: one engine for every task (`engine.fit`), the classification task, config, optimizer, schedule."""
 
-from .config import TrainConfig
+from .config import EngineConfig, TrainConfig
+from .task import Task
 
-__all__ = ["NonFiniteLossError", "TrainConfig", "fit"]
+__all__ = ["ClassificationTask", "EngineConfig", "NonFiniteLossError", "Task", "TrainConfig", "fit"]
 
 
 def __getattr__(name: str):
-    # The loop pulls in torchvision (~1.5 s): import it when used, so that building the CLI parser
-    # (which needs only the config) stays fast for every command.
+    # The engine and the classification task pull in torchvision (~1.5 s): import them when used, so
+    # that building the CLI parser (which needs only the config) stays fast for every command.
     if name in ("fit", "NonFiniteLossError"):
-        from . import loop
+        from . import engine
 
-        return getattr(loop, name)
+        return getattr(engine, name)
+    if name == "ClassificationTask":
+        from .classification import ClassificationTask
+
+        return ClassificationTask
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,13 +1,16 @@
-"""Training configuration: one frozen dataclass; defaults < YAML (`--config`) < command-line flags.
+"""Training configuration: frozen dataclasses; defaults < YAML (`--config`) < command-line flags.
 
-Field names are the YAML keys; flags are the same names with dashes (`batch_size` -> `--batch-size`),
-following timm's spelling. Defaults are the official ConvNeXt `main.py` ones.
+`EngineConfig` holds what every task shares (optimisation, schedule, runtime, checkpoints);
+each task extends it with its own fields (`TrainConfig` for classification). Field names are
+the YAML keys; flags are the same names with dashes (`batch_size` -> `--batch-size`), following
+timm's spelling. Defaults are the official ConvNeXt `main.py` ones.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
 import os
 import types
@@ -18,17 +21,35 @@ from typing import Any
 
 import yaml
 
+from ..preprocess import INTERPOLATIONS
+from ..utils import PRECISIONS, atomic_write
+
+# Flags kept under timm's spelling where the field has a longer name.
+FLAG_ALIASES = {"drop_path_rate": ("--drop-path",)}
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _fail(msg: str) -> None:
+    raise ValueError(msg)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
 
 @dataclass(frozen=True)
-class TrainConfig:
+class EngineConfig:
+    """What the training engine needs, whatever the task."""
+
     # --- what to train, on what ---
     model: str = "convnext_tiny"
-    data: str = ""  # ImageNet-style root: DATA/train/<class>/*, DATA/val/<class>/*
+    data: str = ""  # the task's dataset root
     output: str = "runs/train"
-    finetune: str | None = None  # checkpoint (any supported format) to start from; head re-initialised if classes differ
     input_size: int = 224
-    drop_path: float = 0.0  # official: T 0.1, S 0.4, B/L 0.5 from scratch on IN-1K
-    head_init_scale: float = 1.0  # 0.001 for fine-tuning (official)
+    drop_path_rate: float = 0.0  # stochastic depth (flag --drop-path); official: T 0.1, S 0.4, B/L 0.5 on IN-1K
     # --- optimisation (official main.py defaults) ---
     epochs: int = 300
     batch_size: int = 64  # per process; the effective batch is batch_size * grad_accum * world size
@@ -44,6 +65,79 @@ class TrainConfig:
     clip_grad: float | None = None  # max global grad norm
     layer_decay: float = 1.0  # layer-wise lr decay (fine-tuning: 0.7-0.9); 1.0 = off
     layer_decay_type: str = "group"  # V1 "group" (12 groups of 3 blocks) or V2 "single" (one per block)
+    model_ema: bool = False
+    model_ema_decay: float = 0.9999
+    # --- runtime ---
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 + GradScaler on CUDA only)
+    channels_last: bool = False
+    compile: bool = False
+    grad_checkpointing: bool = False
+    fsdp: bool = False  # shard parameters, gradients and optimizer state (FSDP2 fully_shard), per stage
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 0
+    workers: int = 2  # DataLoader processes; each competes with torch threads for cores
+    threads: int | None = None  # torch intra-op threads; None: cores minus workers (at least 1)
+    resume: str | None = None  # "auto" (newest complete checkpoint in --output) or a checkpoint path
+    save_every_steps: int = 0  # also checkpoint every N optimizer steps (0: once per epoch)
+    keep_checkpoints: int = 2
+    nan_policy: str = "abort"  # abort | skip: what a non-finite loss does
+    bad_images: str = "skip"  # skip | error: what an unreadable sample does
+    eval_every: int = 1  # epochs between evaluations (always after the last)
+    log_every: int = 50  # steps between progress-bar metric updates
+    progress: bool = True  # tqdm bars (rank 0 only)
+
+    def __post_init__(self) -> None:
+        from ..factory import check_model_name
+
+        check_model_name(self.model)
+        if not self.data:
+            _fail("--data is required: the dataset folder")
+        if self.lr is not None and not (_finite(self.lr) and self.lr > 0):
+            _fail(f"--lr must be a finite number > 0, got {self.lr}")
+        for name in ("lr_base", "min_lr", "weight_decay", "opt_eps"):
+            if not _finite(getattr(self, name)) or getattr(self, name) < 0:
+                _fail(f"{_flag(name)} must be a finite number >= 0, got {getattr(self, name)}")
+        if self.epochs < 1:
+            _fail(f"--epochs must be >= 1, got {self.epochs}")
+        if not (_finite(self.warmup_epochs) and 0 <= self.warmup_epochs < self.epochs):
+            _fail(f"--warmup-epochs must be >= 0 and < --epochs ({self.epochs}), got {self.warmup_epochs}")
+        for name in ("batch_size", "grad_accum", "lr_base_batch", "eval_every", "log_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                _fail(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        if self.input_size < 32:
+            _fail(f"--input-size must be >= 32 (the network downsamples 32x), got {self.input_size}")
+        if not 0 <= self.drop_path_rate < 1:
+            _fail(f"--drop-path must be in [0, 1), got {self.drop_path_rate}")
+        if not 0 < self.layer_decay <= 1:
+            _fail(f"--layer-decay must be in (0, 1], got {self.layer_decay}")
+        if self.clip_grad is not None and not (_finite(self.clip_grad) and self.clip_grad > 0):
+            _fail(f"--clip-grad must be > 0, got {self.clip_grad}")
+        if not 0 <= self.model_ema_decay < 1:
+            _fail(f"--model-ema-decay must be in [0, 1), got {self.model_ema_decay}")
+        if self.workers < 0 or (self.threads is not None and self.threads < 1):
+            _fail("--workers must be >= 0 and --threads >= 1")
+        if self.save_every_steps < 0:
+            _fail(f"--save-every-steps must be >= 0, got {self.save_every_steps}")
+        self._check_choices({"precision": tuple(PRECISIONS), "device": ("auto", "cpu", "cuda"),
+                             "nan_policy": ("abort", "skip"), "bad_images": ("skip", "error"),
+                             "layer_decay_type": ("group", "single")})
+
+    def _check_choices(self, choices: dict[str, tuple[str, ...]]) -> None:
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                _fail(f"{_flag(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only (lists for tuples): for YAML and for weights_only checkpoints."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class TrainConfig(EngineConfig):
+    """Image classification: the ConvNeXt ImageNet recipe (data: DATA/train/<class>/*, DATA/val/<class>/*)."""
+
+    finetune: str | None = None  # checkpoint (any supported format) to start from; head re-initialised if classes differ
+    head_init_scale: float = 1.0  # 0.001 for fine-tuning (official)
     # --- augmentation and regularisation ---
     aa: str = "rand-m9-mstd0.5-inc1"  # RandAugment spec; "none" turns it off (then color jitter applies)
     color_jitter: float = 0.4
@@ -57,92 +151,28 @@ class TrainConfig:
     mixup_switch_prob: float = 0.5
     train_interpolation: str = "bicubic"
     crop_pct: float = 0.875  # eval: resize to input_size / crop_pct, center crop (no crop at >= 384)
-    model_ema: bool = False
-    model_ema_decay: float = 0.9999
-    # --- runtime ---
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 + GradScaler on CUDA only)
-    channels_last: bool = False
-    compile: bool = False
-    grad_checkpointing: bool = False
-    fsdp: bool = False  # shard parameters, gradients and optimizer state (FSDP2 fully_shard), per stage
-    device: str = "auto"  # auto | cpu | cuda
-    seed: int = 0
-    workers: int = 2  # DataLoader processes; each competes with torch threads for cores
     cache_images: bool = False  # keep decoded images in RAM (small datasets; per loader process)
-    threads: int | None = None  # torch intra-op threads; None: cores minus workers (at least 1)
-    resume: str | None = None  # "auto" (newest complete checkpoint in --output) or a checkpoint path
-    save_every_steps: int = 0  # also checkpoint every N optimizer steps (0: once per epoch)
-    keep_checkpoints: int = 2
-    nan_policy: str = "abort"  # abort | skip: what a non-finite loss does
-    bad_images: str = "skip"  # skip | error: what an unreadable image does
-    eval_every: int = 1  # epochs between evaluations (always after the last)
-    log_every: int = 50  # steps between progress-bar metric updates
-    progress: bool = True  # tqdm bars (rank 0 only)
 
     def __post_init__(self) -> None:
-        def bad(msg: str) -> None:
-            raise ValueError(msg)
-
-        finite = lambda v: isinstance(v, (int, float)) and math.isfinite(v)  # noqa: E731
-        from ..factory import check_model_name
-
-        check_model_name(self.model)
-        if not self.data:
-            bad("--data is required: a folder with train/<class>/* and val/<class>/*")
-        if self.lr is not None and not (finite(self.lr) and self.lr > 0):
-            bad(f"--lr must be a finite number > 0, got {self.lr}")
-        for name in ("lr_base", "min_lr", "weight_decay", "opt_eps", "smoothing", "mixup", "cutmix"):
-            v = getattr(self, name)
-            if not finite(v) or v < 0:
-                bad(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
-        if self.epochs < 1:
-            bad(f"--epochs must be >= 1, got {self.epochs}")
-        if not (finite(self.warmup_epochs) and 0 <= self.warmup_epochs < self.epochs):
-            bad(f"--warmup-epochs must be >= 0 and < --epochs ({self.epochs}), got {self.warmup_epochs}")
-        for name in ("batch_size", "grad_accum", "lr_base_batch", "eval_every", "log_every", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                bad(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.input_size < 32:
-            bad(f"--input-size must be >= 32 (the network downsamples 32x), got {self.input_size}")
-        if not 0 <= self.drop_path < 1:
-            bad(f"--drop-path must be in [0, 1), got {self.drop_path}")
+        super().__post_init__()
+        for name in ("smoothing", "mixup", "cutmix"):
+            if not _finite(getattr(self, name)) or getattr(self, name) < 0:
+                _fail(f"{_flag(name)} must be a finite number >= 0, got {getattr(self, name)}")
         if self.smoothing >= 1:
-            bad(f"--smoothing must be < 1, got {self.smoothing}")
+            _fail(f"--smoothing must be < 1, got {self.smoothing}")
         for name in ("reprob", "hflip", "mixup_prob", "mixup_switch_prob"):
             if not 0 <= getattr(self, name) <= 1:
-                bad(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
+                _fail(f"{_flag(name)} must be in [0, 1], got {getattr(self, name)}")
         if not (0 < self.scale[0] <= self.scale[1] <= 1):
-            bad(f"--scale must be two numbers 0 < min <= max <= 1, got {self.scale}")
+            _fail(f"--scale must be two numbers 0 < min <= max <= 1, got {self.scale}")
         if not 0 < self.crop_pct <= 1:
-            bad(f"--crop-pct must be in (0, 1], got {self.crop_pct}")
-        if not 0 < self.layer_decay <= 1:
-            bad(f"--layer-decay must be in (0, 1], got {self.layer_decay}")
-        if self.clip_grad is not None and not (finite(self.clip_grad) and self.clip_grad > 0):
-            bad(f"--clip-grad must be > 0, got {self.clip_grad}")
-        if not 0 <= self.model_ema_decay < 1:
-            bad(f"--model-ema-decay must be in [0, 1), got {self.model_ema_decay}")
-        if self.workers < 0 or (self.threads is not None and self.threads < 1):
-            bad("--workers must be >= 0 and --threads >= 1")
-        if self.save_every_steps < 0:
-            bad(f"--save-every-steps must be >= 0, got {self.save_every_steps}")
-        choices = {"precision": ("fp32", "bf16", "fp16"), "device": ("auto", "cpu", "cuda"),
-                   "nan_policy": ("abort", "skip"), "bad_images": ("skip", "error"),
-                   "layer_decay_type": ("group", "single"), "train_interpolation": ("bicubic", "bilinear", "nearest")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                bad(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain types only (lists for tuples): for YAML and for weights_only checkpoints."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+            _fail(f"--crop-pct must be in (0, 1], got {self.crop_pct}")
+        self._check_choices({"train_interpolation": INTERPOLATIONS})
 
 
-_HINTS = typing.get_type_hints(TrainConfig)
-
-
-def _coerce(name: str, value: Any) -> Any:
+def _coerce(cls: type, name: str, value: Any) -> Any:
     """A YAML/CLI value converted to the field's type, with an error naming the key."""
-    hint = _HINTS[name]
+    hint = typing.get_type_hints(cls)[name]
     args = typing.get_args(hint)
     optional = (typing.get_origin(hint) in (typing.Union, types.UnionType)) and type(None) in args
     if optional:
@@ -169,56 +199,55 @@ def _coerce(name: str, value: Any) -> Any:
         raise ValueError(f"{name}: cannot use {value!r} as {getattr(hint, '__name__', hint)}") from None
 
 
-def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+def load_yaml(path: str | os.PathLike, cls: type = TrainConfig) -> dict[str, Any]:
+    """A recipe file as {field: value} for `cls`, each value converted to the field's type."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of option: value")
+    names = [f.name for f in dataclasses.fields(cls)]
     out = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
-        if name not in _HINTS:
-            import difflib
-
-            close = difflib.get_close_matches(name, list(_HINTS), n=1)
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=1)
             raise ValueError(f"{path}: unknown option {key!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
-        out[name] = _coerce(name, value)
+        out[name] = _coerce(cls, name, value)
     return out
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, cls: type = TrainConfig) -> None:
     """One flag per config field, default None so that only given flags override YAML."""
     parser.add_argument("--config", help="YAML recipe (e.g. configs/demo.yaml); flags override it")
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        hint = _HINTS[f.name]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flags = (_flag(f.name), *FLAG_ALIASES.get(f.name, ()))
+        hint = hints[f.name]
         if hint is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                                help=f"(default: {default})")
+            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"(default: {f.default})")
         elif typing.get_origin(hint) is tuple:
-            parser.add_argument(flag, nargs=len(typing.get_args(hint)), default=None, metavar="V",
-                                help=f"(default: {' '.join(map(str, default))})")
+            parser.add_argument(*flags, dest=f.name, nargs=len(typing.get_args(hint)), default=None, metavar="V",
+                                help=f"(default: {' '.join(map(str, f.default))})")
         else:
-            parser.add_argument(flag, default=None, help=f"(default: {default})")
+            parser.add_argument(*flags, dest=f.name, default=None, help=f"(default: {f.default})")
 
 
-def from_args(args: argparse.Namespace) -> TrainConfig:
-    values: dict[str, Any] = load_yaml(args.config) if getattr(args, "config", None) else {}
-    for f in dataclasses.fields(TrainConfig):
+def from_args(args: argparse.Namespace, cls: type = TrainConfig) -> EngineConfig:
+    """The config of `cls`: its defaults, then `--config` YAML, then the flags given."""
+    values: dict[str, Any] = load_yaml(args.config, cls) if getattr(args, "config", None) else {}
+    for f in dataclasses.fields(cls):
         v = getattr(args, f.name, None)
         if v is not None:
-            values[f.name] = _coerce(f.name, v)
-    return TrainConfig(**values)
+            values[f.name] = _coerce(cls, f.name, v)
+    return cls(**values)
 
 
-def save_yaml(cfg: TrainConfig, path: str | os.PathLike) -> None:
-    from ..weights.io import atomic_write
-
+def save_yaml(cfg: EngineConfig, path: str | os.PathLike) -> None:
     text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
-__all__ = ["TrainConfig", "add_arguments", "from_args", "load_yaml", "save_yaml"]
+__all__ = ["EngineConfig", "TrainConfig", "add_arguments", "from_args", "load_yaml", "save_yaml"]

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from ..utils import atomic_write
+
 logger = logging.getLogger(__name__)
 
 _LFS_POINTER = b"version https://git-lfs.github.com/spec"
@@ -88,28 +90,6 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
     return dict(obj), {}
-
-
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call `write(tmp_path)`, fsync, then rename over `path`: readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # persist the rename itself
-        dfd = os.open(path.parent, os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],

@@ -1,0 +1,153 @@
+"""The candidates of a benchmark: ours and each peer's model, built on the same weights and input."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..factory import create_model
+from ..utils import autocast
+
+PEERS = ("timm", "torchvision", "onnxruntime")
+_TORCHVISION = {"convnext_tiny", "convnext_small", "convnext_base", "convnext_large"}
+
+
+@dataclass
+class Spec:
+    """What a candidate is; picklable, so that a fresh process can rebuild it to measure memory."""
+
+    library: str  # convnext | timm | torchvision | onnxruntime
+    variant: str  # eager | fused | compile | onnx ...
+    layout: str  # nchw | channels_last
+    model: str
+    batch_size: int
+    input_size: int
+    mode: str
+    precision: str
+    device: str
+    threads: int
+
+    @property
+    def label(self) -> str:
+        extra = "" if self.variant == "eager" else f"+{self.variant}"
+        return f"{self.library}{extra} ({self.layout})"
+
+
+def _build_module(spec: Spec, state_dict: dict[str, torch.Tensor] | None) -> nn.Module:
+    if spec.library == "convnext":
+        model = create_model(spec.model)
+    elif spec.library == "timm":
+        import timm
+
+        model = timm.create_model(spec.model)
+    else:
+        import torchvision
+
+        model = torchvision.models.get_model(spec.model)
+    if state_dict is not None:
+        from ..weights import from_ours
+
+        fmt = "ours" if spec.library == "convnext" else spec.library
+        target = model.state_dict()  # timm's conv_mlp variants (atto..nano) hold 1x1 conv weights
+        model.load_state_dict({k: v.reshape(target[k].shape) for k, v in from_ours(state_dict, fmt).items()})
+    return model
+
+
+def _onnx_step(spec: Spec, state_dict: dict[str, torch.Tensor] | None, workdir: str,
+               x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    from ..eval import InferenceInfo
+    from ..export import ExportedModel, export_model
+    from ..preprocess import Preprocess
+
+    path = os.path.join(workdir, f"{spec.model}.onnx")
+    if not os.path.exists(path):
+        model = _build_module(Spec(**{**spec.__dict__, "library": "convnext"}), state_dict)
+        info = InferenceInfo(spec.model, [str(i) for i in range(1000)], Preprocess(input_size=spec.input_size))
+        export_model(model, info, path, "onnx", dynamic_size=False)
+    runner = ExportedModel(path, "onnxruntime", threads=spec.threads)
+    return lambda: runner(x)
+
+
+def build(spec: Spec, state_dict: dict[str, torch.Tensor] | None, workdir: str) -> Callable[[], torch.Tensor]:
+    """A zero-argument step (one batch of inference, or one training step) for a candidate."""
+    device = torch.device(spec.device)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(spec.batch_size, 3, spec.input_size, spec.input_size, generator=gen).to(device)
+    target = torch.randint(0, 1000, (spec.batch_size,), generator=gen).to(device)
+    if spec.layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    if spec.library == "onnxruntime":
+        return _onnx_step(spec, state_dict, workdir, x)
+    model = _build_module(spec, state_dict).to(device)
+    if spec.layout == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+    if spec.mode == "infer":
+        model.eval()
+        if spec.variant == "fused":
+            model.fuse_for_inference()
+        if spec.variant == "compile":
+            import torch._inductor.config as inductor_config
+
+            inductor_config.freezing = True  # weights become constants: folding and prepacking
+            model = torch.compile(model)
+
+        def infer() -> torch.Tensor:
+            with torch.inference_mode(), autocast(device, spec.precision):
+                return model(x)
+        return infer
+
+    model.train()
+    if spec.variant == "compile":
+        model = torch.compile(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    scaler = torch.amp.GradScaler(device.type, enabled=spec.precision == "fp16" and device.type == "cuda")
+
+    def train_step() -> torch.Tensor:
+        with autocast(device, spec.precision):
+            loss = F.cross_entropy(model(x), target)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+    return train_step
+
+
+def candidates(base: dict, compare: list[str], compile: bool) -> list[Spec]:
+    """Ours (eager; fused for inference; compiled if asked), then each peer in both layouts."""
+    specs = [Spec("convnext", "eager", "nchw", **base)]
+    if base["mode"] == "infer":
+        specs.append(Spec("convnext", "fused", "nchw", **base))
+    if compile:
+        specs.append(Spec("convnext", "compile", "nchw", **base))
+    for peer in compare:
+        if peer == "timm" or (peer == "torchvision" and base["model"] in _TORCHVISION):
+            specs += [Spec(peer, "eager", layout, **base) for layout in ("nchw", "channels_last")]
+        elif peer == "onnxruntime" and _onnx_applies(base):
+            specs.append(Spec(peer, "onnx", "nchw", **base))
+    return specs
+
+
+def _onnx_applies(base: dict) -> bool:
+    return base["mode"] == "infer" and base["precision"] == "fp32" and base["device"] == "cpu"
+
+
+def skipped_peers(base: dict, compare: list[str]) -> dict[str, str]:
+    """Why each asked-for peer that cannot run here is left out."""
+    why = {}
+    for peer in compare:
+        try:
+            __import__(peer)
+        except ImportError:
+            why[peer] = f"not installed (pip install {peer})"
+            continue
+        if peer == "torchvision" and base["model"] not in _TORCHVISION:
+            why[peer] = f"has no {base['model']}"
+        elif peer == "onnxruntime" and not _onnx_applies(base):
+            why[peer] = "benchmarked for fp32 CPU inference only"
+    return why

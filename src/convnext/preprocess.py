@@ -1,0 +1,42 @@
+"""How images are prepared for a model: the one record shared by weights, training, evaluation and export."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Evaluation preprocessing: resize the shorter side to input_size / crop_pct, center-crop, normalise.
+
+    At input_size >= 384 the image is resized to the square without cropping (the official 384
+    fine-tunes' evaluation).
+    """
+
+    input_size: int = 224
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"unknown interpolation {self.interpolation!r}; choose one of {', '.join(INTERPOLATIONS)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types (lists for mean/std)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Preprocess:
+        """The record's own keys from `d` (other keys are ignored); missing keys take the defaults."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})

@@ -1,0 +1,426 @@
+"""The training engine: one loop for every task, resumable to the bit from any checkpoint.
+
+`fit(task)` reads as its table of contents: set up (threads, data, model, optimizer, EMA,
+wrappers) -> resume -> for each epoch: train (per-step lr, seeded randomness, autocast, named
+losses, accumulation, clipping, NaN policy, EMA, mid-epoch checkpoints) -> evaluate -> end the
+epoch (best weights, metrics.jsonl, curves.png, log, checkpoint). All randomness is seeded from
+(seed, epoch, batch / sample index), never from process-global state that a restart would lose.
+A task (`train.task.Task`) supplies only what differs: data, model, losses, metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ..data import Batch, DataError, EpochSampler, ShardSampler
+from ..utils import atomic_write, autocast
+from . import distributed as D
+from .checkpoint import find_resume, load_state, save_state
+from .config import save_yaml
+from .schedule import lr_at
+from .task import Task
+
+logger = logging.getLogger(__name__)
+STATE_VERSION = 2
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # unsharded, name-keyed: any world size loads it
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf under --nan-policy abort."""
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint."""
+
+    epoch: int = 0  # epoch being trained
+    batch: int = 0  # micro-batches of this epoch already consumed
+    step: int = 0  # optimizer steps done since the start of training
+    loss_sums: dict[str, float] = field(default_factory=dict)  # this epoch, per named loss, summed over samples
+    loss_count: int = 0  # samples in loss_sums
+    bad_images: int = 0
+    nan_skipped: int = 0
+    best: float | None = None  # best value of the task's best_metric so far
+
+    def next_epoch(self) -> None:
+        self.epoch, self.batch = self.epoch + 1, 0
+        self.loss_sums, self.loss_count, self.bad_images, self.nan_skipped = {}, 0, 0, 0
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Progress:
+        d = dict(d)
+        if "loss_sum" in d:  # version-1 checkpoints (classification only)
+            d["loss_sums"] = {"loss": d.pop("loss_sum")} if d["loss_count"] else {}
+            best = d.pop("best_acc1")
+            d["best"] = None if best < 0 else best
+        return cls(**d)
+
+
+@dataclass
+class TrainState:
+    """Everything a checkpoint holds besides the run's identity and config."""
+
+    model: nn.Module  # the model itself (FSDP-sharded or not), never a DDP/compile wrapper
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    ema: nn.Module | None
+    progress: Progress = field(default_factory=Progress)
+    history: list[dict] = field(default_factory=list)  # one metrics line per finished epoch
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """Unsharded weights (collective under FSDP: every rank calls, rank 0 receives them)."""
+        return get_model_state_dict(self.model, options=_FULL)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The full training state: plain types and tensors only (loads with weights_only=True)."""
+        return {"model": self.model_state(),
+                "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=_FULL),
+                "model_ema": self.ema.state_dict() if self.ema is not None else None,
+                "scaler": self.scaler.state_dict(), "progress": asdict(self.progress), "step": self.progress.step,
+                "history": self.history, "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        full = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self.model, state["model"], options=full)
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=full)
+        if self.ema is not None and state.get("model_ema") is not None:
+            self.ema.load_state_dict(state["model_ema"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.progress = Progress.from_dict(state["progress"])
+        self.history = list(state["history"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+
+
+def fit(task: Task) -> dict[str, Any]:
+    """Train `task` as its config says; returns the last metrics line, the best metric and the output folder."""
+    env = D.setup(task.cfg.device)
+    try:
+        trainer = Trainer(task, env)
+        trainer.resume()
+        while trainer.state.progress.epoch < task.cfg.epochs:
+            line = trainer.train_epoch()
+            line.update(trainer.evaluate_if_due())
+            trainer.end_epoch(line)
+        return trainer.summary()
+    finally:
+        D.cleanup(env)
+
+
+def _step_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
+    return (((seed * 7_919 + epoch) * 1_000_003 + batch) * 65_537 + rank) % (2**63 - 1)
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # loader workers must not fight the training threads for cores
+
+
+class Trainer:
+    """One training run of one task: built by `__init__`, driven by `fit`."""
+
+    def __init__(self, task: Task, env: D.DistEnv) -> None:
+        self.task, self.cfg, self.env = task, task.cfg, env
+        self.out = Path(self.cfg.output)
+        if self.cfg.precision == "fp16" and env.device.type == "cpu":
+            raise ValueError("--precision fp16 has no fast CPU path (and no GradScaler there); use bf16 on CPU")
+        torch.set_num_threads(self.cfg.threads or max(1, (os.cpu_count() or 1) // env.world_size - self.cfg.workers))
+        if not env.is_main:
+            logging.getLogger("convnext").setLevel(logging.WARNING)
+        self._build_data()
+        self.state = self._build_state()
+        self.model = self._wrap(self.state.model)
+        self.steps_per_epoch = len(self.train_loader) // self.cfg.grad_accum
+        if self.steps_per_epoch < 1:
+            raise DataError(f"one epoch has {len(self.train_loader)} batches, fewer than --grad-accum "
+                            f"{self.cfg.grad_accum}")
+        self.total_steps = self.cfg.epochs * self.steps_per_epoch
+        self.warmup_steps = round(self.cfg.warmup_epochs * self.steps_per_epoch)
+        self.seen_bad: set[int] = set()
+
+    # --- set-up -------------------------------------------------------------------------------
+    def _build_data(self) -> None:
+        cfg, env = self.cfg, self.env
+        self.train_ds, self.val_ds = self.task.datasets(env.world_size)
+        if len(self.train_ds) < cfg.batch_size * env.world_size:
+            raise DataError(f"{len(self.train_ds)} training samples are fewer than one batch ({cfg.batch_size} x "
+                            f"{env.world_size} processes); lower --batch-size")
+        common = dict(num_workers=cfg.workers, collate_fn=self.task.collate, pin_memory=env.device.type == "cuda",
+                      persistent_workers=cfg.workers > 0, worker_init_fn=_worker_init if cfg.workers > 0 else None)
+        self.sampler = EpochSampler(len(self.train_ds), shuffle=True, seed=cfg.seed, rank=env.rank,
+                                    world_size=env.world_size)
+        self.train_loader = DataLoader(self.train_ds, batch_size=cfg.batch_size, sampler=self.sampler, drop_last=True,
+                                       **common)
+        self.val_loader = None if self.val_ds is None else DataLoader(
+            self.val_ds, batch_size=cfg.batch_size, sampler=ShardSampler(len(self.val_ds), env.rank, env.world_size),
+            **common)
+
+    def _build_state(self) -> TrainState:
+        cfg, env = self.cfg, self.env
+        torch.manual_seed(cfg.seed)  # the initial weights (and head re-initialisation) depend on the seed only
+        random.seed(cfg.seed)
+        model = self.task.build_model().to(env.device)
+        if cfg.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if cfg.fsdp:
+            self._shard(model)
+        ema = None
+        if cfg.model_ema:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.model_ema_decay), use_buffers=True)
+        effective_batch = cfg.batch_size * cfg.grad_accum * env.world_size
+        self.peak_lr = cfg.lr if cfg.lr is not None else cfg.lr_base * effective_batch / cfg.lr_base_batch
+        groups = [{k: v for k, v in g.items() if k != "names"} for g in self.task.param_groups(model)]
+        optimizer = torch.optim.AdamW(groups, lr=self.peak_lr, betas=cfg.opt_betas, eps=cfg.opt_eps,
+                                      weight_decay=cfg.weight_decay)
+        scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.precision == "fp16")
+        return TrainState(model, optimizer, scaler, ema)
+
+    def _shard(self, model: nn.Module) -> None:
+        """FSDP2: one unit per stage (per block for isotropic models), then the whole model."""
+        if not self.env.distributed:
+            raise ValueError("--fsdp shards across processes: run under torchrun or with --nproc N (N >= 2)")
+        if self.cfg.model_ema:
+            raise ValueError("--model-ema is not supported with --fsdp yet; use DDP (no --fsdp) for EMA runs")
+        from torch.distributed.fsdp import fully_shard
+
+        for unit in getattr(model, "stages", None) or getattr(model, "blocks", None) or []:
+            fully_shard(unit)
+        fully_shard(model)
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        """What the training steps call: DDP (unless sharded) and torch.compile around the model."""
+        if self.env.distributed and not self.cfg.fsdp:
+            device = self.env.device
+            model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        return torch.compile(model) if self.cfg.compile else model
+
+    # --- resume -------------------------------------------------------------------------------
+    def resume(self) -> None:
+        """Continue from --resume (a file, or "auto": the newest complete checkpoint), else start and log."""
+        cfg, resume = self.cfg, self.cfg.resume
+        if resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+            resume = "auto"  # torchrun --max-restarts restarted us: continue from the last complete checkpoint
+        found = None
+        if resume == "auto":
+            found = find_resume(self.out)
+            if found is None:
+                logger.info("--resume auto: no checkpoint in %s, starting fresh", self.out)
+        elif resume:
+            found = (Path(resume), load_state(resume))
+        if found is not None:
+            path, state = found
+            self._check_identity(path, state)
+            self.state.load_state_dict(state)
+            p = self.state.progress
+            logger.info("resumed from %s (epoch %d, batch %d, step %d)", path, p.epoch + 1, p.batch, p.step)
+        if self.env.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_yaml(cfg, self.out / "config.yaml")
+            logger.info("%s; global batch %d (%d x %d x %d processes), peak lr %.3g, %d steps (%d warmup), %s on %s",
+                        self.task.summary(self.train_ds, self.val_ds),
+                        cfg.batch_size * cfg.grad_accum * self.env.world_size, cfg.batch_size, cfg.grad_accum,
+                        self.env.world_size, self.peak_lr, self.total_steps, self.warmup_steps, cfg.precision,
+                        self.env.device)
+
+    def _check_identity(self, path: Path, state: dict[str, Any]) -> None:
+        ours = self.task.identity()
+        theirs = {k: state.get(k) for k in ours}
+        if theirs != ours:
+            def show(d: dict) -> str:
+                return ", ".join(f"{k} {len(v) if isinstance(v, list) else v}" for k, v in d.items())
+            raise ValueError(f"{path} belongs to another run ({show(theirs)}); this run has {show(ours)}: "
+                             f"use another --output")
+
+    # --- one epoch ----------------------------------------------------------------------------
+    def train_epoch(self) -> dict[str, Any]:
+        """Train until the end of the epoch (from mid-epoch after a resume); returns its metrics line."""
+        cfg, p = self.cfg, self.state.progress
+        self.sampler.set_epoch(p.epoch, start=p.batch * cfg.batch_size)
+        self.model.train()
+        t0, self.n_images, self.step_ok = time.perf_counter(), 0, True
+        bar = tqdm(total=len(self.train_loader), initial=p.batch, desc=f"epoch {p.epoch + 1}/{cfg.epochs}",
+                   disable=not (cfg.progress and self.env.is_main), dynamic_ncols=True, leave=False)
+        for batch in self.train_loader:
+            self.train_batch(batch)
+            bar.update(1)
+            if p.batch % cfg.grad_accum == 0:  # optimizer step boundary
+                self.optimizer_step()
+                if p.step % cfg.log_every == 0 or p.batch == len(self.train_loader):
+                    bar.set_postfix(loss=f"{p.loss_sums.get('loss', 0.0) / max(p.loss_count, 1):.4f}",
+                                    lr=f"{self.lr:.2e}", img_s=f"{self.n_images / max(time.perf_counter() - t0, 1e-9):.0f}")
+                if cfg.save_every_steps and p.step % cfg.save_every_steps == 0:
+                    self.save()
+            if p.batch >= self.steps_per_epoch * cfg.grad_accum:
+                break  # the tail that cannot fill an optimizer step is left out, as drop_last
+        bar.close()
+        return self._epoch_line(time.perf_counter() - t0)
+
+    def _epoch_line(self, train_time: float) -> dict[str, Any]:
+        p, opt = self.state.progress, self.state.optimizer
+        line: dict[str, Any] = {"epoch": p.epoch + 1, "train_loss": p.loss_sums.get("loss", 0.0) / max(p.loss_count, 1)}
+        for name in self._loss_names()[1:]:
+            line[f"train_{name}"] = p.loss_sums.get(name, 0.0) / max(p.loss_count, 1)
+        line.update(lr=opt.param_groups[0]["lr"] / opt.param_groups[0]["lr_scale"], step=p.step,
+                    train_time_s=round(train_time, 2), train_img_s=round(self.n_images / max(train_time, 1e-9), 1))
+        if p.bad_images:
+            line["bad_images"] = p.bad_images
+        if p.nan_skipped:
+            line["nan_skipped"] = p.nan_skipped
+        return line
+
+    def _loss_names(self) -> list[str]:
+        """"loss" (the total that is optimised) and, when the task has several, each named loss."""
+        names = list(getattr(self.task, "loss_names", ("loss",)))
+        return ["loss"] if names == ["loss"] else ["loss", *names]
+
+    # --- one micro-batch and one optimisation step ----------------------------------------------
+    def train_batch(self, batch: Batch) -> None:
+        """Forward and backward of one micro-batch, with the NaN decision shared by all ranks."""
+        cfg, p = self.cfg, self.state.progress
+        if batch.bad:
+            self._report_bad(batch.bad)
+        if p.batch % cfg.grad_accum == 0:  # first micro-batch of an optimizer step
+            self.lr = lr_at(p.step, base_lr=self.peak_lr, min_lr=cfg.min_lr, warmup_steps=self.warmup_steps,
+                            total_steps=self.total_steps)
+            for g in self.state.optimizer.param_groups:
+                g["lr"] = self.lr * g["lr_scale"]
+            self.step_ok = True
+        torch.manual_seed(_step_seed(cfg.seed, p.epoch, p.batch, self.env.rank))  # mixup and drop path
+        losses = None
+        if len(batch):
+            with autocast(self.env.device, cfg.precision):
+                losses = self.task.loss(self.model, batch, self.env.device)
+            losses = {"loss": losses["loss"] if len(losses) == 1 else sum(losses.values()), **losses}
+        # One reduction per step: every rank learns whether any rank saw a non-finite loss (so all take
+        # the same branch, no hang) and the global loss sums (so every rank's progress, and the checkpoint
+        # rank 0 writes, hold the same numbers).
+        names = self._loss_names()
+        bad_local = losses is not None and not bool(torch.isfinite(losses["loss"]))
+        sums = [0.0 if (losses is None or bad_local) else losses[k].item() * len(batch) for k in names]
+        stats = D.sum_all([float(bad_local), sums[0], float(len(batch)), float(len(batch.bad)), *sums[1:]], self.env)
+        p.bad_images += int(stats[3])
+        if stats[0] > 0:
+            self._non_finite(batch, bad_local)
+        else:
+            if losses is not None:
+                self.state.scaler.scale(losses["loss"] / cfg.grad_accum).backward()
+            for k, v in zip(names, [stats[1], *stats[4:]]):
+                p.loss_sums[k] = p.loss_sums.get(k, 0.0) + v
+            p.loss_count += int(stats[2])
+            self.n_images += int(stats[2])
+        p.batch += 1
+
+    def _non_finite(self, batch: Batch, here: bool) -> None:
+        p = self.state.progress
+        names = [self.task.sample_name(self.train_ds, i) for i in batch.indices]
+        msg = (f"non-finite loss at epoch {p.epoch + 1}, step {p.step}, batch {p.batch}"
+               + (f" (files: {', '.join(names[:8])}{', ...' if len(names) > 8 else ''})" if here else
+                  " on another process"))
+        if self.cfg.nan_policy == "abort":
+            raise NonFiniteLossError(msg + "; no checkpoint written. --nan-policy skip skips such steps")
+        logger.warning("%s; skipping this step", msg)
+        self.step_ok = False
+
+    def _report_bad(self, indices: list[int]) -> None:
+        kind = getattr(self.task, "sample_kind", "sample")
+        for i in indices:
+            name, reason = self.task.sample_name(self.train_ds, i), self.task.unreadable_reason(self.train_ds, i)
+            if self.cfg.bad_images == "error":
+                raise DataError(f"unreadable {kind} {name} ({reason}); use --bad-images skip to train without it")
+            if i not in self.seen_bad:
+                self.seen_bad.add(i)
+                logger.warning("skipping unreadable %s %s (%s)", kind, name, reason)
+
+    def optimizer_step(self) -> None:
+        """Unscale and clip, step the optimizer and the EMA (unless a non-finite loss was skipped)."""
+        state, p = self.state, self.state.progress
+        if self.step_ok:
+            if self.cfg.clip_grad is not None:
+                state.scaler.unscale_(state.optimizer)
+                nn.utils.clip_grad_norm_(state.model.parameters(), self.cfg.clip_grad)
+            state.scaler.step(state.optimizer)
+            state.scaler.update()
+            if state.ema is not None:
+                state.ema.update_parameters(state.model)
+        else:
+            p.nan_skipped += 1
+        state.optimizer.zero_grad(set_to_none=True)
+        p.step += 1
+
+    # --- evaluation, end of epoch, checkpoints -------------------------------------------------
+    def evaluate_if_due(self) -> dict[str, float]:
+        """The task's metrics (and the EMA's best metric) every --eval-every epochs and after the last."""
+        cfg, epoch = self.cfg, self.state.progress.epoch + 1
+        if self.val_loader is None or not (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
+            return {}
+        model = self.state.model if self.env.distributed else self.model
+        metrics = self.task.evaluate(model, self.val_loader, self.env.device, progress=cfg.progress and self.env.is_main,
+                                     lockstep=cfg.fsdp)
+        if self.state.ema is not None:
+            ema = self.task.evaluate(self.state.ema.module, self.val_loader, self.env.device, progress=False,
+                                     lockstep=False)
+            metrics[f"{self.task.best_metric}_ema"] = ema[self.task.best_metric]
+        return metrics
+
+    def end_epoch(self, line: dict[str, Any]) -> None:
+        """Best weights, metrics.jsonl, curves.png, the log line, then the end-of-epoch checkpoint."""
+        p, task = self.state.progress, self.task
+        value = line.get(task.best_metric)
+        if value is not None and (p.best is None or (value > p.best if task.higher_is_better else value < p.best)):
+            p.best = value
+            best_sd = self.state.model_state()
+            if self.env.is_main:
+                task.save_best(self.state.model, best_sd, self.out, p.epoch + 1, line)
+        self.state.history.append(line)
+        p.next_epoch()
+        if self.env.is_main:
+            self._write_logs(line)
+        self.save()
+
+    def _write_logs(self, line: dict[str, Any]) -> None:
+        from ..plots import plot_curves
+
+        text = "".join(json.dumps(h) + "\n" for h in self.state.history)
+        atomic_write(self.out / "metrics.jsonl", lambda tmp: Path(tmp).write_text(text))
+        plot_curves(self.state.history, self.out / "curves.png")
+        shown = "  ".join(f"{k} {v:.4f}" if "loss" in k else f"{k} {v:.2f}" for k, v in line.items()
+                          if k.startswith(("train_loss", "val_", "train_")) and k not in ("train_time_s", "train_img_s"))
+        logger.info("epoch %d/%d  %s  lr %.2e  %.0f img/s  %.1f s%s", line["epoch"], self.cfg.epochs, shown, line["lr"],
+                    line["train_img_s"], line["train_time_s"],
+                    f"  ({line['bad_images']} unreadable samples skipped)" if "bad_images" in line else "")
+
+    def save(self) -> None:
+        """Checkpoint the full state (collective under FSDP; rank 0 writes), never from a non-finite state."""
+        model, p = self.state.model, self.state.progress
+        if not all(bool(torch.isfinite(w.full_tensor() if hasattr(w, "full_tensor") else w).all())
+                   for w in model.parameters()):
+            raise NonFiniteLossError(f"parameters are not finite at step {p.step}; no checkpoint written")
+        state = self.state.state_dict()
+        if self.env.is_main:
+            save_state(self.out, {"version": STATE_VERSION, **self.task.identity(), "config": self.cfg.to_dict(),
+                                  **state}, p.step, keep=self.cfg.keep_checkpoints)
+        D.barrier(self.env)
+
+    def summary(self) -> dict[str, Any]:
+        last = dict(self.state.history[-1]) if self.state.history else {}
+        return last | {"best": self.state.progress.best, "best_metric": self.task.best_metric, "output": str(self.out)}
+
+
+__all__ = ["NonFiniteLossError", "Progress", "TrainState", "Trainer", "fit"]

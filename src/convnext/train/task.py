@@ -1,0 +1,94 @@
+"""What a task is: the few things that differ between classification, detection, segmentation and
+pre-training. Everything else (resume, DDP/FSDP, AMP, EMA, accumulation, clipping, NaN policy,
+checkpoints, metrics.jsonl, plots, progress bars) is the engine's (`train.engine.fit`).
+
+A task says how to build its datasets and model, how a batch becomes named losses (torchvision's
+detection models return such a dict in train mode; classification and segmentation return one
+cross-entropy; FCMAE one reconstruction loss and no labels), how to evaluate, and which metric
+is "best".
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from .config import EngineConfig
+
+if TYPE_CHECKING:  # (importing data at run time would pull torchvision into every CLI start)
+    from ..data import Batch
+
+
+class Task:
+    """The interface between a task and the engine; subclass it and fill in what differs.
+
+    Datasets: `train[(epoch, index)]` returns a sample whose random augmentation is seeded from
+    (seed, epoch, index) (bitwise reproducible, resumable mid-epoch, independent of the number of
+    loader workers), or None for an unreadable one; `val[index]` likewise without the epoch.
+    """
+
+    best_metric: str = "val_loss"  # key of `evaluate`'s result that decides best.safetensors
+    higher_is_better: bool = False
+
+    def __init__(self, cfg: EngineConfig) -> None:
+        self.cfg = cfg
+
+    def datasets(self, world_size: int) -> tuple[Dataset, Dataset | None]:
+        """(train, val); val None for tasks without evaluation (e.g. pre-training)."""
+        raise NotImplementedError
+
+    def collate(self, items: list[Any]) -> Batch:
+        """Loader items -> one `Batch` (unreadable items, returned as None by the dataset, go to `bad`)."""
+        raise NotImplementedError
+
+    def build_model(self) -> nn.Module:
+        """The model to train, on the CPU (the engine moves, wraps and shards it)."""
+        raise NotImplementedError
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        """Optimizer groups with `weight_decay` and `lr_scale`; default: no decay on 1-D, layer decay."""
+        from .optim import param_groups
+
+        return param_groups(model, self.cfg.weight_decay, self.cfg.layer_decay, self.cfg.layer_decay_type)
+
+    def loss(self, model: nn.Module, batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
+        """Named losses of one batch (their sum is optimised); runs under the engine's autocast."""
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, loader: DataLoader, device: torch.device, *, progress: bool,
+                 lockstep: bool) -> dict[str, float]:
+        """Metrics on the validation loader (exact across processes: sums all-reduced).
+
+        `lockstep`: the model is sharded (FSDP), so its forward is collective and every rank must
+        run the same number of forwards.
+        """
+        raise NotImplementedError
+
+    def identity(self) -> dict[str, Any]:
+        """What a checkpoint of this run must match to be resumed (e.g. model name and classes)."""
+        return {"model_name": self.cfg.model}
+
+    def summary(self, train: Dataset, val: Dataset | None) -> str:
+        """One line for the log: the model and the data."""
+        return f"{self.cfg.model}: {len(train)} train" + (f" / {len(val)} val samples" if val is not None else " samples")
+
+    def save_best(self, model: nn.Module, state_dict: dict[str, torch.Tensor], output: Path, epoch: int,
+                  metrics: dict[str, float]) -> None:
+        """Write the best weights so far (rank 0 only; `state_dict` holds the full, unsharded weights)."""
+        from ..weights import save_checkpoint
+
+        save_checkpoint(model, output / "best.safetensors", state_dict=state_dict,
+                        extra_metadata={"epoch": str(epoch), self.best_metric: f"{metrics[self.best_metric]:.6g}"})
+
+    def sample_name(self, dataset: Dataset, index: int) -> str:
+        """How messages name a sample (a file path where there is one)."""
+        return f"sample {index}"
+
+    def unreadable_reason(self, dataset: Dataset, index: int) -> str:
+        """Why a sample came back as None (decoded again here, in the main process, to say why)."""
+        return "could not be read"
+

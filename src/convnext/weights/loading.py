@@ -1,0 +1,145 @@
+"""Loading weights into a model (strictly, with the documented adaptations) and saving ours."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from torch import nn
+
+from .convert import from_ours, to_ours, unwrap
+from .io import CheckpointError, read_checkpoint, write_safetensors
+
+logger = logging.getLogger(__name__)
+
+FORMAT_TAG = "convnext"  # safetensors metadata "format" of files written by save_checkpoint
+
+
+def read_state_dict(src: str | os.PathLike | Mapping[str, Any], *, key: str | None = None
+                    ) -> tuple[str, dict[str, torch.Tensor], dict[str, str]]:
+    """Any supported checkpoint (path or already-loaded dict) -> (format, our state dict, metadata)."""
+    metadata: dict[str, str] = {}
+    if isinstance(src, Mapping):
+        obj = src
+    else:
+        obj, metadata = read_checkpoint(src)
+    fmt, sd = to_ours(unwrap(obj, key))
+    return fmt, sd, metadata
+
+
+def _adapt_in_chans(w: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """Stem weights for another number of input channels (timm's rule).
+
+    1 channel: sum over RGB (a grey image gives the same activations as its RGB copy). Otherwise
+    tile the pretrained channels and rescale so activations keep their magnitude.
+    """
+    if in_chans == 1:
+        return w.sum(dim=1, keepdim=True)
+    reps = math.ceil(in_chans / w.shape[1])
+    return w.repeat(1, reps, 1, 1)[:, :in_chans] * (w.shape[1] / in_chans)
+
+
+def load_state_dict_into(model: nn.Module, sd: Mapping[str, torch.Tensor], *, adapt: bool = False,
+                         allow_missing_head: bool = False) -> None:
+    """Strictly load a state dict in our layout into `model`.
+
+    Tensors whose element count matches are reshaped to the model's shape. With `adapt`, a
+    different number of classes re-initialises the classifier and a different number of input
+    channels adapts the stem, each logged; every other mismatch raises, listing the keys.
+    """
+    target = model.state_dict()
+    sd = dict(sd)
+    if getattr(model, "features_only", False):  # no head; stages after the last output are not built
+        sd = {k: v for k, v in sd.items() if not k.startswith("head.")
+              and not (k.startswith("stages.") and int(k.split(".")[1]) >= len(model.stages))}
+    stem_key = "stem.conv.weight" if "stem.conv.weight" in target else "stem.weight"
+    if adapt and stem_key in sd and sd[stem_key].shape[1] != target[stem_key].shape[1]:
+        logger.info("adapting stem from %d to %d input channels", sd[stem_key].shape[1], target[stem_key].shape[1])
+        sd[stem_key] = _adapt_in_chans(sd[stem_key], target[stem_key].shape[1])
+    head_keys = ("head.fc.weight", "head.fc.bias")
+    if adapt and "head.fc.weight" in sd and sd["head.fc.weight"].shape != target.get("head.fc.weight", torch.empty(0)).shape:
+        n_ckpt = sd["head.fc.weight"].shape[0]
+        n_model = target["head.fc.weight"].shape[0] if "head.fc.weight" in target else 0
+        logger.info("classifier re-initialised: checkpoint has %d classes, model %d "
+                    "(pass num_classes=%d to keep the pretrained classifier)", n_ckpt, n_model, n_ckpt)
+        for k in head_keys:
+            sd.pop(k, None)
+        allow_missing_head = True
+    mismatched = []
+    for k, v in list(sd.items()):
+        if k in target and v.shape != target[k].shape:
+            if v.numel() == target[k].numel():
+                sd[k] = v.reshape(target[k].shape)
+            else:
+                mismatched.append(f"{k} {tuple(v.shape)} vs model {tuple(target[k].shape)}")
+    allowed = set(head_keys) if allow_missing_head else set()
+    if allow_missing_head and "head.norm.weight" not in sd:  # FCMAE encoders carry no final norm either
+        allowed |= {"head.norm.weight", "head.norm.bias"}
+    missing = sorted(set(target) - set(sd) - allowed)
+    unexpected = sorted(set(sd) - set(target))
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)}: {_short(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)}: {_short(unexpected)}")
+        if mismatched:
+            parts.append(f"shape mismatch {len(mismatched)}: {_short(mismatched)}")
+        raise CheckpointError("checkpoint does not fit the model; " + "; ".join(parts))
+    skipped = sorted(set(target) - set(sd))
+    if skipped:
+        logger.info("kept initial values for %s (not in checkpoint)", ", ".join(skipped))
+    model.load_state_dict(sd, strict=False)
+
+
+def _short(items: list[str], n: int = 6) -> str:
+    return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")
+
+
+def load_checkpoint(model: nn.Module, src: str | os.PathLike | Mapping[str, Any], *,
+                    key: str | None = None, adapt: bool = False) -> str:
+    """Load any supported checkpoint into `model` strictly; returns the detected format.
+
+    Formats: official V1/V2 (incl. `{'model': ...}` / `{'model_ema': ...}` wrappers and FCMAE
+    pre-training encoders), timm, torchvision, Hugging Face `ConvNext*`/`ConvNextV2*`, and ours;
+    files `.pth`, `.pt`, `.bin`, `.safetensors` or a Hugging Face model directory.
+    """
+    fmt, sd, _ = read_state_dict(src, key=key)
+    load_state_dict_into(model, sd, adapt=adapt, allow_missing_head=fmt == "fcmae")
+    return fmt
+
+
+def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, fmt: str = "ours",
+                    extra_metadata: Mapping[str, Any] | None = None,
+                    state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Write the model's weights as safetensors (atomically) with its name and config as metadata.
+
+    `fmt="official"` (or timm, torchvision, hf, official_isotropic) writes that layout instead, so
+    weights trained here can go back to other tools. `state_dict` replaces `model.state_dict()`
+    (e.g. the gathered full weights of a sharded model).
+    """
+    cfg = getattr(model, "cfg", None)
+    name = getattr(model, "model_name", None)
+    metadata: dict[str, Any] = {"format": FORMAT_TAG if fmt == "ours" else fmt}
+    if name:
+        metadata["model"] = name
+    if cfg is not None:
+        metadata["arch"] = type(model).__name__
+        metadata["config"] = json.dumps(asdict(cfg))
+    metadata.update(extra_metadata or {})
+    sd = from_ours(model.state_dict() if state_dict is None else state_dict, fmt)
+    write_safetensors(path, sd, metadata)
+
+
+def checkpoint_config(metadata: Mapping[str, str]) -> tuple[str | None, dict[str, Any] | None]:
+    """(model name, config dict) stored by `save_checkpoint`, or (None, None) for other files."""
+    if metadata.get("format") != FORMAT_TAG:
+        return None, None
+    cfg = json.loads(metadata["config"]) if "config" in metadata else None
+    return metadata.get("model"), cfg
