@@ -45,7 +45,7 @@ class EngineConfig:
     """What the training engine needs, whatever the task."""
 
     # --- what to train, on what ---
-    model: str = "convnext_tiny"
+    model: str = "convnext_tiny"  # the task's model (each task config checks the name)
     data: str = ""  # the task's dataset root
     output: str = "runs/train"
     input_size: int = 224
@@ -87,9 +87,6 @@ class EngineConfig:
     progress: bool = True  # tqdm bars (rank 0 only)
 
     def __post_init__(self) -> None:
-        from ..factory import check_model_name
-
-        check_model_name(self.model)
         if not self.data:
             _fail("--data is required: the dataset folder")
         if self.lr is not None and not (_finite(self.lr) and self.lr > 0):
@@ -154,6 +151,9 @@ class TrainConfig(EngineConfig):
     cache_images: bool = False  # keep decoded images in RAM (small datasets; per loader process)
 
     def __post_init__(self) -> None:
+        from ..factory import check_model_name
+
+        check_model_name(self.model)
         super().__post_init__()
         for name in ("smoothing", "mixup", "cutmix"):
             if not _finite(getattr(self, name)) or getattr(self, name) < 0:

@@ -59,8 +59,9 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
     No weight decay on biases, norm weights, LayerScale gamma and GRN gamma/beta: every parameter
     with fewer than 2 dimensions (plus GRN's, whatever their shape), as the official code.
     """
-    cfg = model.cfg
-    depths = tuple(cfg.depths) if hasattr(cfg, "depths") else (cfg.depth,)
+    if layer_decay < 1.0:
+        cfg = model.cfg  # a ConvNeXt: layer ids follow its depths
+        depths = tuple(cfg.depths) if hasattr(cfg, "depths") else (cfg.depth,)
     groups: dict[str, dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
