@@ -202,6 +202,14 @@ def test_in_chans_and_isotropic_shapes():
 
 # --- The fast path: same function as the textbook block, in inference and in training -----------
 
+def test_block_reads_like_the_paper():
+    """print(model) shows the paper's op sequence, GELU included, and the textbook forward is the default's."""
+    block = convnext.create_model("convnextv2_atto").stages[0].blocks[0]
+    assert [n for n, _ in block.named_children()] == ["dwconv", "norm", "pwconv1", "act", "grn", "pwconv2", "drop_path"]
+    assert "(act): GELU(approximate='none')" in str(block)
+    assert block.dwconv.kernel_size == (7, 7) and block.dwconv.groups == 40 and block.pwconv1.out_features == 160
+
+
 def _reference(model):
     """The textbook model: the same weights, every block computed by the paper's op sequence (`Block.forward`)."""
     import copy

@@ -205,7 +205,7 @@ def _add_train_eval_predict(sub) -> None:
 
 
 def _add_export_bench_demo(sub) -> None:
-    from .bench import PEERS
+    from .bench import MODES, PEERS
     from .export import FORMATS
     from .utils import PRECISIONS
 
@@ -222,7 +222,7 @@ def _add_export_bench_demo(sub) -> None:
     p.add_argument("--model", default="convnext_tiny")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--input-size", type=int, default=224)
-    p.add_argument("--mode", choices=["infer", "train"], default="infer")
+    p.add_argument("--mode", choices=list(MODES), default="infer")
     p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
                    help="fp32, or autocast to bf16/fp16 (LayerNorm/GRN statistics stay fp32)")
     p.add_argument("--compare", default="timm,torchvision",
