@@ -198,11 +198,14 @@ def test_official_isotropic_checkpoint(name, tmp_path):
         assert _max_diff(ours(x), _reference_isotropic(official, x)) <= TOL
 
 
-def test_isotropic_layer_scale_follows_checkpoint(tmp_path):
-    """Official iso-L was trained with LayerScale, S/B without: the checkpoint decides."""
+def test_isotropic_layer_scale_must_be_asked_for(tmp_path):
+    """Official iso-L was trained with LayerScale, S/B without: a checkpoint that differs from the
+    registered variant loads only when asked for explicitly (never a silent change of family)."""
     src = convnext.create_model("convnext_isotropic_small", num_classes=2, ls_init_value=0.5)
     torch.save({"model": from_ours(src.state_dict(), "official_isotropic")}, tmp_path / "w.pth")
-    ours = convnext.create_model("convnext_isotropic_small", pretrained=tmp_path / "w.pth")
+    with pytest.raises(ValueError, match="has LayerScale.*pass ls_init_value=1e-6"):
+        convnext.create_model("convnext_isotropic_small", pretrained=tmp_path / "w.pth")
+    ours = convnext.create_model("convnext_isotropic_small", pretrained=tmp_path / "w.pth", ls_init_value=1e-6)
     assert ours.blocks[0].gamma is not None and torch.equal(ours.blocks[0].gamma, src.blocks[0].gamma)
 
 

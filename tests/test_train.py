@@ -270,15 +270,14 @@ def test_cli_bad_input_is_one_line_exit_2(fmnist, tmp_path, args, needle):
 
 
 def test_yaml_recipes_parse(tmp_path):
-    from pathlib import Path
+    from convnext.train.config import list_recipes, load_yaml
 
-    from convnext.train.config import load_yaml
-
-    configs = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
-    assert len(configs) >= 6
-    for path in configs:
-        values = load_yaml(path)
+    recipes = list_recipes()  # packaged with the library, read through importlib.resources
+    assert len(recipes) >= 6 and "in1k_convnext_tiny" in recipes and "demo" in recipes
+    for name in recipes:
+        values = load_yaml(name)
         TrainConfig(**{"data": "x", **values})
+    assert load_yaml("in1k_convnext_tiny.yaml") == load_yaml("in1k_convnext_tiny")
     (tmp_path / "bad.yaml").write_text("lerning_rate: 3\n")
     with pytest.raises(ValueError, match="unknown option 'lerning_rate'"):
         load_yaml(tmp_path / "bad.yaml")
@@ -295,7 +294,7 @@ def test_demo_runs_train_eval_predict_end_to_end(fmnist, tmp_path, monkeypatch, 
     import convnext.data.fashion_mnist as fm
     from convnext.cli import main
 
-    monkeypatch.setattr(fm, "prepare", lambda root: fmnist)
+    monkeypatch.setattr(fm, "prepare", lambda root, per_class=None: fmnist)
     assert main(["demo", "--output", str(tmp_path / "demo"), "--epochs", "1"]) == 0
     out = capsys.readouterr().out
     assert "== evaluate" in out and "== predict" in out and "demo result: convnext_atto reached" in out

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import re
 import pickle
 import zipfile
 
@@ -193,7 +194,7 @@ def test_pretrained_tag_uses_the_cache(tmp_path, monkeypatch):
     """A tag resolves to its URL's file name in the cache; a torchvision file with a wrong hash is refused."""
     import torchvision
 
-    from convnext.weights.io import cache_dir
+    from convnext.utils import cache_dir
 
     tv = torchvision.models.convnext_tiny()
     info = PRETRAINED["convnext_tiny.tv_in1k"]
@@ -228,3 +229,112 @@ def test_zip_without_data_is_reported(tmp_path):
         z.writestr("archive/version", "3")
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
         read_checkpoint(path)
+
+
+# --- Never load wrong weights silently (issue 10, points 1 and 2) -----------------------------------
+
+@pytest.mark.parametrize("key", ["stages.0.blocks.0.pwconv1.weight", "head.fc.weight"])
+def test_a_transposed_tensor_with_the_same_size_is_a_shape_error(key, tmp_path):
+    sd = convnext.create_model("convnext_atto", num_classes=10).state_dict()
+    sd[key] = sd[key].t().contiguous()  # same number of elements, wrong layout
+    with pytest.raises(CheckpointError, match=rf"shape mismatch 1: {re.escape(key)}"):
+        convnext.load_checkpoint(convnext.create_model("convnext_atto", num_classes=10), sd)
+    torch.save(sd, tmp_path / "t.pth")
+    with pytest.raises(ValueError, match=re.escape(key)):  # also through create_model (which adapts heads)
+        convnext.create_model("convnext_atto", pretrained=tmp_path / "t.pth", num_classes=10)
+
+
+def test_only_documented_layout_differences_are_reshaped():
+    model = convnext.create_model("convnextv2_atto", num_classes=10)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    sd["stages.0.blocks.0.pwconv1.weight"] = sd["stages.0.blocks.0.pwconv1.weight"][..., None, None]  # timm conv-MLP
+    sd["stages.0.blocks.0.grn.gamma"] = sd["stages.0.blocks.0.grn.gamma"].reshape(1, 1, 1, -1)  # official / HF GRN
+    convnext.load_checkpoint(model, sd)
+    sd["stages.0.blocks.0.grn.beta"] = sd["stages.0.blocks.0.grn.beta"].reshape(-1, 1)  # not a documented layout
+    with pytest.raises(CheckpointError, match=r"grn\.beta \(160, 1\)"):
+        convnext.load_checkpoint(model, sd)
+
+
+def test_a_checkpoint_of_another_family_names_the_right_model(tmp_path):
+    torch.save({"model": convnext.weights.from_ours(convnext.create_model("convnextv2_tiny").state_dict(),
+                                                    "official")}, tmp_path / "v2.pth")
+    with pytest.raises(ValueError, match=r"ConvNeXt V2 \(GRN\) convnextv2_tiny, not convnext_tiny"):
+        convnext.create_model("convnext_tiny", pretrained=tmp_path / "v2.pth")
+    torch.save(convnext.create_model("convnext_atto").state_dict(), tmp_path / "v1.pth")
+    with pytest.raises(ValueError, match="convnext_atto, not convnextv2_atto"):
+        convnext.create_model("convnextv2_atto", pretrained=tmp_path / "v1.pth")
+    convnext.save_checkpoint(convnext.create_model("convnextv2_atto"), tmp_path / "ours.safetensors")
+    with pytest.raises(ValueError, match="holds a convnextv2_atto"):
+        convnext.create_model("convnext_atto", pretrained=tmp_path / "ours.safetensors")
+    v1_no_ls = convnext.create_model("convnext_atto", ls_init_value=None).state_dict()
+    with pytest.raises(ValueError, match="has no LayerScale"):
+        convnext.create_model("convnext_atto", pretrained=v1_no_ls)
+    assert convnext.create_model("convnext_atto", pretrained=v1_no_ls, ls_init_value=None).stages[0].blocks[0].gamma is None
+
+
+# --- Every unreadable file: one error class, one line, never an unsafe advice, never code (point 8) ---
+
+@pytest.mark.parametrize("content", [b"hello world", b'{"model": {"w": 1}}\n', b"# README\n\nConvNeXt weights\n",
+                                     bytes(range(256)) * 3])
+def test_text_and_random_files_are_not_checkpoints(content, tmp_path):
+    path = tmp_path / "w.pth"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as e:
+        read_checkpoint(path)
+    msg = str(e.value)
+    assert "not a PyTorch checkpoint or safetensors file" in msg and str(path) in msg
+    assert "weights_only=False" not in msg and "\n" not in msg
+
+
+def _good_files(tmp_path):
+    sd = {"w": torch.arange(24.0).reshape(4, 6), "b": torch.zeros(3)}
+    torch.save({"model": sd}, tmp_path / "good.pth")
+    convnext.weights.write_safetensors(tmp_path / "good.safetensors", sd, {"format": "x"})
+    torch.save({"model": sd}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    evil = pickle.dumps({"w": _Payload(tmp_path / "pwned")}, protocol=2)
+    return [(tmp_path / n).read_bytes() for n in ("good.pth", "good.safetensors", "legacy.pth")] + [evil]
+
+
+def _read_never_crashes(tmp_path, name, data):
+    path = tmp_path / name
+    path.write_bytes(data)
+    try:
+        obj, _ = read_checkpoint(path)
+        assert isinstance(obj, dict)
+    except CheckpointError as e:
+        assert "\n" not in str(e) and str(path) in str(e)
+
+
+def test_random_bytes_text_and_truncations_only_raise_checkpoint_error(tmp_path):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    good = _good_files(tmp_path)
+    marker = tmp_path / "pwned"
+    ok = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+
+    @ok
+    @given(st.binary(min_size=1, max_size=3000), st.sampled_from([".pth", ".pt", ".bin", ".safetensors"]))
+    def random_bytes(data, suffix):
+        _read_never_crashes(tmp_path, "r" + suffix, data)
+
+    @ok
+    @given(st.text(min_size=1, max_size=500))
+    def random_text(text):
+        _read_never_crashes(tmp_path, "t.pth", text.encode("utf-8", "surrogatepass"))
+
+    @ok
+    @given(st.integers(0, 3), st.floats(0, 1), st.integers(0, 255), st.booleans())
+    def damaged(which, where, byte, flip):
+        data = bytearray(good[which])
+        cut = int(where * len(data))
+        if flip and cut < len(data):
+            data[cut] = byte  # one corrupted byte
+        else:
+            data = data[:max(cut, 1)]  # truncated
+        _read_never_crashes(tmp_path, ["d.pth", "d.safetensors", "d.pth", "d.pkl"][which], bytes(data))
+
+    random_bytes()
+    random_text()
+    damaged()
+    assert not marker.exists()  # no damaged copy of the malicious pickle ever ran its payload

@@ -47,7 +47,7 @@ def _cmd_info(args: argparse.Namespace) -> None:
 def _cmd_convert(args: argparse.Namespace) -> None:
     from .factory import convert_checkpoint
 
-    fmt, name = convert_checkpoint(args.src, args.dst, to=args.to, key=args.key, model=args.model)
+    fmt, name = convert_checkpoint(args.src, args.dst, to=args.to, key=args.key, model=args.model, force=args.force)
     print(f"converted {fmt} checkpoint {args.src} -> {args.dst} ({name}, {args.to} layout)")
 
 
@@ -103,18 +103,26 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         print(format_results(res))
 
 
-def _cmd_predict(args: argparse.Namespace) -> None:
+def _cmd_predict(args: argparse.Namespace) -> int:
     from .eval import format_predictions, predict_files
 
     results = predict_files(args.checkpoint, args.images, backend=args.backend, key=args.key, topk=args.topk)
-    print(format_predictions(results, "json" if args.json else "csv" if args.csv else "text"))
+    print(format_predictions([r for r in results if "top" in r or args.json or args.csv],
+                             "json" if args.json else "csv" if args.csv else "text"))
+    failed = [r for r in results if "error" in r]
+    for r in failed:
+        print(f"convnext predict: cannot read {r['path']} ({r['error']})", file=sys.stderr)
+    return 1 if failed else 0  # as cp and grep: scripts notice that some inputs failed
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
     import json
 
     from .bench import BenchOptions, format_table, run
+    from .utils import atomic_write, check_output
 
+    if args.json and args.json != "-":
+        check_output(args.json, force=args.force, suffixes=(".json",))
     res = run(BenchOptions(
         model=args.model, batch_size=args.batch_size, input_size=args.input_size, mode=args.mode,
         precision=args.precision, compare=tuple(p for p in args.compare.split(",") if p), repeats=args.repeats,
@@ -128,14 +136,14 @@ def _cmd_bench(args: argparse.Namespace) -> None:
         if args.json == "-":
             print(text)
         else:
-            Path(args.json).write_text(text + "\n")
+            atomic_write(args.json, lambda tmp: Path(tmp).write_text(text + "\n"))
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
     from .export import export_checkpoint
 
     path, info = export_checkpoint(args.checkpoint, args.format, args.output, key=args.key,
-                                   input_size=args.input_size, dynamic_size=not args.static_size)
+                                   input_size=args.input_size, dynamic_size=not args.static_size, force=args.force)
     pre = info.preprocess
     size = "dynamic batch and image size" if not args.static_size and args.format != "torchscript" else "dynamic batch"
     print(f"exported {info.model_name} ({len(info.classes)} classes) as {args.format} to {path} ({size}; "
@@ -145,7 +153,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
 def _cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
-    run_demo(args.output, epochs=args.epochs)
+    run_demo(args.output, epochs=args.epochs, per_class=args.per_class, force=args.force)
 
 
 def _add_list_info_convert(sub) -> None:
@@ -165,6 +173,7 @@ def _add_list_info_convert(sub) -> None:
     p.add_argument("--model", help="architecture name (inferred from the weights when omitted)")
     p.add_argument("--key", help="state dict key inside the file, e.g. model_ema")
     p.add_argument("--to", default="ours", choices=["ours", *TABLES], help="layout to write (default: ours)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.set_defaults(func=_cmd_convert)
 
 
@@ -195,7 +204,7 @@ def _add_train_eval_predict(sub) -> None:
     p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--key", help="state dict key, e.g. model_ema")
-    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--topk", type=int, help="classes per image, 1 .. the model's classes (default: 5, or all if fewer)")
     p.add_argument("--backend", default="torch", choices=["torch", *BACKENDS],
                    help="torch: a checkpoint; others: a file from `convnext export` (default: torch)")
     fmt = p.add_mutually_exclusive_group()
@@ -212,7 +221,9 @@ def _add_export_bench_demo(sub) -> None:
     p = sub.add_parser("export", help="export a checkpoint to ONNX, TorchScript or torch.export for deployment")
     p.add_argument("--checkpoint", required=True, help="best.safetensors, last.pt or any supported checkpoint")
     p.add_argument("--format", required=True, choices=list(FORMATS))
-    p.add_argument("--output", help="output file (default: the checkpoint's name with .onnx/.pt/.pt2)")
+    p.add_argument("--output", help="output file (default: beside the checkpoint, its name with .onnx/.pt/.pt2; "
+                                    "never the checkpoint itself)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.add_argument("--key", help="state dict key, e.g. model_ema")
     p.add_argument("--input-size", type=int, help="preprocessing input size to record (default: the checkpoint's)")
     p.add_argument("--static-size", action="store_true", help="fix the image size (batch stays dynamic)")
@@ -234,11 +245,14 @@ def _add_export_bench_demo(sub) -> None:
     p.add_argument("--compile", action="store_true", help="also benchmark torch.compile (with freezing for infer)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-candidate peak-memory runs")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH ('-': only JSON, to stdout)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("demo", help="the main job: train on embedded Fashion-MNIST, evaluate, predict")
     p.add_argument("--output", default="runs/demo")
     p.add_argument("--epochs", type=int, help="override the demo recipe's epochs")
+    p.add_argument("--per-class", type=int, help="use only the first N images of each class (a quick check)")
+    p.add_argument("--force", action="store_true", help="start over in an --output that holds an earlier demo")
     p.set_defaults(func=_cmd_demo)
 
 
@@ -260,9 +274,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = None if argv is None else list(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s")
-    func: Callable[[argparse.Namespace], None] = args.func
+    func: Callable[[argparse.Namespace], int | None] = args.func
     try:
-        func(args)
+        code = func(args) or 0
     except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
         if args.debug:
             raise
@@ -279,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code
 
 
 if __name__ == "__main__":

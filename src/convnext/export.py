@@ -14,13 +14,14 @@ import copy
 import dataclasses
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+from .utils import atomic_write, check_output
 
 if TYPE_CHECKING:
     from .eval.predict import InferenceInfo
@@ -55,9 +56,8 @@ def export_model(model: nn.Module, info: InferenceInfo, path: str | os.PathLike,
     size = max(input_size, MIN_SIZE) if dynamic_size else input_size
     example = torch.randn(2, model.cfg.in_chans, size, size)
     meta = json.dumps(info.to_dict() | {"format": fmt, "dynamic_size": dynamic_size})
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.tmp", suffix=path.suffix)
-    os.close(fd)
-    try:
+
+    def write(tmp: str) -> None:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # exporters' deprecation/progress chatter
             if fmt == "onnx":
@@ -68,10 +68,7 @@ def export_model(model: nn.Module, info: InferenceInfo, path: str | os.PathLike,
             else:
                 program = torch.export.export(model, (example,), dynamic_shapes=_dynamic_shapes(dynamic_size))
                 torch.export.save(program, tmp, extra_files={_META: meta})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, write, suffix=path.suffix)
     return path
 
 
@@ -121,13 +118,25 @@ def read_export_metadata(path: str | os.PathLike) -> tuple[str, InferenceInfo]:
     return meta["format"], InferenceInfo.from_dict(meta)
 
 
+def default_output(checkpoint: str | os.PathLike, fmt: str) -> Path:
+    """`<stem><suffix>` beside the checkpoint, or `<stem>.<format><suffix>` where that would be the checkpoint."""
+    src = Path(checkpoint)
+    out = src.with_suffix(FORMATS[fmt])
+    return out if out.name != src.name else src.with_name(f"{src.stem}.{fmt}{FORMATS[fmt]}")
+
+
 def export_checkpoint(checkpoint: str | os.PathLike, fmt: str, output: str | os.PathLike | None = None, *,
-                      key: str | None = None, input_size: int | None = None, dynamic_size: bool = True
-                      ) -> tuple[Path, InferenceInfo]:
-    """`convnext export`: a checkpoint (ours or any supported layout) -> an exported file with its preprocessing."""
+                      key: str | None = None, input_size: int | None = None, dynamic_size: bool = True,
+                      force: bool = False) -> tuple[Path, InferenceInfo]:
+    """`convnext export`: a checkpoint (ours or any supported layout) -> an exported file with its preprocessing.
+
+    Never writes over the checkpoint; an existing output only with `force`.
+    """
     from .eval.predict import load_for_inference
 
-    out = Path(output) if output else Path(checkpoint).with_suffix(FORMATS[fmt])
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    out = check_output(output or default_output(checkpoint, fmt), inputs=(checkpoint,), force=force)
     model, info = load_for_inference(checkpoint, key=key)
     if input_size:
         info = dataclasses.replace(info, preprocess=dataclasses.replace(info.preprocess, input_size=input_size))

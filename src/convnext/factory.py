@@ -43,12 +43,32 @@ def check_model_name(name: str) -> str:
 
 
 def _match_arch(cls_name: str, cfg: dict[str, Any]) -> str | None:
-    """Registered name whose architecture equals the inferred config (ignoring head/drop path)."""
+    """Registered name whose architecture equals the inferred config (ignoring head/drop path).
+
+    The family must match too (GRN or not); LayerScale breaks ties (isotropic S/B have none, L has it).
+    """
     keys = ("depths", "dims", "depth", "dim", "use_grn")
-    for name, (cls, base) in MODELS.items():
-        if cls.__name__ == cls_name and all(getattr(base, k) == cfg[k] for k in keys if k in cfg):
-            return name
-    return None
+    same = [name for name, (cls, base) in MODELS.items()
+            if cls.__name__ == cls_name and all(getattr(base, k) == cfg[k] for k in keys if k in cfg)]
+    has_ls = cfg.get("ls_init_value") is not None
+    return next((n for n in same if bool(MODELS[n][1].ls_init_value) == has_ls), same[0] if same else None)
+
+
+def _check_family(arch: str, want: dict[str, Any], inferred: dict[str, Any], saved_name: str | None,
+                  where: object) -> None:
+    """A checkpoint of another family (V1 vs V2, LayerScale or not) than the requested model is an error."""
+    if saved_name and saved_name != arch:
+        raise ValueError(f"{where} holds a {saved_name} (saved by this library), not {arch}; "
+                         f"use create_model({saved_name!r}, pretrained=...)")
+    if inferred["use_grn"] != want["use_grn"]:
+        found = _match_arch(MODELS[arch][0].__name__, inferred) or "model with" + (" GRN" if inferred["use_grn"] else "out GRN")
+        family = "ConvNeXt V2 (GRN)" if inferred["use_grn"] else "ConvNeXt V1 (no GRN)"
+        raise ValueError(f"{where} holds a {family} {found}, not {arch}; use create_model({found!r}, pretrained=...)")
+    has_ls = inferred["ls_init_value"] is not None
+    if has_ls != bool(want["ls_init_value"]):
+        fix = "ls_init_value=1e-6 to build it with LayerScale" if has_ls else "ls_init_value=None to build it without"
+        raise ValueError(f"{where} {'has' if has_ls else 'has no'} LayerScale (gamma) but {arch} "
+                         f"{'has none' if has_ls else 'has it'}; if this is the model you mean, pass {fix}")
 
 
 def infer_model_name(state_dict: Mapping[str, Any], source: object = "checkpoint") -> str:
@@ -119,19 +139,19 @@ def create_model(name: str, *, pretrained: bool | str | os.PathLike = False, num
     sd, fmt = None, None
     if path is not None:
         fmt, sd, metadata = read_state_dict(path, key=info.key if info else None)
-        _, saved = checkpoint_config(metadata)
+        saved_name, saved = checkpoint_config(metadata)
         cls_name, inferred = infer_config(sd)
         found = _match_arch(cls_name, inferred)
+        where = path if isinstance(path, Path) else "the checkpoint"
         if cls_name != cls.__name__ or any(inferred[k] != fields[k] for k in ("depths", "dims", "depth", "dim")
                                            if k in inferred):
             shape = {k: inferred[k] for k in ("depths", "dims", "depth", "dim") if k in inferred}
-            where = path if isinstance(path, Path) else "the checkpoint"
             raise ValueError(f"{where} holds a {found or 'different architecture'} {shape}, not {arch}; "
                              f"use create_model({(found or '<name>')!r}, pretrained=...)")
         if saved:  # our own file: it knows its full config
             fields.update({k: v for k, v in saved.items() if k in valid})
-        # The checkpoint decides what parameters exist (GRN, LayerScale, stem patch size).
-        fields.update({k: inferred[k] for k in ("use_grn", "patch_size", "ls_init_value") if k in inferred})
+        _check_family(arch, fields | overrides, inferred, saved_name, where)
+        fields["patch_size"] = inferred["patch_size"]  # the stem follows the checkpoint
         if num_classes is None:
             num_classes = inferred.get("num_classes", 0)
     fields.update(num_classes=1000 if num_classes is None else num_classes, in_chans=in_chans,
@@ -170,10 +190,15 @@ def describe_model(name: str, input_size: int = 224) -> ModelSummary:
 
 
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, to: str = "ours", key: str | None = None,
-                       model: str | None = None) -> tuple[str, str]:
-    """`convnext convert`: any supported checkpoint -> safetensors in layout `to`; returns (source format, model)."""
+                       model: str | None = None, force: bool = False) -> tuple[str, str]:
+    """`convnext convert`: any supported checkpoint -> safetensors in layout `to`; returns (source format, model).
+
+    Never writes over `src`; an existing `dst` only with `force`; `dst` must end in .safetensors.
+    """
+    from .utils import check_output
     from .weights import read_checkpoint, save_checkpoint, to_ours, unwrap
 
+    check_output(dst, inputs=(src,), force=force, suffixes=(".safetensors",))
     obj, _ = read_checkpoint(src)
     state_dict = unwrap(obj, key)
     fmt, ours = to_ours(state_dict)

@@ -14,12 +14,28 @@ import torch
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> None:
-    """Call `write(tmp_path)`, fsync, then rename over `path`: readers never see a partial file."""
+def temp_file(folder: str | os.PathLike, prefix: str, suffix: str) -> str:
+    """A new empty file in `folder` with the permissions a plain open() would give (umask honoured).
+
+    `tempfile.mkstemp` creates files 0600, so a colleague or a serving process in the same group
+    could not read what we write; this makes them 0644 under the usual umask 022.
+    """
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=suffix)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    return tmp
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], object], suffix: str = ".tmp") -> None:
+    """Call `write(tmp_path)`, fsync, then rename over `path`: readers never see a partial file.
+
+    `suffix` is the temporary file's (some writers infer the format from it).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = temp_file(path.parent, prefix=f".{path.name}.", suffix=suffix)
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
@@ -34,6 +50,30 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Non
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+def check_output(path: str | os.PathLike, *, inputs: tuple[str | os.PathLike, ...] = (), force: bool = False,
+                 suffixes: tuple[str, ...] = ()) -> Path:
+    """`path` if a command may write it: never one of its own inputs, an existing file only with
+    --force, and a suffix that says what the file is. Raises ValueError (one line) otherwise."""
+    path = Path(path)
+    for src in inputs:
+        if Path(src).exists() and (path.resolve() == Path(src).resolve()
+                                   or (path.exists() and os.path.samefile(path, src))):
+            raise ValueError(f"the output {path} is the input {src}: choose another output")
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise ValueError(f"the output {path} should end in {' or '.join(suffixes)} (the format written)")
+    if path.is_dir():
+        raise ValueError(f"the output {path} is a folder; name a file")
+    if path.exists() and not force:
+        raise ValueError(f"{path} exists; pass --force to overwrite it, or choose another output")
+    return path
+
+
+def cache_dir() -> Path:
+    """Where downloads go: $CONVNEXT_CACHE, else <torch hub dir>/convnext."""
+    env = os.environ.get("CONVNEXT_CACHE")
+    return Path(env) if env else Path(torch.hub.get_dir()) / "convnext"
 
 
 def autocast(device: torch.device | str, precision: str):

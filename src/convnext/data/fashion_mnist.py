@@ -1,14 +1,19 @@
-"""Fashion-MNIST (Zalando, MIT licence), embedded in the repo for the demo, as an image folder.
+"""Fashion-MNIST (Zalando, MIT licence) for the demo, as an image folder.
 
-The four original idx gz files live in `data/fashion-mnist/` (from Debian's dataset-fashion-mnist).
-`prepare()` writes them once as `ROOT/{train,val}/<class>/<n>.png` (val = the official 10k test
-set), verifying the files' SHA-256 first; a finished tree is marked and never rewritten.
+The four original idx gz files are embedded in the repository (`data/fashion-mnist/`, from
+Debian's dataset-fashion-mnist). `source_dir()` finds them: $CONVNEXT_FASHION_MNIST, else the
+checkout's copy, else a download from Zalando's mirror into the cache (an installed package has
+no checkout). Every copy is verified: the SHA-256 of its decompressed data (the same data
+whatever the gzip) or the MD5 Zalando publishes for its gz files. `prepare()` writes them once
+as `ROOT/{train,val}/<class>/<n>.png` (val = the official 10k test set); a finished tree is
+marked and never rewritten.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import logging
 import os
 import shutil
 import struct
@@ -16,19 +21,85 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..utils import cache_dir, temp_file
+
+logger = logging.getLogger(__name__)
+
 CLASSES = ("T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle_boot")
+# file -> (SHA-256 of the decompressed idx data, MD5 of Zalando's gz as published in their README)
 FILES = {
-    "train-images-idx3-ubyte.gz": "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7",
-    "train-labels-idx1-ubyte.gz": "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056",
-    "t10k-images-idx3-ubyte.gz": "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
-    "t10k-labels-idx1-ubyte.gz": "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05",
+    "train-images-idx3-ubyte.gz": ("c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+                                   "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
+    "train-labels-idx1-ubyte.gz": ("bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+                                   "25c81989df183df01b3e8a0aad5dffbe"),
+    "t10k-images-idx3-ubyte.gz": ("5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+                                  "bef4ecab320f06d8554ea6380940ec79"),
+    "t10k-labels-idx1-ubyte.gz": ("0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+                                  "bb300cfdad3c16e7a12a480ee83cd310"),
 }
+URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"  # Zalando's mirror (as torchvision's)
+_CHECKOUT = Path(__file__).resolve().parents[3] / "data" / "fashion-mnist"
+
+
+def genuine(name: str, raw: bytes) -> bool:
+    """Whether `raw` is the genuine file `name` (decompressed SHA-256, or Zalando's gz MD5)."""
+    content_sha, gz_md5 = FILES[name]
+    if hashlib.md5(raw, usedforsecurity=False).hexdigest() == gz_md5:
+        return True
+    try:
+        return hashlib.sha256(gzip.decompress(raw)).hexdigest() == content_sha
+    except (OSError, EOFError):  # not gzip, truncated
+        return False
+
+
+def _complete(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in FILES)
+
+
+def download(folder: Path, url: str) -> None:
+    """Fetch the files missing from `folder` from `url` (a base URL), each verified before it is kept."""
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in FILES:
+        if (folder / name).is_file():
+            continue
+        tmp = Path(temp_file(folder, prefix=f".{name}.", suffix=".part"))
+        try:
+            try:
+                torch.hub.download_url_to_file(url.rstrip("/") + "/" + name, str(tmp), progress=False)
+            except Exception as e:  # noqa: BLE001 - offline, 404, ...: say how to do without
+                raise FileNotFoundError(
+                    f"Fashion-MNIST is not in this installation and could not be downloaded from {url} "
+                    f"({type(e).__name__}: {e}); set CONVNEXT_FASHION_MNIST to a folder holding the four .gz "
+                    f"files (a checkout's data/fashion-mnist)") from None
+            if not genuine(name, tmp.read_bytes()):
+                raise ValueError(f"{url.rstrip('/')}/{name}: the download does not match the published hash; "
+                                 "discarded")
+            os.replace(tmp, folder / name)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def source_dir() -> Path:
-    """The embedded files: $CONVNEXT_FASHION_MNIST, else <repo>/data/fashion-mnist."""
+    """The four gz files: $CONVNEXT_FASHION_MNIST, else the checkout's copy, else downloaded to the cache.
+
+    The download comes from $CONVNEXT_FASHION_MNIST_URL (default: Zalando's mirror).
+    """
     env = os.environ.get("CONVNEXT_FASHION_MNIST")
-    return Path(env) if env else Path(__file__).resolve().parents[3] / "data" / "fashion-mnist"
+    if env:
+        if not _complete(Path(env)):
+            raise FileNotFoundError(f"CONVNEXT_FASHION_MNIST={env} does not hold the four Fashion-MNIST .gz files "
+                                    f"({', '.join(FILES)})")
+        return Path(env)
+    if _complete(_CHECKOUT):
+        return _CHECKOUT
+    folder = cache_dir() / "fashion-mnist"
+    if not _complete(folder):
+        url = os.environ.get("CONVNEXT_FASHION_MNIST_URL", URL)
+        logger.info("downloading Fashion-MNIST from %s to %s", url, folder)
+        download(folder, url)
+    return folder
 
 
 def read_idx(images_gz: Path, labels_gz: Path) -> tuple[list[bytes], list[int]]:
@@ -53,14 +124,15 @@ def prepare(root: str | os.PathLike, *, per_class: dict[str, int] | None = None,
     split: a stratified slice for tests.
     """
     root, src = Path(root), src or source_dir()
-    if (root / ".complete").exists():
+    marker = repr(sorted((per_class or {}).items()))  # which slice the finished tree holds
+    if (root / ".complete").is_file() and (root / ".complete").read_text() == marker:
         return root
-    for name, digest in FILES.items():
+    for name in FILES:
         path = src / name
         if not path.exists():
             raise FileNotFoundError(f"embedded Fashion-MNIST file missing: {path}")
-        if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
-            raise ValueError(f"{path}: SHA-256 mismatch; the embedded data is corrupt (git checkout data/)")
+        if not genuine(name, path.read_bytes()):
+            raise ValueError(f"{path}: does not match the published Fashion-MNIST data (corrupt copy?)")
     tmp = root.with_name(root.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     for split, prefix in (("train", "train"), ("val", "t10k")):
@@ -76,7 +148,7 @@ def prepare(root: str | os.PathLike, *, per_class: dict[str, int] | None = None,
             Image.frombytes("L", (28, 28), pixels).save(tmp / split / CLASSES[label] / f"{i:05d}.png")
     (tmp / "LICENSE").write_text("Fashion-MNIST, Copyright 2017 Zalando SE, MIT licence "
                                  "(https://github.com/zalandoresearch/fashion-mnist)\n")
-    (tmp / ".complete").touch()
+    (tmp / ".complete").write_text(marker)
     shutil.rmtree(root, ignore_errors=True)
     os.replace(tmp, root)
     return root

@@ -44,17 +44,16 @@ def load_for_inference(path: str | os.PathLike, *, key: str | None = None) -> tu
     other supported checkpoint (class names are then the indices, preprocessing the defaults).
     """
     obj, metadata = read_checkpoint(path)
-    if metadata.get("format") == FORMAT_TAG:
+    if metadata.get("format") == FORMAT_TAG:  # our best.safetensors / converted weights
         name = metadata.get("model")
         pre = json.loads(metadata.get("preprocess", "{}"))
         classes = json.loads(metadata["classes"]) if "classes" in metadata else None
-        sd = obj
-    elif "config" in obj and "classes" in obj and "model" in obj:  # our training state
+    elif "config" in obj and "classes" in obj and "model" in obj:  # our training state (last.pt)
         name, classes = obj["model_name"], list(obj["classes"])
         pre = obj["config"]  # input_size, crop_pct (Preprocess takes its own keys)
-        sd = obj["model_ema"] if key == "model_ema" and obj.get("model_ema") else obj["model"]
     else:
-        name, classes, pre, sd = None, None, {}, unwrap(obj, key)
+        name, classes, pre = None, None, {}
+    sd = unwrap(obj, key)
     _, ours = to_ours(sd)
     name = name or infer_model_name(ours, path)
     model = create_model(name, pretrained=ours).eval()
@@ -81,11 +80,15 @@ def expand_images(inputs: list[str | os.PathLike]) -> list[Path]:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, info: InferenceInfo, paths: list[Path], *, topk: int = 5,
+def predict(model: nn.Module, info: InferenceInfo, paths: list[Path], *, topk: int | None = None,
             batch_size: int = 32) -> list[dict]:
-    """Top-k (class, probability) per image; unreadable images get an `error` instead."""
+    """Top-k (class, probability) per image (default k: 5, or all classes if fewer); unreadable
+    images get an `error` instead."""
+    topk = min(5, len(info.classes)) if topk is None else topk
+    if not 1 <= topk <= len(info.classes):
+        raise ValueError(f"--topk must be between 1 and {len(info.classes)} (the model's classes), got {topk}")
     transform = info.transform()
-    k = min(topk, len(info.classes))
+    k = topk
     results: list[dict] = []
     for start in range(0, len(paths), batch_size):
         chunk, tensors, rows = paths[start:start + batch_size], [], []
@@ -106,8 +109,10 @@ def predict(model: nn.Module, info: InferenceInfo, paths: list[Path], *, topk: i
 
 
 def predict_files(checkpoint: str | os.PathLike, inputs: list[str | os.PathLike], *, backend: str = "torch",
-                  key: str | None = None, topk: int = 5) -> list[dict]:
+                  key: str | None = None, topk: int | None = None) -> list[dict]:
     """`convnext predict`: top-k classes of image files and folders with a checkpoint or an exported model."""
+    if topk is not None and topk < 1:
+        raise ValueError(f"--topk must be >= 1, got {topk}")
     if backend == "torch":
         model, info = load_for_inference(checkpoint, key=key)
     else:

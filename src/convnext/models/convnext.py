@@ -241,6 +241,15 @@ class ConvNeXtClassifierAPI(nn.Module):
                                "create it again from its checkpoint to train")
         return super().train(mode)
 
+    def check_input(self, x: torch.Tensor, min_size: int) -> None:
+        """A clear error for inputs the network cannot take (cheap; skipped while tracing/exporting)."""
+        if fast.capturing_graph():
+            return
+        c = self.cfg.in_chans
+        if x.ndim != 4 or x.shape[1] != c or x.shape[2] < min_size or x.shape[3] < min_size:
+            raise ValueError(f"{type(self).__name__} needs inputs of shape (N, {c}, H, W) with H, W >= {min_size}, "
+                             f"got {tuple(x.shape)}")
+
     def _maybe_checkpointed(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """`module(x)`, recomputed in backward when gradient checkpointing is on."""
         if self.grad_checkpointing and torch.is_grad_enabled():
@@ -290,6 +299,7 @@ class ConvNeXt(ConvNeXtClassifierAPI):
     def forward_intermediates(self, x: torch.Tensor, indices: tuple[int, ...] | None = None) -> list[torch.Tensor]:
         """(N, in_chans, H, W) -> [(N, dims[i], H/(4*2^i), W/(4*2^i)) for i in indices (default: out_indices)]."""
         indices = self.out_indices if indices is None else indices
+        self.check_input(x, self.cfg.patch_size * 2 ** (len(self.stages) - 1))  # each downsampling halves
         x = self.stem(x).contiguous(memory_format=torch.channels_last)  # the blocks' (N, H, W, C) views are free
         outs = []
         for i, stage in enumerate(self.stages):
@@ -321,6 +331,7 @@ class ConvNeXtIsotropic(ConvNeXtClassifierAPI):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, in_chans, H, W) -> (N, dim, H/16, W/16)."""
+        self.check_input(x, self.cfg.patch_size)
         x = self.stem(x).contiguous(memory_format=torch.channels_last)
         for block in self.blocks:
             x = self._maybe_checkpointed(block, x)

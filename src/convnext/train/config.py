@@ -11,11 +11,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import logging
 import math
 import os
 import types
 import typing
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,8 @@ import yaml
 
 from ..preprocess import INTERPOLATIONS
 from ..utils import PRECISIONS, atomic_write
+
+logger = logging.getLogger(__name__)
 
 # Flags kept under timm's spelling where the field has a longer name.
 FLAG_ALIASES = {"drop_path_rate": ("--drop-path",)}
@@ -78,6 +82,7 @@ class EngineConfig:
     workers: int = 2  # DataLoader processes; each competes with torch threads for cores
     threads: int | None = None  # torch intra-op threads; None: cores minus workers (at least 1)
     resume: str | None = None  # "auto" (newest complete checkpoint in --output) or a checkpoint path
+    force: bool = False  # start over in an --output that holds an earlier run (its checkpoints are deleted)
     save_every_steps: int = 0  # also checkpoint every N optimizer steps (0: once per epoch)
     keep_checkpoints: int = 2
     nan_policy: str = "abort"  # abort | skip: what a non-finite loss does
@@ -89,6 +94,10 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if not self.data:
             _fail("--data is required: the dataset folder")
+        if Path(self.output).exists() and not Path(self.output).is_dir():
+            _fail(f"--output {self.output} is a file; it must be a folder (created if missing)")
+        if self.resume not in (None, "auto") and not Path(self.resume).is_file():
+            raise FileNotFoundError(f"--resume: checkpoint not found: {self.resume} (or use --resume auto)")
         if self.lr is not None and not (_finite(self.lr) and self.lr > 0):
             _fail(f"--lr must be a finite number > 0, got {self.lr}")
         for name in ("lr_base", "min_lr", "weight_decay", "opt_eps"):
@@ -199,11 +208,26 @@ def _coerce(cls: type, name: str, value: Any) -> Any:
         raise ValueError(f"{name}: cannot use {value!r} as {getattr(hint, '__name__', hint)}") from None
 
 
+def list_recipes() -> list[str]:
+    """The recipes shipped with the package (`convnext train --config NAME`)."""
+    return sorted(p.name[:-5] for p in resources.files("convnext").joinpath("configs").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def find_recipe(name: str | os.PathLike) -> Path | resources.abc.Traversable:
+    """A recipe file: a path, or the name of a packaged recipe (`in1k_convnext_tiny`, with or without .yaml)."""
+    if Path(name).is_file():
+        return Path(name)
+    stem = Path(name).name.removesuffix(".yaml")
+    packaged = resources.files("convnext").joinpath("configs", f"{stem}.yaml")
+    if str(name) in (stem, f"{stem}.yaml", f"configs/{stem}.yaml") and packaged.is_file():
+        return packaged
+    raise FileNotFoundError(f"config file not found: {name} (packaged recipes: {', '.join(list_recipes())})")
+
+
 def load_yaml(path: str | os.PathLike, cls: type = TrainConfig) -> dict[str, Any]:
-    """A recipe file as {field: value} for `cls`, each value converted to the field's type."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+    """A recipe (a file or a packaged recipe's name) as {field: value} for `cls`, each value converted to the field's type."""
+    path = find_recipe(path)
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of option: value")
@@ -220,7 +244,8 @@ def load_yaml(path: str | os.PathLike, cls: type = TrainConfig) -> dict[str, Any
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type = TrainConfig) -> None:
     """One flag per config field, default None so that only given flags override YAML."""
-    parser.add_argument("--config", help="YAML recipe (e.g. configs/demo.yaml); flags override it")
+    parser.add_argument("--config", help="YAML recipe: a file, or a packaged recipe's name (e.g. in1k_convnext_tiny); "
+                                         "flags override it")
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         flags = (_flag(f.name), *FLAG_ALIASES.get(f.name, ()))
@@ -235,14 +260,30 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type = TrainConfig) -> N
             parser.add_argument(*flags, dest=f.name, default=None, help=f"(default: {f.default})")
 
 
+def scale_warmup(warmup_epochs: float, recipe_epochs: int, epochs: int) -> float:
+    """The recipe's warm-up share of the schedule, for a run of `epochs` instead of `recipe_epochs`."""
+    return warmup_epochs * epochs / recipe_epochs
+
+
 def from_args(args: argparse.Namespace, cls: type = TrainConfig) -> EngineConfig:
-    """The config of `cls`: its defaults, then `--config` YAML, then the flags given."""
+    """The config of `cls`: its defaults, then `--config` YAML, then the flags given.
+
+    `--epochs N` alone (the natural way to smoke-test a recipe) keeps the recipe's warm-up share
+    of the schedule when the recipe's warm-up does not fit in N epochs, and says so; a warm-up
+    given on the command line is taken as it is.
+    """
     values: dict[str, Any] = load_yaml(args.config, cls) if getattr(args, "config", None) else {}
-    for f in dataclasses.fields(cls):
-        v = getattr(args, f.name, None)
-        if v is not None:
-            values[f.name] = _coerce(cls, f.name, v)
-    return cls(**values)
+    flags = {f.name: _coerce(cls, f.name, getattr(args, f.name)) for f in dataclasses.fields(cls)
+             if getattr(args, f.name, None) is not None}
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    recipe_epochs = values.get("epochs", defaults["epochs"])
+    recipe_warmup = values.get("warmup_epochs", defaults["warmup_epochs"])
+    if "epochs" in flags and "warmup_epochs" not in flags and recipe_warmup >= flags["epochs"] >= 1:
+        values["warmup_epochs"] = scale_warmup(recipe_warmup, recipe_epochs, flags["epochs"])
+        logger.info("--epochs %d: the recipe's %g warm-up epochs do not fit; keeping its warm-up share "
+                    "(%g of %d epochs) -> --warmup-epochs %.3g", flags["epochs"], recipe_warmup, recipe_warmup,
+                    recipe_epochs, values["warmup_epochs"])
+    return cls(**(values | flags))
 
 
 def save_yaml(cfg: EngineConfig, path: str | os.PathLike) -> None:

@@ -140,6 +140,7 @@ class Trainer:
         torch.set_num_threads(self.cfg.threads or max(1, (os.cpu_count() or 1) // env.world_size - self.cfg.workers))
         if not env.is_main:
             logging.getLogger("convnext").setLevel(logging.WARNING)
+        self.found = self._find_checkpoint()  # read first: a bad --resume file fails before any work
         self._build_data()
         self.state = self._build_state()
         self.model = self._wrap(self.state.model)
@@ -212,24 +213,42 @@ class Trainer:
         return torch.compile(model) if self.cfg.compile else model
 
     # --- resume -------------------------------------------------------------------------------
-    def resume(self) -> None:
-        """Continue from --resume (a file, or "auto": the newest complete checkpoint), else start and log."""
-        cfg, resume = self.cfg, self.cfg.resume
+    def _find_checkpoint(self) -> tuple[Path, dict[str, Any]] | None:
+        """The checkpoint to resume from (--resume FILE, or auto: the newest complete one), else None.
+
+        Starting a new run in an --output that holds an earlier one is refused unless --force,
+        which deletes the earlier run's checkpoints (they would be resumed from later by mistake).
+        """
+        resume = self.cfg.resume
         if resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
             resume = "auto"  # torchrun --max-restarts restarted us: continue from the last complete checkpoint
-        found = None
         if resume == "auto":
             found = find_resume(self.out)
             if found is None:
                 logger.info("--resume auto: no checkpoint in %s, starting fresh", self.out)
-        elif resume:
-            found = (Path(resume), load_state(resume))
-        if found is not None:
-            path, state = found
+            return found
+        if resume:
+            return Path(resume), load_state(resume)
+        earlier = [p for p in (self.out / "last.pt", self.out / "metrics.jsonl") if p.exists()]
+        if earlier and not self.cfg.force:
+            raise ValueError(f"{self.out} already holds a training run ({earlier[0].name}): continue it with "
+                             f"--resume auto, choose another --output, or pass --force to start over")
+        if earlier and self.env.is_main:
+            for p in [*self.out.glob("checkpoints/step-*.pt"), *earlier, self.out / "best.safetensors"]:
+                p.unlink(missing_ok=True)
+        D.barrier(self.env)
+        return None
+
+    def resume(self) -> None:
+        """Load the checkpoint found at set-up (if any); then write config.yaml and log the run."""
+        cfg = self.cfg
+        if self.found is not None:
+            path, state = self.found
             self._check_identity(path, state)
             self.state.load_state_dict(state)
             p = self.state.progress
             logger.info("resumed from %s (epoch %d, batch %d, step %d)", path, p.epoch + 1, p.batch, p.step)
+            self.found = None  # the state is in the model now; free the copy
         if self.env.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_yaml(cfg, self.out / "config.yaml")

@@ -171,14 +171,20 @@ def _preview(keys: list[str], n: int = 8) -> str:
 def unwrap(obj: Mapping[str, Any], key: str | None = None) -> dict[str, torch.Tensor]:
     """The state dict inside a checkpoint: `{'model': ...}`, `{'model_ema': ...}`, `{'state_dict': ...}`.
 
-    `key` picks a wrapper explicitly (e.g. "model_ema" for the EMA weights of an official training
-    checkpoint); otherwise the first of model, state_dict, model_ema, module is used. DDP `module.`
-    and torch.compile `_orig_mod.` prefixes are stripped.
+    `key` picks a wrapper explicitly (e.g. "model_ema" for the EMA weights of an official or our
+    own training checkpoint); an unknown key is an error that lists the keys the file has. Without
+    it, the first of model, state_dict, model_ema, module is used. DDP `module.` and torch.compile
+    `_orig_mod.` prefixes are stripped, and so is the sample counter of torch's `AveragedModel` (EMA).
     """
     if key is not None:
-        if key not in obj or not isinstance(obj[key], Mapping):
-            found = [k for k, v in obj.items() if isinstance(v, Mapping)]
-            raise CheckpointError(f"checkpoint has no state dict under {key!r}; found {found or 'none'}")
+        if not isinstance(obj.get(key), Mapping):
+            found = [k for k, v in obj.items()
+                     if isinstance(v, Mapping) and any(isinstance(t, torch.Tensor) for t in v.values())]
+            if found:
+                why = "it is empty (this run had no EMA?)" if key in obj else "it has none"
+                raise CheckpointError(f"no state dict under --key {key!r} ({why}); the file has: {', '.join(found)}")
+            raise CheckpointError(f"--key {key!r} does not apply: the file holds a single state dict (no keys "
+                                  f"to choose from); drop --key")
         obj = obj[key]
     else:
         for k in ("model", "state_dict", "model_ema", "module"):
@@ -187,8 +193,8 @@ def unwrap(obj: Mapping[str, Any], key: str | None = None) -> dict[str, torch.Te
                 break
     sd = {}
     for k, v in obj.items():
-        if not isinstance(v, torch.Tensor):
-            continue  # e.g. epoch counters saved beside the weights
+        if not isinstance(v, torch.Tensor) or k == "n_averaged":
+            continue  # e.g. epoch counters saved beside the weights, AveragedModel's sample count
         for prefix in ("module.", "_orig_mod."):
             if k.startswith(prefix):
                 k = k[len(prefix):]
@@ -242,7 +248,9 @@ def _fcmae_to_official(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
                 v = v.permute(1, 0).reshape(c, 1, ks, ks).transpose(3, 2)
         else:
             k = re.sub(r"\.(ln|linear)\.", ".", k)
-            if k.endswith("bias") and v.ndim != 1:
+            if ".grn." in k:  # MinkowskiGRN (1, C) -> the official dense (1, 1, 1, C)
+                v = v.reshape(1, 1, 1, -1)
+            elif k.endswith("bias") and v.ndim != 1:
                 v = v.reshape(-1)
         out[k] = v.contiguous()
     return out

@@ -12,15 +12,13 @@ import json
 import logging
 import os
 import pickle
-import tempfile
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..utils import atomic_write
+from ..utils import atomic_write, cache_dir, temp_file
 
 logger = logging.getLogger(__name__)
 
@@ -42,51 +40,72 @@ def _resolve_file(path: Path) -> Path:
     return path
 
 
-def _is_safetensors(path: Path, head: bytes) -> bool:
-    # A safetensors file starts with an 8-byte little-endian header length, then a JSON object.
-    return path.suffix == ".safetensors" or (len(head) >= 9 and head[8:9] == b"{")
+def _kind(path: Path, head: bytes) -> str | None:
+    """What the first bytes say the file is: "safetensors", "zip" (torch.save), "pickle", or None."""
+    if len(head) >= 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < 100_000_000:
+        return "safetensors"  # an 8-byte little-endian header length, then a JSON object
+    if path.suffix == ".safetensors":
+        return "safetensors"
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "pickle"  # torch's legacy (pre-1.6) format and plain pickles start with PROTO 2..5
+    return None
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            return {k: f.get_tensor(k) for k in f.keys()}, metadata
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError and others
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable safetensors file ({reason}); it may be truncated") from None
+
+
+def _read_torch(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "GLOBAL" not in str(e):  # not an unsafe pickle: opcodes that make no valid pickle at all
+            raise CheckpointError(f"{path}: cannot read checkpoint (not a valid pickle); the file is corrupt") from None
+        reason = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln), "unsupported global")
+        raise CheckpointError(
+            f"{path}: refused to load: the pickle holds objects other than tensors and plain data "
+            f"({reason}). Loading it would run code from the file. If you trust its source, convert it "
+            f"once yourself with torch.load(..., weights_only=False) and save the state dict"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - any other failure of a damaged file is one clear error
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: cannot read checkpoint ({reason}); the file may be truncated or corrupt") from None
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, str]]:
     """Read a checkpoint file safely; returns (top-level object as a dict, safetensors metadata).
 
-    Raises `CheckpointError` (one line naming the file) for missing, empty, Git-LFS-pointer,
-    truncated or corrupt files, and for pickles that contain anything but tensors and plain data.
+    Raises `CheckpointError` (one line naming the file) for every file that is not a readable
+    checkpoint: empty, Git-LFS pointer, text or other non-checkpoint files, truncated or corrupt
+    ones, and pickles that contain anything but tensors and plain data (which never run).
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     path = _resolve_file(path)
-    size = path.stat().st_size
-    if size == 0:
+    if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: file is empty (an interrupted download or copy?)")
     with open(path, "rb") as f:
         head = f.read(64)
     if head.startswith(_LFS_POINTER):
         raise CheckpointError(f"{path}: this is a Git LFS pointer, not the weights; run `git lfs pull` "
                               "or download the real file")
-    if _is_safetensors(path, head):
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                metadata = dict(f.metadata() or {})
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:  # safetensors raises its own SafetensorError and others
-            raise CheckpointError(f"{path}: not a readable safetensors file ({e}); it may be truncated") from None
-        return tensors, metadata
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(
-            f"{path}: refused to load: the pickle holds objects other than tensors and plain data "
-            f"({reason}). Loading it would run code from the file. If you trust its source, convert it "
-            f"once yourself with torch.load(..., weights_only=False) and save the state dict"
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{path}: cannot read checkpoint ({reason}); the file may be truncated or corrupt") from None
+    kind = _kind(path, head)
+    if kind is None:
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint or safetensors file")
+    if kind == "safetensors":
+        return _read_safetensors(path)
+    obj = _read_torch(path)
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
     return dict(obj), {}
@@ -110,12 +129,6 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def cache_dir() -> Path:
-    """Where downloads go: $CONVNEXT_CACHE, else <torch hub dir>/convnext."""
-    env = os.environ.get("CONVNEXT_CACHE")
-    return Path(env) if env else Path(torch.hub.get_dir()) / "convnext"
-
-
 def download(url: str, *, sha256: str | None = None, filename: str | None = None,
              progress: bool = True) -> Path:
     """Fetch `url` into the cache once and return the local path; verify what is known.
@@ -129,8 +142,7 @@ def download(url: str, *, sha256: str | None = None, filename: str | None = None
     record = dst.with_name(dst.name + ".sha256")
     if not dst.exists():
         root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{dst.name}.", suffix=".part")
-        os.close(fd)
+        tmp = temp_file(root, prefix=f".{dst.name}.", suffix=".part")
         try:
             torch.hub.download_url_to_file(url, tmp, progress=progress)
         except Exception as e:

@@ -45,13 +45,29 @@ def _adapt_in_chans(w: torch.Tensor, in_chans: int) -> torch.Tensor:
     return w.repeat(1, reps, 1, 1)[:, :in_chans] * (w.shape[1] / in_chans)
 
 
+def _layout_reshape(key: str, have: tuple[int, ...], want: tuple[int, ...]) -> bool:
+    """Whether `have` -> `want` is a documented layout difference of `key` between checkpoint formats.
+
+    timm's conv-MLP models (atto..nano) store the MLP Linears as 1x1 convs (out, in, 1, 1); the
+    official and Hugging Face files store GRN's gamma/beta as (1, 1, 1, C); torchvision stores
+    LayerScale as (C, 1, 1). Nothing else is reshaped: any other shape difference is an error.
+    """
+    if key.endswith(("pwconv1.weight", "pwconv2.weight")):
+        return have == (*want, 1, 1)
+    if key.endswith(("grn.gamma", "grn.beta")):
+        return len(want) == 1 and have == (1, 1, 1, want[0])
+    if key.endswith(".gamma"):
+        return len(want) == 1 and have == (want[0], 1, 1)
+    return False
+
+
 def load_state_dict_into(model: nn.Module, sd: Mapping[str, torch.Tensor], *, adapt: bool = False,
                          allow_missing_head: bool = False) -> None:
     """Strictly load a state dict in our layout into `model`.
 
-    Tensors whose element count matches are reshaped to the model's shape. With `adapt`, a
-    different number of classes re-initialises the classifier and a different number of input
-    channels adapts the stem, each logged; every other mismatch raises, listing the keys.
+    Only the documented layout differences (`_layout_reshape`) are reshaped. With `adapt`, a
+    different number of classes (same feature width) re-initialises the classifier and a different
+    number of input channels adapts the stem, each logged; every other mismatch raises, listing the keys.
     """
     target = model.state_dict()
     sd = dict(sd)
@@ -63,18 +79,20 @@ def load_state_dict_into(model: nn.Module, sd: Mapping[str, torch.Tensor], *, ad
         logger.info("adapting stem from %d to %d input channels", sd[stem_key].shape[1], target[stem_key].shape[1])
         sd[stem_key] = _adapt_in_chans(sd[stem_key], target[stem_key].shape[1])
     head_keys = ("head.fc.weight", "head.fc.bias")
-    if adapt and "head.fc.weight" in sd and sd["head.fc.weight"].shape != target.get("head.fc.weight", torch.empty(0)).shape:
-        n_ckpt = sd["head.fc.weight"].shape[0]
-        n_model = target["head.fc.weight"].shape[0] if "head.fc.weight" in target else 0
+    ckpt_head, model_head = sd.get("head.fc.weight"), target.get("head.fc.weight")
+    if (adapt and ckpt_head is not None and ckpt_head.ndim == 2 and ckpt_head.shape != getattr(model_head, "shape", None)
+            and (model_head is None or ckpt_head.shape[1] == model_head.shape[1])):
+        n_model = model_head.shape[0] if model_head is not None else 0
         logger.info("classifier re-initialised: checkpoint has %d classes, model %d "
-                    "(pass num_classes=%d to keep the pretrained classifier)", n_ckpt, n_model, n_ckpt)
+                    "(pass num_classes=%d to keep the pretrained classifier)", ckpt_head.shape[0], n_model,
+                    ckpt_head.shape[0])
         for k in head_keys:
             sd.pop(k, None)
         allow_missing_head = True
     mismatched = []
     for k, v in list(sd.items()):
         if k in target and v.shape != target[k].shape:
-            if v.numel() == target[k].numel():
+            if _layout_reshape(k, tuple(v.shape), tuple(target[k].shape)):
                 sd[k] = v.reshape(target[k].shape)
             else:
                 mismatched.append(f"{k} {tuple(v.shape)} vs model {tuple(target[k].shape)}")
