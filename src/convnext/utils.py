@@ -22,10 +22,14 @@ def temp_file(folder: str | os.PathLike, prefix: str, suffix: str) -> str:
     """
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=suffix)
     os.close(fd)
+    os.chmod(tmp, _file_mode())
+    return tmp
+
+
+def _file_mode() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    return tmp
+    return 0o666 & ~umask
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object], suffix: str = ".tmp") -> None:
@@ -38,6 +42,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object], suffix
     tmp = temp_file(path.parent, prefix=f".{path.name}.", suffix=suffix)
     try:
         write(tmp)
+        os.chmod(tmp, _file_mode())  # again: some writers (safetensors) recreate the file 0600
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -179,7 +179,7 @@ def unwrap(obj: Mapping[str, Any], key: str | None = None) -> dict[str, torch.Te
     if key is not None:
         if not isinstance(obj.get(key), Mapping):
             found = [k for k, v in obj.items()
-                     if isinstance(v, Mapping) and any(isinstance(t, torch.Tensor) for t in v.values())]
+                     if isinstance(v, Mapping) and v and all(isinstance(t, torch.Tensor) for t in v.values())]
             if found:
                 why = "it is empty (this run had no EMA?)" if key in obj else "it has none"
                 raise CheckpointError(f"no state dict under --key {key!r} ({why}); the file has: {', '.join(found)}")
