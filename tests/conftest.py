@@ -13,3 +13,18 @@ def _seed_and_offline(monkeypatch, tmp_path):
     # No test may download: the cache is a fresh empty folder and hubs are offline.
     monkeypatch.setenv("CONVNEXT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def _gpu_skip(report) -> bool:
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    return any(word in reason for word in ("CUDA", "GPU"))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A skipped test is a failure (a missing dependency hides a feature), unless it needs a GPU."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = [r for r in (reporter.stats.get("skipped", []) if reporter else []) if not _gpu_skip(r)]
+    if skipped and exitstatus == 0:
+        names = ", ".join(r.nodeid for r in skipped[:5])
+        reporter.write_line(f"FAILED: {len(skipped)} test(s) skipped without needing a GPU: {names}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -16,8 +16,6 @@ from convnext.weights import save_checkpoint
 
 from helpers import perturb
 
-pytest.importorskip("onnxruntime", reason="deployment extra: pip install -e '.[test]'")
-
 # Small V1 and V2 models (real blocks, 4 stages, few of them) keep exports fast.
 CONFIGS = {
     "v1": ConvNeXtConfig(depths=(1, 1, 2, 1), dims=(16, 32, 64, 128), num_classes=7),
@@ -31,6 +29,8 @@ SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "torch-export": ".pt2"}
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript", "torch-export"])
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_exported_logits_match_eager_at_two_batch_and_image_sizes(fmt, version, tmp_path):
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime", reason="deployment extra: pip install -e '.[test]'")
     model = perturb(ConvNeXt(CONFIGS[version]))
     info = InferenceInfo(model_name=f"test_{version}", classes=list("abcdefg"), preprocess=Preprocess(
         input_size=64, crop_pct=0.9, mean=(0.1, 0.2, 0.3), std=(0.5, 0.6, 0.7)))
@@ -62,6 +62,7 @@ def test_export_errors_are_clear(tmp_path):
 
 
 def test_cli_export_then_predict_with_onnxruntime(tmp_path):
+    pytest.importorskip("onnxruntime", reason="deployment extra: pip install -e '.[test]'")
     from PIL import Image
 
     model = perturb(convnext.create_model("convnext_atto", num_classes=3))

@@ -123,14 +123,25 @@ def test_grad_checkpointing_same_gradients():
 
 @pytest.mark.parametrize("name", ["convnext_atto", "convnextv2_atto"])
 def test_bf16_autocast_norm_statistics_in_fp32(name):
-    model = convnext.create_model(name, num_classes=10).eval()
+    import copy
+
+    # Perturbed weights: GRN's gamma/beta and LayerScale far from their (identity-like) init, so they matter.
+    model = perturb(convnext.create_model(name, num_classes=10))
     x = torch.randn(2, 3, 64, 64) * 50  # large activations: bf16/fp16 statistics would lose them
+    wrong = copy.deepcopy(model)  # what a broken GRN (V2) or LayerScale (V1) would compute
+    for m in wrong.modules():
+        if isinstance(m, convnext.models.GRN):
+            m.gamma.data.zero_()
+        elif isinstance(m, convnext.models.Block) and m.gamma is not None:
+            m.gamma.data.mul_(0.5)
     with torch.no_grad():
-        ref = model(x)
+        ref, off = model(x), wrong(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y = model(x)
+    tol = 0.03 * ref.abs().max()  # bf16 rounding measured ~1% of the logits' range; a broken GRN/LS ~10%
     assert torch.isfinite(y).all()
-    assert (y.float() - ref).abs().max() < 0.1 * ref.abs().max() + 0.05
+    assert (y.float() - ref).abs().max() < tol
+    assert (off - ref).abs().max() > tol  # the tolerance would catch a wrong GRN / LayerScale
     # The norm layers themselves must not run in bf16 statistics.
     from convnext.models import GRN, LayerNorm
 

@@ -83,12 +83,20 @@ def test_param_groups_decay_and_scales():
     g1 = {n: g for g in param_groups(v1, 0.05) for n in g["names"]}
     assert g1["stages.0.blocks.0.gamma"]["weight_decay"] == 0  # LayerScale
     assert all(g["lr_scale"] == 1.0 for g in g1.values())
-    # every size gets a monotone decay from the head down to the stem
-    for name in ("convnext_tiny", "convnext_atto", "convnext_isotropic_small"):
+    # every size gets a monotone decay from the head down to the stem: in definition order (stem, stages,
+    # head) the scale never falls, and each layer id has its own scale, ld ** (n + 1 - id)
+    for name, kind in (("convnext_tiny", "group"), ("convnext_atto", "group"), ("convnextv2_atto", "single"),
+                       ("convnext_isotropic_small", "group")):
         import torch
 
         with torch.device("meta"):
             m = convnext.create_model(name)
-        scale = {n: g["lr_scale"] for g in param_groups(m, 0.05, 0.7) for n in g["names"]}
-        order = list(scale.values())
-        assert scale[list(scale)[0]] == min(order) and math.isclose(max(order), 1.0)
+        scale = {n: g["lr_scale"] for g in param_groups(m, 0.05, 0.7, kind) for n in g["names"]}
+        names = [n for n, _ in m.named_parameters()]
+        order = [scale[n] for n in names]
+        assert all(a <= b for a, b in zip(order, order[1:])), name
+        depths = m.cfg.depths if hasattr(m.cfg, "depths") else (m.cfg.depth,)
+        for n in names:
+            lid, num = layer_id(n, depths, kind)
+            assert math.isclose(scale[n], 0.7 ** (num + 1 - lid)), (name, n)
+        assert math.isclose(order[-1], 1.0) and len(set(order)) == len({layer_id(n, depths, kind) for n in names})

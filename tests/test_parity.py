@@ -16,11 +16,16 @@ from convnext.weights import detect_format, from_ours, read_checkpoint
 
 from helpers import perturb
 
-timm = pytest.importorskip("timm")
 TOL = 1e-4
 BIG = {"convnext_xlarge", "convnextv2_huge", "convnext_large", "convnextv2_large", "convnext_base",
        "convnextv2_base", "convnext_small", "convnextv2_small"}
 HIERARCHICAL = [n for n in MODELS if "isotropic" not in n]
+
+
+@pytest.fixture
+def timm():
+    """timm, the parity reference (a test dependency); skipped per test, never for the whole file."""
+    return pytest.importorskip("timm")
 
 
 def _max_diff(a, b):
@@ -28,7 +33,7 @@ def _max_diff(a, b):
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in BIG else n for n in HIERARCHICAL])
-def test_timm_parity(name, tmp_path):
+def test_timm_parity(name, tmp_path, timm):
     ref = perturb(timm.create_model(name, num_classes=11))
     path = tmp_path / "timm.pth"
     torch.save(ref.state_dict(), path)
@@ -53,7 +58,7 @@ def test_timm_parity(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["convnext_tiny", "convnextv2_atto"])
-def test_features_only_matches_timm_features_only(name, tmp_path):
+def test_features_only_matches_timm_features_only(name, tmp_path, timm):
     ref = perturb(timm.create_model(name))
     torch.save(ref.state_dict(), tmp_path / "w.pth")
     # timm loads the same local file into its own features_only wrapper.
@@ -125,7 +130,7 @@ def test_huggingface_eps_difference_is_tiny():
 
 
 @pytest.mark.parametrize("name", ["convnext_atto", "convnextv2_atto", "convnext_tiny"])
-def test_official_round_trip_is_exact(name, tmp_path):
+def test_official_round_trip_is_exact(name, tmp_path, timm):
     """ours -> official .pth ({'model': ...}) -> ours -> safetensors -> ours, bit for bit."""
     src = perturb(convnext.create_model(name, num_classes=5))
     official = from_ours(src.state_dict(), "official")

@@ -283,10 +283,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"convnext {args.command}: error: {msg}", file=sys.stderr)
         return 2
-    except RuntimeError as e:  # e.g. a non-finite loss under --nan-policy abort
-        from .train.engine import NonFiniteLossError
+    except RuntimeError as e:  # a non-finite loss under --nan-policy abort, a lost node: the run failed
+        from .train.engine import NonFiniteLossError, PeerLostError
 
-        if args.debug or not isinstance(e, NonFiniteLossError):
+        if args.debug or not isinstance(e, (NonFiniteLossError, PeerLostError)):
             raise
         print(f"convnext {args.command}: error: {e}", file=sys.stderr)
         return 1

@@ -3,13 +3,13 @@
 from .config import EngineConfig, TrainConfig
 from .task import Task
 
-__all__ = ["ClassificationTask", "EngineConfig", "NonFiniteLossError", "Task", "TrainConfig", "fit"]
+__all__ = ["ClassificationTask", "EngineConfig", "NonFiniteLossError", "PeerLostError", "Task", "TrainConfig", "fit"]
 
 
 def __getattr__(name: str):
     # The engine and the classification task pull in torchvision (~1.5 s): import them when used, so
     # that building the CLI parser (which needs only the config) stays fast for every command.
-    if name in ("fit", "NonFiniteLossError"):
+    if name in ("fit", "NonFiniteLossError", "PeerLostError"):
         from . import engine
 
         return getattr(engine, name)

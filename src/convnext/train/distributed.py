@@ -1,13 +1,25 @@
-"""The little we need around torch.distributed: read torchrun's environment, pick the backend."""
+"""The little we need around torch.distributed: read torchrun's environment, pick the backend, and say
+which node was lost when a collective fails.
+"""
 
 from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
+
+HEARTBEAT_S = 1.0  # how often each process tells the store it is alive
+
+
+class PeerLostError(RuntimeError):
+    """A collective failed because another process (or a whole node) stopped."""
 
 
 @dataclass(frozen=True)
@@ -16,6 +28,8 @@ class DistEnv:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    peers: tuple[tuple[int, int, str], ...] = ()  # (rank, node rank, host) of every process
+    store: Any = field(default=None, compare=False, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -40,24 +54,70 @@ def setup(preference: str = "auto") -> DistEnv:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(preference, local_rank)
-    if world > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        timeout = datetime.timedelta(seconds=float(os.environ.get("CONVNEXT_DIST_TIMEOUT", "600")))
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-        if restart > 0:
-            # After `torchrun --max-restarts` restarts the workers, the store still holds the dead
-            # round's peer addresses under the default keys, and gloo/NCCL connect to those
-            # (pytorch/pytorch#167288). A per-round key prefix keeps the rounds apart.
-            agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
-            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                                  is_master=rank == 0 and not agent_store, timeout=timeout)
-            dist.init_process_group(backend, store=dist.PrefixStore(f"convnext/restart{restart}", store),
-                                    rank=rank, world_size=world, timeout=timeout)
-        else:
-            dist.init_process_group(backend, timeout=timeout)
-    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device)
+    if world == 1 or dist.is_initialized():
+        return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    timeout = datetime.timedelta(seconds=float(os.environ.get("CONVNEXT_DIST_TIMEOUT", "600")))
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=rank == 0 and not agent_store, timeout=timeout)
+    # After torchrun restarts workers (--max-restarts, on any node, with any restart count), the store
+    # still holds the dead round's peer addresses under the default keys, and gloo/NCCL connect to
+    # those (pytorch/pytorch#167288). Every process of every round counts itself in once, so the
+    # count names the round, the same on every node: a per-round key prefix keeps rounds apart.
+    round_ = (store.add("convnext/joined", 1) - 1) // world
+    store = dist.PrefixStore(f"convnext/round{round_}", store)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world,
+                            timeout=timeout)
+    me = (rank, int(os.environ.get("GROUP_RANK", "0")), socket.gethostname())
+    peers: list[Any] = [None] * world
+    dist.all_gather_object(peers, me)
+    threading.Thread(target=_heartbeat, args=(store, rank), daemon=True, name="convnext-heartbeat").start()
+    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device,
+                   peers=tuple(tuple(p) for p in peers), store=store)
+
+
+def _heartbeat(store: Any, rank: int) -> None:
+    while True:
+        try:
+            store.add(f"heartbeat/{rank}", 1)
+        except Exception:  # noqa: BLE001 - the store is gone: nothing left to tell
+            return
+        time.sleep(HEARTBEAT_S)
+
+
+def lost_peers(env: DistEnv) -> list[tuple[int, int, str]] | None:
+    """The processes whose heartbeat stopped (checked over a few beats), or None if the store is unreachable."""
+    try:
+        before = [env.store.add(f"heartbeat/{r}", 0) for r, _, _ in env.peers]
+        time.sleep(3 * HEARTBEAT_S)
+        after = [env.store.add(f"heartbeat/{r}", 0) for r, _, _ in env.peers]
+    except Exception:  # noqa: BLE001
+        return None
+    return [p for p, a, b in zip(env.peers, before, after) if a == b]
+
+
+def is_communication_failure(e: BaseException) -> bool:
+    text = str(e)
+    return isinstance(e, dist.DistError) or any(w in text for w in ("gloo", "NCCL", "Connection closed", "Broken pipe"))
+
+
+def describe_failure(env: DistEnv, e: BaseException) -> str:
+    """One line: which node(s) stopped answering, and the collective's own error."""
+    lost = lost_peers(env)
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    if lost is None:
+        who = "the rendezvous store is unreachable (its node, usually node 0, stopped)"
+    elif lost:
+        nodes = sorted({(node, host) for _, node, host in lost})
+        who = "lost " + ", ".join(f"node {node} ({host}, rank{'s' if len(ranks) > 1 else ''} "
+                                  f"{', '.join(map(str, ranks))})"
+                                  for node, host in nodes
+                                  for ranks in [[r for r, n, h in lost if (n, h) == (node, host)]])
+    else:
+        who = "every process still answers (a network fault?)"
+    return f"a collective failed on rank {env.rank}: {who}; {first}"
 
 
 def barrier(env: DistEnv) -> None:

@@ -31,6 +31,7 @@ from ..utils import atomic_write, autocast
 from . import distributed as D
 from .checkpoint import find_resume, load_state, save_state
 from .config import save_yaml
+from .distributed import PeerLostError
 from .schedule import lr_at
 from .task import Task
 
@@ -117,6 +118,10 @@ def fit(task: Task) -> dict[str, Any]:
             line.update(trainer.evaluate_if_due())
             trainer.end_epoch(line)
         return trainer.summary()
+    except Exception as e:
+        if env.distributed and D.is_communication_failure(e):  # name the node that went away
+            raise D.PeerLostError(D.describe_failure(env, e)) from e
+        raise
     finally:
         D.cleanup(env)
 
@@ -442,4 +447,4 @@ class Trainer:
         return last | {"best": self.state.progress.best, "best_metric": self.task.best_metric, "output": str(self.out)}
 
 
-__all__ = ["NonFiniteLossError", "Progress", "TrainState", "Trainer", "fit"]
+__all__ = ["NonFiniteLossError", "PeerLostError", "Progress", "TrainState", "Trainer", "fit"]
