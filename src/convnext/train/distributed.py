@@ -30,6 +30,7 @@ class DistEnv:
     device: torch.device = torch.device("cpu")
     peers: tuple[tuple[int, int, str], ...] = ()  # (rank, node rank, host) of every process
     store: Any = field(default=None, compare=False, repr=False)
+    heartbeat: Heartbeat | None = field(default=None, compare=False, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -73,18 +74,31 @@ def setup(preference: str = "auto") -> DistEnv:
     me = (rank, int(os.environ.get("GROUP_RANK", "0")), socket.gethostname())
     peers: list[Any] = [None] * world
     dist.all_gather_object(peers, me)
-    threading.Thread(target=_heartbeat, args=(store, rank), daemon=True, name="convnext-heartbeat").start()
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device,
-                   peers=tuple(tuple(p) for p in peers), store=store)
+                   peers=tuple(tuple(p) for p in peers), store=store, heartbeat=Heartbeat(store, rank))
 
 
-def _heartbeat(store: Any, rank: int) -> None:
-    while True:
-        try:
-            store.add(f"heartbeat/{rank}", 1)
-        except Exception:  # noqa: BLE001 - the store is gone: nothing left to tell
-            return
-        time.sleep(HEARTBEAT_S)
+class Heartbeat:
+    """A thread that counts up `heartbeat/<rank>` in the store every HEARTBEAT_S, until stopped."""
+
+    def __init__(self, store: Any, rank: int) -> None:
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._beat, args=(store, f"heartbeat/{rank}"), daemon=True,
+                                       name="convnext-heartbeat")
+        self.thread.start()
+
+    def _beat(self, store: Any, key: str) -> None:
+        while not self.stopped.is_set():
+            try:
+                store.add(key, 1)
+            except Exception:  # noqa: BLE001 - the store is gone: nothing left to tell
+                return
+            self.stopped.wait(HEARTBEAT_S)
+
+    def stop(self) -> None:
+        """Stop and join, before the store and process group go (a thread left inside the store at exit aborts)."""
+        self.stopped.set()
+        self.thread.join(timeout=10)
 
 
 def lost_peers(env: DistEnv) -> list[tuple[int, int, str]] | None:
@@ -135,5 +149,7 @@ def sum_all(values: list[float], env: DistEnv) -> list[float]:
 
 
 def cleanup(env: DistEnv) -> None:
+    if env.heartbeat is not None:
+        env.heartbeat.stop()
     if env.distributed and dist.is_initialized():
         dist.destroy_process_group()
