@@ -22,15 +22,15 @@ CONFIGS = {
     "v2": ConvNeXtConfig(depths=(1, 1, 2, 1), dims=(16, 32, 64, 128), num_classes=7, use_grn=True,
                          ls_init_value=None),
 }
-BACKEND = {"onnx": "onnxruntime", "torchscript": "torchscript", "torch-export": "torch-export"}
-SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "torch-export": ".pt2"}
+BACKEND = {"onnx": "onnxruntime", "torchscript": "torchscript", "torch-export": "torch-export", "openvino": "openvino"}
+SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "torch-export": ".pt2", "openvino": ".xml"}
 
 
-@pytest.mark.parametrize("fmt", ["onnx", "torchscript", "torch-export"])
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript", "torch-export", "openvino"])
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_exported_logits_match_eager_at_two_batch_and_image_sizes(fmt, version, tmp_path):
-    if fmt == "onnx":
-        pytest.importorskip("onnxruntime", reason="deployment extra: pip install -e '.[test]'")
+    if fmt in ("onnx", "openvino"):
+        pytest.importorskip(BACKEND[fmt], reason="deployment extra: pip install -e '.[test]'")
     model = perturb(ConvNeXt(CONFIGS[version]))
     info = InferenceInfo(model_name=f"test_{version}", classes=list("abcdefg"), preprocess=Preprocess(
         input_size=64, crop_pct=0.9, mean=(0.1, 0.2, 0.3), std=(0.5, 0.6, 0.7)))
@@ -61,8 +61,9 @@ def test_export_errors_are_clear(tmp_path):
         read_export_metadata(tmp_path / "plain.pt")
 
 
-def test_cli_export_then_predict_with_onnxruntime(tmp_path):
-    pytest.importorskip("onnxruntime", reason="deployment extra: pip install -e '.[test]'")
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+def test_cli_export_then_predict_with_an_exported_runtime(fmt, tmp_path):
+    pytest.importorskip(BACKEND[fmt], reason="deployment extra: pip install -e '.[test]'")
     from PIL import Image
 
     model = perturb(convnext.create_model("convnext_atto", num_classes=3))
@@ -79,15 +80,19 @@ def test_cli_export_then_predict_with_onnxruntime(tmp_path):
         assert r.returncode == 0, r.stderr
         return r.stdout
 
-    out = cli("export", "--checkpoint", ckpt, "--format", "onnx", "--output", tmp_path / "m.onnx")
+    exported = tmp_path / f"m{SUFFIX[fmt]}"
+    out = cli("export", "--checkpoint", ckpt, "--format", fmt, "--output", exported)
     assert "dynamic batch and image size" in out
     images = [tmp_path / f"img{i}.png" for i in range(3)]
-    via_ort = json.loads(cli("predict", *images, "--checkpoint", tmp_path / "m.onnx", "--backend", "onnxruntime",
-                             "--json"))
+    via_ort = json.loads(cli("predict", *images, "--checkpoint", exported, "--backend", BACKEND[fmt], "--json"))
     via_torch = predict(*load_for_inference(ckpt), images)  # what `convnext predict` does without a backend
     assert [r["path"] for r in via_ort] == [str(p) for p in images]
     for a, b in zip(via_ort, via_torch):
         assert [c for c, _ in a["top"]] == [c for c, _ in b["top"]]
         assert all(abs(pa - pb) <= 1e-4 for (_, pa), (_, pb) in zip(a["top"], b["top"]))
     with pytest.raises(ValueError, match="convnext export"):  # a checkpoint is not an exported program
-        ExportedModel(ckpt, "onnxruntime")
+        ExportedModel(ckpt, BACKEND[fmt])
+    # the optimized torch path (default) and a bf16 model give the same classes
+    for extra in ([], ["--precision", "bf16"], ["--no-optimize"]):
+        via = json.loads(cli("predict", *images, "--checkpoint", ckpt, "--json", *extra))
+        assert [r["top"][0][0] for r in via] == [r["top"][0][0] for r in via_torch]

@@ -279,3 +279,56 @@ def test_fuse_for_inference_is_one_way():
         model.train()
     v2 = convnext.create_model("convnextv2_atto").fuse_for_inference()
     assert v2.stages[0].blocks[0].grn.beta is None
+
+
+# --- optimize_for_inference: the fastest path, the same outputs ------------------------------------
+
+@pytest.mark.parametrize("name", ["convnext_atto", "convnextv2_atto"])
+def test_conv_mlp_graph_form_is_the_same_function(name):
+    """The graph form compile uses for fp32 (MLP as 1x1 convs) computes the textbook block."""
+    from convnext.models import fast
+
+    model = perturb(convnext.create_model(name, num_classes=10))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = model(x)
+        fast.use_graph_form(model, "conv_mlp")
+        traced = torch.jit.trace(model, x)  # capturing a graph: the conv-MLP form
+    assert str(traced.inlined_graph).count("aten::linear") == 1  # only the classifier; the MLPs are convs
+    assert (traced(x) - want).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["convnext_atto", "convnextv2_atto"])
+def test_optimize_for_inference_gives_the_same_outputs(name):
+    model = perturb(convnext.create_model(name, num_classes=10))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        want = model(x)
+    fp32 = convnext.optimize_for_inference(model)
+    assert fp32.how == "eager fast path (fp32)" and (fp32(x) - want).abs().max().item() <= 1e-4
+    bf16 = convnext.optimize_for_inference(model, precision="bf16")
+    got = bf16(x)
+    assert got.dtype == torch.float32 and (got - want).abs().max() < 0.03 * want.abs().max()  # bf16 rounding
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the model is untouched
+    with pytest.raises(RuntimeError, match="cannot be trained"):
+        fp32.train()
+    with pytest.raises(ValueError, match="precision"):
+        convnext.optimize_for_inference(model, precision="int8")
+
+
+@pytest.mark.slow
+def test_optimize_for_inference_times_eager_and_compiled_and_keeps_the_faster():
+    model = perturb(convnext.create_model("convnext_atto", num_classes=10))
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        want = model(x)
+    # "auto" with a small job: compiling would not pay back, the eager path is kept without compiling
+    small = convnext.optimize_for_inference(model, example_input=x, expected_calls=3)
+    assert small.how.startswith("eager") and small.compile_s is None
+    best = convnext.optimize_for_inference(model, example_input=x, compile=True)
+    assert set(best.timings_ms) == {"eager", "compiled"} and best.compile_s > 0
+    faster = min(best.timings_ms, key=best.timings_ms.get)
+    assert best.how.startswith("torch.compile" if faster == "compiled" else "eager")
+    assert (best(x) - want).abs().max().item() <= 1e-4
+    assert (best(torch.randn(2, 3, 96, 96)).shape == (2, 10))  # other shapes still run

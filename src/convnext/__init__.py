@@ -2,11 +2,13 @@
 
 from .factory import create_model, list_models, list_pretrained
 from .models import ConvNeXt, ConvNeXtConfig, ConvNeXtIsotropic, ConvNeXtIsotropicConfig
+from .models.optimize import optimize_for_inference
 from .weights import PRETRAINED, load_checkpoint, save_checkpoint
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PRETRAINED", "ConvNeXt", "ConvNeXtConfig", "ConvNeXtIsotropic", "ConvNeXtIsotropicConfig",
-    "__version__", "create_model", "list_models", "list_pretrained", "load_checkpoint", "save_checkpoint",
+    "__version__", "create_model", "list_models", "list_pretrained", "load_checkpoint", "optimize_for_inference",
+    "save_checkpoint",
 ]

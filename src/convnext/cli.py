@@ -95,7 +95,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     from .eval import evaluate_checkpoint, format_results
 
     res = evaluate_checkpoint(args.checkpoint, args.data, key=args.key, batch_size=args.batch_size,
-                              workers=args.workers, precision=args.precision, output=args.output)
+                              workers=args.workers, precision=args.precision, output=args.output,
+                              optimize=not args.no_optimize)
     if args.json:
         keep = ("loss", "acc1", "acc5", "count", "bad_images", "per_class_acc", "classes")
         print(json.dumps({k: res[k] for k in keep} | {"confusion": res["confusion"].tolist()}))
@@ -106,7 +107,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from .eval import format_predictions, predict_files
 
-    results = predict_files(args.checkpoint, args.images, backend=args.backend, key=args.key, topk=args.topk)
+    results = predict_files(args.checkpoint, args.images, backend=args.backend, key=args.key, topk=args.topk,
+                            precision=args.precision, optimize=not args.no_optimize)
     print(format_predictions([r for r in results if "top" in r or args.json or args.csv],
                              "json" if args.json else "csv" if args.csv else "text"))
     failed = [r for r in results if "error" in r]
@@ -127,7 +129,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
         model=args.model, batch_size=args.batch_size, input_size=args.input_size, mode=args.mode,
         precision=args.precision, compare=tuple(p for p in args.compare.split(",") if p), repeats=args.repeats,
         warmup=args.warmup, device=args.device, threads=args.threads, compile=args.compile,
-        memory=not args.no_memory, progress=args.json != "-"))
+        optimize=args.optimize, memory=not args.no_memory, progress=args.json != "-"))
     res["command"] = "convnext " + " ".join(args.argv if args.argv is not None else sys.argv[1:])
     if args.json != "-":
         print(format_table(res))
@@ -197,6 +199,8 @@ def _add_train_eval_predict(sub) -> None:
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--output", help="folder for confusion_matrix.png (default: beside the checkpoint)")
+    p.add_argument("--no-optimize", action="store_true",
+                   help="run the model as it is (default: optimize_for_inference: fused, compiled when it pays)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=_cmd_eval)
 
@@ -207,6 +211,10 @@ def _add_train_eval_predict(sub) -> None:
     p.add_argument("--topk", type=int, help="classes per image, 1 .. the model's classes (default: 5, or all if fewer)")
     p.add_argument("--backend", default="torch", choices=["torch", *BACKENDS],
                    help="torch: a checkpoint; others: a file from `convnext export` (default: torch)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: a bf16 model (LayerNorm/GRN statistics in fp32); OpenVINO's precision hint")
+    p.add_argument("--no-optimize", action="store_true",
+                   help="run the model as it is (default: optimize_for_inference: fused, compiled when it pays)")
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true")
     fmt.add_argument("--csv", action="store_true")
@@ -214,7 +222,7 @@ def _add_train_eval_predict(sub) -> None:
 
 
 def _add_export_bench_demo(sub) -> None:
-    from .bench import MODES, PEERS
+    from .bench import MODES, OPTIMIZE, PEERS
     from .export import FORMATS
     from .utils import PRECISIONS
 
@@ -237,12 +245,16 @@ def _add_export_bench_demo(sub) -> None:
     p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
                    help="fp32, or autocast to bf16/fp16 (LayerNorm/GRN statistics stay fp32)")
     p.add_argument("--compare", default="timm,torchvision",
-                   help=f"comma-separated peers: {', '.join(PEERS)} ('' for none)")
+                   help=f"comma-separated peers: {', '.join(PEERS)} ('' for none; default: timm,torchvision)")
     p.add_argument("--repeats", type=int, default=10, help="timed rounds; each runs every candidate once")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's default)")
-    p.add_argument("--compile", action="store_true", help="also benchmark torch.compile (with freezing for infer)")
+    p.add_argument("--compile", action="store_true",
+                   help="also the peers under torch.compile (with inductor freezing for inference), and ours in training")
+    p.add_argument("--optimize", choices=list(OPTIMIZE), default="compile",
+                   help="ours through optimize_for_inference: compile (times eager and compiled, keeps the faster; "
+                        "default), eager (no compiling), off")
     p.add_argument("--no-memory", action="store_true", help="skip the per-candidate peak-memory runs")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH ('-': only JSON, to stdout)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --json file")

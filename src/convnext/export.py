@@ -1,8 +1,9 @@
-"""Deployment: export a model to ONNX, TorchScript or torch.export, and run the exported files.
+"""Deployment: export a model to ONNX, TorchScript, torch.export or OpenVINO IR, and run the exported files.
 
 Every exported file carries its preprocessing (`model`, `classes`, `input_size`, `crop_pct`,
-`interpolation`, `mean`, `std`) as JSON: ONNX metadata property `convnext`, or the extra file
-`convnext.json` inside a TorchScript / torch.export archive. The model is fused for inference
+`interpolation`, `mean`, `std`) as JSON: ONNX metadata property `convnext`, the extra file
+`convnext.json` inside a TorchScript / torch.export archive, or the OpenVINO IR's rt_info
+`convnext` (an IR is `name.xml` plus its weights `name.bin`). The model is fused for inference
 first (`fuse_for_inference`: fewer nodes, same logits) and exported with a dynamic batch size and,
 for ONNX and torch.export, a dynamic image size (height and width >= 64; TorchScript's trace is
 shape-generic too). Exported files are programs: load only files you trust.
@@ -21,13 +22,14 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .utils import atomic_write, check_output
+from .utils import atomic_write, check_output, file_mode, temp_file
 
 if TYPE_CHECKING:
     from .eval.predict import InferenceInfo
 
-FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "torch-export": ".pt2"}
-BACKENDS = {"onnxruntime": "onnx", "torchscript": "torchscript", "torch-export": "torch-export"}
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "torch-export": ".pt2", "openvino": ".xml"}
+BACKENDS = {"onnxruntime": "onnx", "torchscript": "torchscript", "torch-export": "torch-export", "openvino": "openvino"}
+_OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}  # OpenVINO's INFERENCE_PRECISION_HINT
 MIN_SIZE = 64  # smallest dynamic height/width (torch.export specialises stage outputs of size 1)
 _META = "convnext.json"
 
@@ -68,8 +70,36 @@ def export_model(model: nn.Module, info: InferenceInfo, path: str | os.PathLike,
             else:
                 program = torch.export.export(model, (example,), dynamic_shapes=_dynamic_shapes(dynamic_size))
                 torch.export.save(program, tmp, extra_files={_META: meta})
-    atomic_write(path, write, suffix=path.suffix)
+    if fmt == "openvino":
+        _export_openvino(model, example, path, meta, dynamic_size)
+    else:
+        atomic_write(path, write, suffix=path.suffix)
     return path
+
+
+def _export_openvino(model: nn.Module, example: torch.Tensor, path: Path, meta: str, dynamic_size: bool) -> None:
+    """IR `path` (.xml) + `path.with_suffix('.bin')`, written beside as temporaries and renamed (weights first)."""
+    try:
+        import openvino as ov
+    except ImportError as e:
+        raise ValueError("OpenVINO export needs the openvino package: pip install 'convnext[deploy]'") from e
+    if path.suffix != ".xml":
+        raise ValueError(f"an OpenVINO IR is an .xml file (with its .bin beside it), got {path.name}")
+    shape = [-1, example.shape[1], -1, -1] if dynamic_size else [-1, *example.shape[1:]]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ov_model = ov.convert_model(model, example_input=example, input=[ov.PartialShape(shape)])
+    ov_model.set_rt_info(meta, ["convnext"])
+    tmp = Path(temp_file(path.parent, prefix=f".{path.stem}.", suffix=".xml"))
+    try:
+        ov.save_model(ov_model, str(tmp), compress_to_fp16=False)  # writes tmp and tmp.with_suffix(".bin")
+        for p in (tmp.with_suffix(".bin"), tmp):
+            os.chmod(p, file_mode())
+        os.replace(tmp.with_suffix(".bin"), path.with_suffix(".bin"))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        tmp.with_suffix(".bin").unlink(missing_ok=True)
 
 
 def _export_onnx(model: nn.Module, example: torch.Tensor, tmp: str, meta: str, dynamic_size: bool,
@@ -102,6 +132,11 @@ def read_export_metadata(path: str | os.PathLike) -> tuple[str, InferenceInfo]:
 
         props = {p.key: p.value for p in onnx.load_model(str(path), load_external_data=False).metadata_props}
         raw = props.get("convnext")
+    elif path.suffix == ".xml":
+        import openvino as ov
+
+        model = ov.Core().read_model(str(path))
+        raw = model.get_rt_info(["convnext"]).astype(str) if model.has_rt_info(["convnext"]) else None
     else:
         import zipfile
 
@@ -137,6 +172,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, fmt: str, output: str | os.
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     out = check_output(output or default_output(checkpoint, fmt), inputs=(checkpoint,), force=force)
+    if fmt == "openvino":  # its weights file too
+        check_output(out.with_suffix(".bin"), inputs=(checkpoint,), force=force)
     model, info = load_for_inference(checkpoint, key=key)
     if input_size:
         info = dataclasses.replace(info, preprocess=dataclasses.replace(info.preprocess, input_size=input_size))
@@ -146,7 +183,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, fmt: str, output: str | os.
 class ExportedModel:
     """An exported model as a callable: (N, C, H, W) float tensor -> (N, classes) logits tensor."""
 
-    def __init__(self, path: str | os.PathLike, backend: str, threads: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, backend: str, threads: int | None = None,
+                 precision: str = "fp32") -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of torch, {', '.join(BACKENDS)}")
         fmt, self.info = read_export_metadata(path)
@@ -159,6 +197,12 @@ class ExportedModel:
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = threads or torch.get_num_threads()
             self._session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        elif backend == "openvino":
+            import openvino as ov
+
+            config = {"INFERENCE_PRECISION_HINT": _OV_PRECISION[precision], "PERFORMANCE_HINT": "LATENCY",
+                      "INFERENCE_NUM_THREADS": threads or torch.get_num_threads()}
+            self._compiled = ov.Core().compile_model(str(path), "CPU", config)
         elif backend == "torchscript":
             self._module = torch.jit.load(str(path), map_location="cpu")
         else:
@@ -167,5 +211,7 @@ class ExportedModel:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "onnxruntime":
             return torch.from_numpy(self._session.run(None, {"images": x.float().contiguous().numpy()})[0])
+        if self.backend == "openvino":
+            return torch.from_numpy(self._compiled(x.float().contiguous().numpy())[0])
         with torch.no_grad():
             return self._module(x)

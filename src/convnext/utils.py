@@ -22,11 +22,12 @@ def temp_file(folder: str | os.PathLike, prefix: str, suffix: str) -> str:
     """
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=suffix)
     os.close(fd)
-    os.chmod(tmp, _file_mode())
+    os.chmod(tmp, file_mode())
     return tmp
 
 
-def _file_mode() -> int:
+def file_mode() -> int:
+    """The mode a plain open() gives a new file here (0o666 less the umask)."""
     umask = os.umask(0)
     os.umask(umask)
     return 0o666 & ~umask
@@ -42,7 +43,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object], suffix
     tmp = temp_file(path.parent, prefix=f".{path.name}.", suffix=suffix)
     try:
         write(tmp)
-        os.chmod(tmp, _file_mode())  # again: some writers (safetensors) recreate the file 0600
+        os.chmod(tmp, file_mode())  # again: some writers (safetensors) recreate the file 0600
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -106,3 +107,14 @@ def cpu_name() -> str:
 def cpu_flags() -> set[str]:
     """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
     return set((_cpuinfo_field("flags") or "").split())
+
+
+def cpu_class() -> str:
+    """"avx512" (AVX-512 with bf16 or AMX: Zen 4/5, Sapphire Rapids and later), "avx2", or "other".
+
+    From what torch itself dispatches to (`get_cpu_capability`) and the bf16 instructions the CPU has.
+    """
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability.startswith("AVX512") and cpu_flags() & {"avx512_bf16", "amx_bf16"}:
+        return "avx512"
+    return "avx2" if capability.startswith(("AVX2", "AVX512")) else "other"

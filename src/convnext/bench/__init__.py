@@ -28,6 +28,7 @@ from .measure import Result, peak_memory, time_interleaved
 from .report import format_table, summarize
 
 MODES = ("infer", "train")
+OPTIMIZE = ("compile", "eager", "off")
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,9 @@ class BenchOptions:
     warmup: int = 2
     device: str = "auto"  # cpu | cuda | auto
     threads: int | None = None  # torch CPU threads (default: torch's)
-    compile: bool = False  # also torch.compile ours (with inductor freezing for inference)
+    compile: bool = False  # also the peers under torch.compile (inductor freezing for inference); ours in training
+    optimize: str = "compile"  # ours through optimize_for_inference: "compile" (eager and compiled, the faster
+    #                            kept), "eager" (its eager kernels only), "off"
     memory: bool = True  # peak memory of each candidate alone
     progress: bool = True
 
@@ -59,6 +62,8 @@ class BenchOptions:
             raise ValueError(f"unknown peer(s) {', '.join(unknown)} in --compare; choose from {', '.join(PEERS)}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("--device cuda but CUDA is not available here")
+        if self.optimize not in OPTIMIZE:
+            raise ValueError(f"--optimize must be one of {', '.join(OPTIMIZE)}, got {self.optimize!r}")
         if self.batch_size < 1 or self.input_size < 32 or self.repeats < 1 or self.warmup < 0:
             raise ValueError("--batch-size and --repeats must be >= 1, --input-size >= 32, --warmup >= 0")
 
@@ -86,7 +91,8 @@ def run(opts: BenchOptions) -> dict:
     base = dict(model=opts.model, batch_size=opts.batch_size, input_size=opts.input_size, mode=opts.mode,
                 precision=opts.precision, device=device, threads=threads)
     skipped = skipped_peers(base, list(opts.compare))
-    results = [Result(s) for s in candidates(base, [p for p in opts.compare if p not in skipped], opts.compile)]
+    results = [Result(s) for s in candidates(base, [p for p in opts.compare if p not in skipped], opts.compile,
+                                             opts.optimize)]
     peak, peak_how = matmul_peak(device, opts.precision)
     flops = count_flops(opts.model, opts.batch_size, opts.input_size, opts.mode)
     weights = create_model(opts.model).state_dict()  # one set of random weights for everyone
@@ -98,4 +104,4 @@ def run(opts: BenchOptions) -> dict:
     return summarize(results, flops, peak, peak_how, notes, skipped)
 
 
-__all__ = ["PEERS", "BenchOptions", "count_flops", "format_table", "run", "summarize"]
+__all__ = ["MODES", "OPTIMIZE", "PEERS", "BenchOptions", "count_flops", "format_table", "run", "summarize"]

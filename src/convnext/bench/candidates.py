@@ -13,7 +13,7 @@ from torch import nn
 from ..factory import create_model
 from ..utils import autocast
 
-PEERS = ("timm", "torchvision", "onnxruntime")
+PEERS = ("timm", "torchvision", "onnxruntime", "openvino")
 _TORCHVISION = {"convnext_tiny", "convnext_small", "convnext_base", "convnext_large"}
 
 
@@ -21,8 +21,8 @@ _TORCHVISION = {"convnext_tiny", "convnext_small", "convnext_base", "convnext_la
 class Spec:
     """What a candidate is; picklable, so that a fresh process can rebuild it to measure memory."""
 
-    library: str  # convnext | timm | torchvision | onnxruntime
-    variant: str  # eager | fused | compile | onnx ...
+    library: str  # convnext | timm | torchvision | onnxruntime | openvino
+    variant: str  # eager | optimized / optimized-eager (ours) | compile (freezing for inference) | onnx | ir
     layout: str  # nchw | channels_last
     model: str
     batch_size: int
@@ -36,6 +36,11 @@ class Spec:
     def label(self) -> str:
         extra = "" if self.variant == "eager" else f"+{self.variant}"
         return f"{self.library}{extra} ({self.layout})"
+
+    @property
+    def peer(self) -> str:
+        """The configuration ratios are taken against: a library, its compiled form counted apart."""
+        return self.library + ("+compile" if self.variant == "compile" else "")
 
 
 def _build_module(spec: Spec, state_dict: dict[str, torch.Tensor] | None) -> nn.Module:
@@ -58,18 +63,20 @@ def _build_module(spec: Spec, state_dict: dict[str, torch.Tensor] | None) -> nn.
     return model
 
 
-def _onnx_step(spec: Spec, state_dict: dict[str, torch.Tensor] | None, workdir: str,
-               x: torch.Tensor) -> Callable[[], torch.Tensor]:
+def _exported_step(spec: Spec, state_dict: dict[str, torch.Tensor] | None, workdir: str,
+                   x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """ONNX Runtime or OpenVINO on our model exported with `convnext export` (same weights)."""
     from ..eval import InferenceInfo
-    from ..export import ExportedModel, export_model
+    from ..export import FORMATS, ExportedModel, export_model
     from ..preprocess import Preprocess
 
-    path = os.path.join(workdir, f"{spec.model}.onnx")
+    fmt = "onnx" if spec.library == "onnxruntime" else "openvino"
+    path = os.path.join(workdir, f"{spec.model}{FORMATS[fmt]}")
     if not os.path.exists(path):
         model = _build_module(Spec(**{**spec.__dict__, "library": "convnext"}), state_dict)
         info = InferenceInfo(spec.model, [str(i) for i in range(1000)], Preprocess(input_size=spec.input_size))
-        export_model(model, info, path, "onnx", dynamic_size=False)
-    runner = ExportedModel(path, "onnxruntime", threads=spec.threads)
+        export_model(model, info, path, fmt, dynamic_size=False)
+    runner = ExportedModel(path, spec.library, threads=spec.threads, precision=spec.precision)
     return lambda: runner(x)
 
 
@@ -81,25 +88,13 @@ def build(spec: Spec, state_dict: dict[str, torch.Tensor] | None, workdir: str) 
     target = torch.randint(0, 1000, (spec.batch_size,), generator=gen).to(device)
     if spec.layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
-    if spec.library == "onnxruntime":
-        return _onnx_step(spec, state_dict, workdir, x)
+    if spec.library in ("onnxruntime", "openvino"):
+        return _exported_step(spec, state_dict, workdir, x)
     model = _build_module(spec, state_dict).to(device)
     if spec.layout == "channels_last":
         model = model.to(memory_format=torch.channels_last)
     if spec.mode == "infer":
-        model.eval()
-        if spec.variant == "fused":
-            model.fuse_for_inference()
-        if spec.variant == "compile":
-            import torch._inductor.config as inductor_config
-
-            inductor_config.freezing = True  # weights become constants: folding and prepacking
-            model = torch.compile(model)
-
-        def infer() -> torch.Tensor:
-            with torch.inference_mode(), autocast(device, spec.precision):
-                return model(x)
-        return infer
+        return _infer_step(spec, model.eval(), x)
 
     model.train()
     if spec.variant == "compile":
@@ -118,23 +113,55 @@ def build(spec: Spec, state_dict: dict[str, torch.Tensor] | None, workdir: str) 
     return train_step
 
 
-def candidates(base: dict, compare: list[str], compile: bool) -> list[Spec]:
-    """Ours (eager; fused for inference; compiled if asked), then each peer in both layouts."""
+def _infer_step(spec: Spec, model: nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    if spec.variant.startswith("optimized"):  # what `convnext predict/eval` run: the fastest path found here
+        from ..models.optimize import optimize_for_inference
+
+        optimized = optimize_for_inference(model, precision=spec.precision, example_input=x,
+                                           compile=spec.variant == "optimized")
+
+        def infer_optimized() -> torch.Tensor:
+            return optimized(x)
+        infer_optimized.detail = optimized.how + "".join(  # type: ignore[attr-defined]
+            f"; {k} {v:.0f} ms" for k, v in optimized.timings_ms.items())
+        return infer_optimized
+    if spec.variant == "compile":
+        import torch._inductor.config as inductor_config
+
+        compiled = torch.compile(model)
+
+        def infer_compiled() -> torch.Tensor:
+            with torch.inference_mode(), autocast(x.device, spec.precision), inductor_config.patch(freezing=True):
+                return compiled(x)  # freezing: weights become constants, folded and pre-packed
+        return infer_compiled
+
+    def infer() -> torch.Tensor:
+        with torch.inference_mode(), autocast(x.device, spec.precision):
+            return model(x)
+    return infer
+
+
+def candidates(base: dict, compare: list[str], compile: bool, optimize: str = "compile") -> list[Spec]:
+    """Ours (eager; optimized for inference; compiled if asked), then each peer (eager in both
+    layouts, and compiled with `compile`), ONNX Runtime and OpenVINO on our exported model."""
     specs = [Spec("convnext", "eager", "nchw", **base)]
-    if base["mode"] == "infer":
-        specs.append(Spec("convnext", "fused", "nchw", **base))
-    if compile:
+    if base["mode"] == "infer" and optimize != "off":
+        specs.append(Spec("convnext", "optimized" if optimize == "compile" else "optimized-eager", "nchw", **base))
+    if compile and base["mode"] == "train":
         specs.append(Spec("convnext", "compile", "nchw", **base))
     for peer in compare:
         if peer == "timm" or (peer == "torchvision" and base["model"] in _TORCHVISION):
             specs += [Spec(peer, "eager", layout, **base) for layout in ("nchw", "channels_last")]
-        elif peer == "onnxruntime" and _onnx_applies(base):
-            specs.append(Spec(peer, "onnx", "nchw", **base))
+            if compile:
+                specs.append(Spec(peer, "compile", "channels_last", **base))
+        elif peer in ("onnxruntime", "openvino") and _exported_applies(peer, base):
+            specs.append(Spec(peer, "onnx" if peer == "onnxruntime" else "ir", "nchw", **base))
     return specs
 
 
-def _onnx_applies(base: dict) -> bool:
-    return base["mode"] == "infer" and base["precision"] == "fp32" and base["device"] == "cpu"
+def _exported_applies(peer: str, base: dict) -> bool:
+    precisions = ("fp32",) if peer == "onnxruntime" else ("fp32", "bf16")
+    return base["mode"] == "infer" and base["precision"] in precisions and base["device"] == "cpu"
 
 
 def skipped_peers(base: dict, compare: list[str]) -> dict[str, str]:
@@ -148,6 +175,6 @@ def skipped_peers(base: dict, compare: list[str]) -> dict[str, str]:
             continue
         if peer == "torchvision" and base["model"] not in _TORCHVISION:
             why[peer] = f"has no {base['model']}"
-        elif peer == "onnxruntime" and not _onnx_applies(base):
-            why[peer] = "benchmarked for fp32 CPU inference only"
+        elif peer in ("onnxruntime", "openvino") and not _exported_applies(peer, base):
+            why[peer] = f"benchmarked for CPU inference in {'fp32' if peer == 'onnxruntime' else 'fp32 and bf16'} only"
     return why

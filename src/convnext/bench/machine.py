@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from ..utils import PRECISIONS, cpu_flags, cpu_name
+from ..utils import PRECISIONS, cpu_class, cpu_flags, cpu_name
 
 
 def sync(device: str) -> None:
@@ -57,12 +57,14 @@ def matmul_peak(device: str, precision: str, reps: int = 5) -> tuple[float, str]
 
 def machine() -> dict:
     """CPU model and capability, cores, library versions, GPU: printed with every benchmark."""
+    flags = cpu_flags()
     info = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_class": cpu_class(),
+            "isa": sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "fma")),
             "native_bf16": native_low_precision(torch.bfloat16)}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
-    for lib in ("timm", "torchvision", "onnxruntime"):
+    for lib in ("timm", "torchvision", "onnxruntime", "openvino"):
         with contextlib.suppress(ImportError):
             info[lib] = __import__(lib).__version__
     return info

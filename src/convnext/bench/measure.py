@@ -22,6 +22,7 @@ class Result:
         self.setup_s = 0.0
         self.peak_mib: float | None = None
         self.max_abs_diff: float | None = None
+        self.detail = ""  # e.g. which path optimize_for_inference chose
 
 
 def time_interleaved(results: list[Result], weights: dict[str, torch.Tensor], workdir: str, *, warmup: int,
@@ -32,6 +33,7 @@ def time_interleaved(results: list[Result], weights: dict[str, torch.Tensor], wo
     for r in results:
         t0 = time.perf_counter()
         steps.append(build(r.spec, weights, workdir))
+        r.detail = getattr(steps[-1], "detail", "")
         out = None
         for _ in range(max(warmup, 1)):
             out = steps[-1]()

@@ -78,11 +78,14 @@ def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int, *
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike, *, key: str | None = None,
                         batch_size: int = 64, workers: int = 0, precision: str = "fp32",
-                        output: str | os.PathLike | None = None) -> dict:
+                        output: str | os.PathLike | None = None, optimize: bool = True) -> dict:
     """`convnext eval`: a checkpoint on an image folder (`<class>/*`, or a root holding `val/`).
 
-    Returns `evaluate`'s results plus `model_name`, `classes`, `root` and `confusion_png`, the
-    confusion-matrix plot written to `output` (default: beside the checkpoint).
+    With `optimize` the model runs through `optimize_for_inference` (fused kernels; compiled when
+    the evaluation is long enough to earn the compile back); `precision` "bf16" is then a bf16
+    model, else autocast. Returns `evaluate`'s results plus `model_name`, `classes`, `root`,
+    `how` and `confusion_png`, the confusion-matrix plot written to `output` (default: beside the
+    checkpoint).
     """
     from torch.utils.data import DataLoader
 
@@ -97,12 +100,19 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike, 
     model, info = load_for_inference(checkpoint, key=key)
     dataset = ImageFolder(root, transform=info.transform(), classes=info.classes)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
+    how = f"eager, autocast {precision}" if precision != "fp32" else "eager"
+    if optimize and len(dataset):
+        from ..models.optimize import optimize_for_inference
+
+        example = next(b.inputs for b in loader if b.inputs is not None)
+        model = optimize_for_inference(model, precision=precision, example_input=example, expected_calls=len(loader))
+        how, precision = model.how, "fp32"  # the optimized model takes fp32 images whatever its own precision
     res = evaluate(model, loader, torch.device("cpu"), len(info.classes), precision=precision, progress=True)
     png = Path(output or Path(checkpoint).resolve().parent) / "confusion_matrix.png"
     plot_confusion(res["confusion"], info.classes, png,
                    title=f"{info.model_name}: top-1 {res['acc1']:.2f}% on {res['count']} images")
     return res | {"model_name": info.model_name, "classes": info.classes, "root": str(dataset.root),
-                  "confusion_png": str(png)}
+                  "confusion_png": str(png), "how": how}
 
 
 def format_results(res: dict) -> str:
@@ -113,5 +123,5 @@ def format_results(res: dict) -> str:
     width = max(len(c) for c in res["classes"])
     for c, acc, n in zip(res["classes"], res["per_class_acc"], res["confusion"].sum(1).tolist()):
         lines.append(f"  {c:<{width}}  {acc:6.2f}%  ({n} images)")
-    lines.append(f"confusion matrix: {res['confusion_png']}")
+    lines.append(f"confusion matrix: {res['confusion_png']}  (model run: {res['how']})")
     return "\n".join(lines)

@@ -79,14 +79,23 @@ def expand_images(inputs: list[str | os.PathLike]) -> list[Path]:
     return out
 
 
+def check_topk(topk: int | None, num_classes: int) -> int:
+    """`topk`, or the default (5, or all classes if fewer); a value outside 1..num_classes is an error."""
+    if topk is None:
+        return min(5, num_classes)
+    if topk < 1:
+        raise ValueError(f"--topk must be >= 1, got {topk}")
+    if topk > num_classes:
+        raise ValueError(f"--topk must be between 1 and {num_classes} (the model's classes), got {topk}")
+    return topk
+
+
 @torch.no_grad()
 def predict(model: nn.Module, info: InferenceInfo, paths: list[Path], *, topk: int | None = None,
             batch_size: int = 32) -> list[dict]:
     """Top-k (class, probability) per image (default k: 5, or all classes if fewer); unreadable
     images get an `error` instead."""
-    topk = min(5, len(info.classes)) if topk is None else topk
-    if not 1 <= topk <= len(info.classes):
-        raise ValueError(f"--topk must be between 1 and {len(info.classes)} (the model's classes), got {topk}")
+    topk = check_topk(topk, len(info.classes))
     transform = info.transform()
     k = topk
     results: list[dict] = []
@@ -109,18 +118,44 @@ def predict(model: nn.Module, info: InferenceInfo, paths: list[Path], *, topk: i
 
 
 def predict_files(checkpoint: str | os.PathLike, inputs: list[str | os.PathLike], *, backend: str = "torch",
-                  key: str | None = None, topk: int | None = None) -> list[dict]:
-    """`convnext predict`: top-k classes of image files and folders with a checkpoint or an exported model."""
+                  key: str | None = None, topk: int | None = None, precision: str = "fp32",
+                  optimize: bool = True, batch_size: int = 32) -> list[dict]:
+    """`convnext predict`: top-k classes of image files and folders with a checkpoint or an exported model.
+
+    With the torch backend and `optimize`, the model runs through `optimize_for_inference` in
+    `precision` (compiled only when there are enough images to earn the compile back).
+    """
     if topk is not None and topk < 1:
         raise ValueError(f"--topk must be >= 1, got {topk}")
+    paths = expand_images(inputs)
     if backend == "torch":
         model, info = load_for_inference(checkpoint, key=key)
+        check_topk(topk, len(info.classes))  # before any optimizing
+        if optimize:
+            from ..models.optimize import optimize_for_inference
+
+            example = _first_batch(info, paths[:batch_size])
+            model = optimize_for_inference(model, precision=precision, example_input=example,
+                                           expected_calls=-(-len(paths) // batch_size))
+        elif precision != "fp32":
+            raise ValueError("--precision bf16 needs the optimized model (drop --no-optimize)")
     else:
         from ..export import ExportedModel
 
-        model = ExportedModel(checkpoint, backend)
+        model = ExportedModel(checkpoint, backend, precision=precision)
         info = model.info
-    return predict(model, info, expand_images(inputs), topk=topk)
+    return predict(model, info, paths, topk=topk, batch_size=batch_size)
+
+
+def _first_batch(info: InferenceInfo, paths: list[Path]) -> torch.Tensor | None:
+    """The readable images among `paths`, as a batch (for timing the inference paths), or None."""
+    transform, tensors = info.transform(), []
+    for p in paths:
+        try:
+            tensors.append(transform(load_rgb(p)))
+        except Exception:  # noqa: BLE001 - predict reports it
+            continue
+    return torch.stack(tensors) if tensors else None
 
 
 def format_predictions(results: list[dict], style: str = "text") -> str:

@@ -83,6 +83,7 @@ class Block(nn.Module):
     same function is computed by `fast.block_forward` (folded LayerScale, one-pass GRN, oneDNN
     Linear+GELU / Linear+residual kernels, depthwise reformulations on small maps), which we use
     because it measured faster on CPU (`benchmarks/`). `fast_path = False` selects the textbook.
+    Graphs (tracing, compile, export) take the textbook, unless `graph_form` names a fast one.
     """
 
     def __init__(self, dim: int, drop_path: float = 0.0, ls_init_value: float | None = 1e-6,
@@ -98,9 +99,10 @@ class Block(nn.Module):
         self.gamma = nn.Parameter(torch.full((dim,), float(ls_init_value))) if ls_init_value else None
         self.drop_path = DropPath(drop_path)
         self.fast_path = True
+        self.graph_form: str | None = None  # "conv_mlp": the MLP as 1x1 convs in graphs (fast.block_forward)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fast_path and not fast.capturing_graph():
+        if self.fast_path and (self.graph_form is not None or not fast.capturing_graph()):
             return fast.block_forward(self, x)
         shortcut = x
         x = self.dwconv(x)

@@ -11,17 +11,25 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def autocast_active(x: torch.Tensor) -> bool:
+    """Whether autocast is on for x's device (devices without autocast, such as `meta`: no)."""
+    return x.device.type in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(x.device.type)
+
+
 class LayerNorm(nn.LayerNorm):
     """LayerNorm over the last (channel) dim of (N, H, W, C) or (N, C) inputs.
 
-    Statistics are computed in fp32 and the result cast back to the input dtype: under bf16/fp16
-    autocast, low-precision mean/variance are a known source of NaNs in ConvNeXt V2.
+    Statistics are computed in fp32 and the result has the input's dtype: low-precision mean and
+    variance are a known source of NaNs in ConvNeXt V2. torch's layer_norm accumulates bf16/fp16
+    inputs in fp32 itself (and autocast runs it in fp32), so no copy of the input is made for it.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = None if self.weight is None else self.weight.float()
-        b = None if self.bias is None else self.bias.float()
-        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+        if autocast_active(x):  # autocast would hand back fp32: keep the input's dtype
+            return super().forward(x).to(x.dtype)
+        w = None if self.weight is None else self.weight.to(x.dtype)
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
 
 
 class LayerNorm2d(LayerNorm):

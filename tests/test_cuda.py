@@ -1,0 +1,76 @@
+"""CUDA paths: GPU vs CPU parity, fp16 + GradScaler and bf16 training steps, a compiled step, the engine on GPU.
+
+Skipped (with a reason naming the GPU, which is the one skip the suite allows) where torch sees no
+CUDA device; `benchmarks/run_gpu.sh` runs them with the GPU benchmarks on a machine that has one.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import convnext
+
+from helpers import perturb
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch sees none)")]
+
+
+@pytest.mark.parametrize("name", ["convnext_atto", "convnextv2_atto", "convnext_tiny"])
+def test_gpu_logits_equal_cpu_logits_fp32(name):
+    model = perturb(convnext.create_model(name, num_classes=10))
+    x = torch.randn(4, 3, 96, 96)
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    with torch.no_grad():
+        cpu = model(x)
+        gpu = model.cuda()(x.cuda()).cpu()
+    assert (gpu - cpu).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_mixed_precision_training_steps_stay_finite_on_v2(precision):
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    model = perturb(convnext.create_model("convnextv2_atto", num_classes=10)).cuda().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+    x, y = torch.randn(8, 3, 128, 128, device="cuda") * 20, torch.randint(0, 10, (8,), device="cuda")
+    losses = []
+    for _ in range(10):
+        with torch.autocast("cuda", dtype=dtype):
+            loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_compiled_training_step_matches_eager():
+    torch.manual_seed(0)
+    model = perturb(convnext.create_model("convnextv2_atto", num_classes=10)).cuda().train()
+    compiled = torch.compile(model)
+    x, y = torch.randn(8, 3, 96, 96, device="cuda"), torch.randint(0, 10, (8,), device="cuda")
+    eager_loss = F.cross_entropy(model(x), y)
+    eager_loss.backward()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    compiled_loss = F.cross_entropy(compiled(x), y)
+    compiled_loss.backward()
+    assert abs(compiled_loss.item() - eager_loss.item()) <= 1e-3
+    for g, p in zip(eager_grads, model.parameters()):
+        torch.testing.assert_close(p.grad, g, atol=1e-3, rtol=1e-2)
+
+
+def test_the_engine_trains_on_the_gpu(tmp_path):
+    from convnext.data.fashion_mnist import prepare
+    from convnext.train import ClassificationTask, TrainConfig, fit
+
+    data = prepare(tmp_path / "fm", per_class={"train": 30, "val": 10})
+    summary = fit(ClassificationTask(TrainConfig(
+        model="convnext_atto", data=str(data), output=str(tmp_path / "run"), input_size=32, epochs=3, batch_size=32,
+        lr=2e-3, warmup_epochs=0.5, aa="none", reprob=0.0, mixup=0.0, cutmix=0.0, crop_pct=1.0, workers=0,
+        precision="bf16", device="cuda", progress=False)))
+    assert summary["best"] > 20.0  # chance is 10%
