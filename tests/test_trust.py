@@ -14,9 +14,7 @@ import pytest
 import torch
 
 import convnext
-from convnext.weights import from_ours
 
-from helpers import perturb
 from test_train import FAST, cli, fmnist, train, train_cmd  # noqa: F401  (fmnist is a fixture)
 
 pytestmark = pytest.mark.timeout(600)
