@@ -1,16 +1,30 @@
 #!/usr/bin/env bash
-# The CPU figures of benchmarks/README.md: each line is one `convnext bench` run (all candidates
-# interleaved in one process); JSON results go to benchmarks/results/. Takes ~15 min on 2 cores.
+# The CPU figures of benchmarks/README.md: each line is one `convnext bench` run (all candidates interleaved
+# in one process, 1 torch thread for stable ratios); JSON and text go to benchmarks/results/<cpu class>/.
+# Takes ~35 min on 2 cores. The CPU class (avx512 / avx2) is detected at run time, as in the library.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
-OUT=benchmarks/results
+CLASS=$("$BIN/python" -c "from convnext.utils import cpu_class; print(cpu_class())")
+OUT=benchmarks/results/$CLASS
 mkdir -p "$OUT"
-run() { local name=$1; shift; "$BIN/convnext" bench "$@" --json "$OUT/$name.json" | tee "$OUT/$name.txt"; echo; }
-run cpu-infer-fp32-convnext_tiny-b8    --model convnext_tiny   --batch-size 8  --compare timm,torchvision,onnxruntime --repeats 7
-run cpu-infer-fp32-convnext_atto-b16   --model convnext_atto   --batch-size 16 --compare timm,onnxruntime --repeats 7
-run cpu-infer-fp32-convnextv2_atto-b16 --model convnextv2_atto --batch-size 16 --compare timm --repeats 7
-run cpu-infer-fp32-convnextv2_tiny-b8  --model convnextv2_tiny --batch-size 8  --compare timm --repeats 7
-run cpu-train-fp32-convnext_atto-b16   --model convnext_atto   --batch-size 16 --mode train --compare timm --repeats 5
-run cpu-train-fp32-convnext_tiny-b8    --model convnext_tiny   --batch-size 8  --mode train --compare timm,torchvision --repeats 5
-run cpu-infer-bf16-convnext_atto-b16   --model convnext_atto   --batch-size 16 --precision bf16 --compare timm --repeats 3 --warmup 1
+run() { local name=$1; shift; "$BIN/convnext" bench "$@" --threads 1 --json "$OUT/$name.json" --force \
+        | grep -v "^  ready\|round " | tee "$OUT/$name.txt"; echo; }
+PRECISIONS="fp32"
+[ "$CLASS" = avx512 ] && PRECISIONS="fp32 bf16"
+for p in $PRECISIONS; do
+  run infer-$p-convnext_tiny-b8    --model convnext_tiny   --batch-size 8  --precision $p --compile \
+      --compare timm,torchvision,onnxruntime,openvino --repeats 10 --no-memory
+  run infer-$p-convnext_atto-b16   --model convnext_atto   --batch-size 16 --precision $p --compile \
+      --compare timm,onnxruntime,openvino --repeats 10 --no-memory
+  run infer-$p-convnextv2_atto-b16 --model convnextv2_atto --batch-size 16 --precision $p --compile \
+      --compare timm,onnxruntime,openvino --repeats 10 --no-memory
+  run train-$p-convnext_atto-b16   --model convnext_atto   --batch-size 16 --precision $p --mode train \
+      --compare timm --repeats 6
+  run train-$p-convnext_tiny-b8    --model convnext_tiny   --batch-size 8  --precision $p --mode train \
+      --compare timm,torchvision --repeats 6
+done
+# the demo's training step (convnext_atto, batch 128 at 32 px), 2 threads as the demo runs it
+"$BIN/convnext" bench --model convnext_atto --batch-size 128 --input-size 32 --mode train --compare timm \
+    --threads 2 --repeats 10 --json "$OUT/train-fp32-convnext_atto-b128-32px-2threads.json" --force \
+    | grep -v "^  ready\|round " | tee "$OUT/train-fp32-convnext_atto-b128-32px-2threads.txt"

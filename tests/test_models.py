@@ -332,3 +332,34 @@ def test_optimize_for_inference_times_eager_and_compiled_and_keeps_the_faster():
     assert best.how.startswith("torch.compile" if faster == "compiled" else "eager")
     assert (best(x) - want).abs().max().item() <= 1e-4
     assert (best(torch.randn(2, 3, 96, 96)).shape == (2, 10))  # other shapes still run
+
+
+@pytest.mark.slow
+def test_bf16_depthwise_backward_is_as_accurate_as_aten():
+    """bf16 CPU training computes the depthwise weight gradient in one fused fp32-accumulated pass and the
+    input gradient as a flipped-kernel conv: against fp32, no less accurate than aten's bf16 backward."""
+    from convnext.models import fast
+
+    conv = torch.nn.Conv2d(16, 16, 7, padding=3, groups=16)
+    x = torch.randn(4, 16, 12, 12).contiguous(memory_format=torch.channels_last)
+    g = torch.randn(4, 16, 12, 12)
+
+    def grads(fn, dtype):
+        conv.zero_grad()
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            y = fn(xi)
+        y.float().backward(g)
+        return [xi.grad.float(), conv.weight.grad.clone(), conv.bias.grad.clone()]
+
+    want = grads(conv, torch.float32)
+    aten = grads(conv, torch.bfloat16)  # nn.Conv2d under autocast: aten's bf16 kernels
+    fast.use_fused_depthwise_backward(True)
+    try:
+        ours = grads(lambda t: fast.depthwise_conv(conv, t), torch.bfloat16)
+    finally:
+        fast.use_fused_depthwise_backward(False)
+    assert fast._compiled_weight_grad  # the fused weight-gradient path was taken
+    for a, o, w in zip(aten, ours, want):
+        err_o, err_a = (((t - w).norm() / w.norm()).item() for t in (o, a))
+        assert err_o <= 1.5 * err_a + 1e-3, (err_o, err_a)

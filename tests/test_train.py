@@ -305,3 +305,21 @@ def test_demo_runs_train_eval_predict_end_to_end(fmnist, tmp_path, monkeypatch, 
     assert "== evaluate" in out and "== predict" in out and "demo result: convnext_atto reached" in out
     assert (tmp_path / "demo" / "train" / "confusion_matrix.png").stat().st_size > 0
     assert any(ln.endswith("%") and ".png: " in ln for ln in out.splitlines())  # a top-3 prediction line
+
+
+@pytest.mark.slow
+def test_long_bf16_cpu_runs_switch_on_the_compiled_depthwise_backward(fmnist, tmp_path, monkeypatch):
+    from convnext.models import fast
+    from convnext.train import engine
+
+    short = train(fmnist, tmp_path / "short", epochs=1, precision="bf16", seed=3)
+    assert not fast._fused_depthwise_backward[0]  # a short run: not worth ~20 s of compiling
+    monkeypatch.setattr(engine, "FUSED_DEPTHWISE_MIN_STEPS", 1)  # as if the run were long
+    try:
+        long = train(fmnist, tmp_path / "long", epochs=1, precision="bf16", seed=3)
+        assert fast._fused_depthwise_backward[0] and fast._compiled_weight_grad[0] is not None
+    finally:
+        fast.use_fused_depthwise_backward(False)
+    a, b = (json.loads((tmp_path / d / "metrics.jsonl").read_text()) for d in ("short", "long"))
+    assert b["train_loss"] == pytest.approx(a["train_loss"], rel=0.02)  # the same training, bf16 rounding apart
+    assert short and long

@@ -97,9 +97,14 @@ def build(spec: Spec, state_dict: dict[str, torch.Tensor] | None, workdir: str) 
         return _infer_step(spec, model.eval(), x)
 
     model.train()
+    if spec.library == "convnext" and spec.precision == "bf16" and device.type == "cpu":
+        from ..models.fast import use_fused_depthwise_backward
+
+        use_fused_depthwise_backward(True)  # as the engine runs a long bf16 run (compiled in the warm-up)
     if spec.variant == "compile":
         model = torch.compile(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    # AdamW as each library's training runs it: ours fused (our engine), the peers' default (foreach)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=spec.library == "convnext" or None)
     scaler = torch.amp.GradScaler(device.type, enabled=spec.precision == "fp16" and device.type == "cuda")
 
     def train_step() -> torch.Tensor:

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..data import Batch, DataError, EpochSampler, ShardSampler
+from ..models import fast
 from ..utils import atomic_write, autocast
 from . import distributed as D
 from .checkpoint import find_resume, load_state, save_state
@@ -107,6 +108,9 @@ class TrainState:
         random.setstate(state["rng"]["python"])
 
 
+FUSED_DEPTHWISE_MIN_STEPS = 500
+
+
 def fit(task: Task) -> dict[str, Any]:
     """Train `task` as its config says; returns the last metrics line, the best metric and the output folder."""
     env = D.setup(task.cfg.device)
@@ -155,6 +159,10 @@ class Trainer:
                             f"{self.cfg.grad_accum}")
         self.total_steps = self.cfg.epochs * self.steps_per_epoch
         self.warmup_steps = round(self.cfg.warmup_epochs * self.steps_per_epoch)
+        # bf16 on CPU: the compiled depthwise backward pays its ~20 s of compiling back over a long run only
+        # (decided from the plan, not from timings, so that a resumed run computes exactly as before)
+        fast.use_fused_depthwise_backward(self.cfg.precision == "bf16" and env.device.type == "cpu"
+                                          and self.total_steps >= FUSED_DEPTHWISE_MIN_STEPS)
         self.seen_bad: set[int] = set()
 
     # --- set-up -------------------------------------------------------------------------------
@@ -193,8 +201,10 @@ class Trainer:
         effective_batch = cfg.batch_size * cfg.grad_accum * env.world_size
         self.peak_lr = cfg.lr if cfg.lr is not None else cfg.lr_base * effective_batch / cfg.lr_base_batch
         groups = [{k: v for k, v in g.items() if k != "names"} for g in self.task.param_groups(model)]
+        # The fused kernel: one pass over each parameter (demo-size steps 1.06x faster on CPU); DTensor
+        # parameters (FSDP) take the default implementation.
         optimizer = torch.optim.AdamW(groups, lr=self.peak_lr, betas=cfg.opt_betas, eps=cfg.opt_eps,
-                                      weight_decay=cfg.weight_decay)
+                                      weight_decay=cfg.weight_decay, fused=not cfg.fsdp)
         scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.precision == "fp16")
         return TrainState(model, optimizer, scaler, ema)
 
