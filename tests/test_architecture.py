@@ -16,11 +16,12 @@ ALLOWED = {
     "weights": {"models"},
     "data": set(),  # data knows no model
     "factory": {"models", "weights"},
+    "dense": {"factory", "models", "weights"},  # detectors and segmenters on the backbone; no data, no training
     "plots": set(),
-    "eval": {"data", "factory", "models", "weights", "plots", "export"},  # stands without training
+    "eval": {"data", "factory", "models", "weights", "plots", "export", "dense"},  # stands without training
     "export": {"eval", "factory", "models", "weights", "data"},
     "bench": {"factory", "models", "weights", "eval", "export"},  # stands without training
-    "train": {"data", "factory", "models", "weights", "plots", "eval"},
+    "train": {"data", "factory", "models", "weights", "plots", "eval", "dense"},
     "demo": {"data", "eval", "train"},
     "cli": {"factory", "weights", "train", "eval", "export", "bench", "demo", "models", "__init__"},
     "__init__": {"factory", "models", "weights"},

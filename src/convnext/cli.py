@@ -60,9 +60,67 @@ def _cmd_train(args: argparse.Namespace) -> None:
         _launch_torchrun(args)
         return
     s = fit(ClassificationTask(cfg))
-    if "val_acc1" in s:
+    if "val_acc1" in s and int(os.environ.get("RANK", "0")) == 0:  # under torchrun: one summary, rank 0's
         print(f"done: {cfg.model} epoch {s['epoch']}  val top-1 {s['val_acc1']:.2f}%  top-5 {s['val_acc5']:.2f}%  "
               f"best top-1 {s['best']:.2f}%  -> {s['output']}")
+
+
+def _dense_task(command: str):
+    if command == "detect":
+        from .train.detection import DetectConfig, DetectionTask
+
+        return DetectConfig, DetectionTask
+    from .train.segmentation import SegmentConfig, SegmentationTask
+
+    return SegmentConfig, SegmentationTask
+
+
+def _cmd_dense_train(args: argparse.Namespace) -> None:
+    from .train import fit
+    from .train.config import from_args
+
+    config_cls, task_cls = _dense_task(args.command)
+    cfg = from_args(args, config_cls)  # validate here, before any process is launched
+    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        _launch_torchrun(args)
+        return
+    s = fit(task_cls(cfg))
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: one summary, rank 0's
+        return
+    shown = "  ".join(f"{k} {s[k]:.4f}" for k in ("bbox_mAP", "bbox_mAP_50", "segm_mAP", "segm_mAP_50", "mIoU", "mAcc")
+                      if k in s)
+    print(f"done: {cfg.model} epoch {s['epoch']}  {shown}  best {s['best_metric']} {s['best']:.4f}  -> {s['output']}")
+
+
+def _cmd_dense_eval(args: argparse.Namespace) -> None:
+    import json
+
+    from .eval.dense import evaluate_dense_checkpoint, format_dense_results
+
+    res = evaluate_dense_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size, workers=args.workers,
+                                    precision=args.precision, ema=args.ema, ann=getattr(args, "val_ann", None),
+                                    images=getattr(args, "val_images", None), progress=not args.json)
+    if (res["task"] == "detect") != (args.command == "detect"):
+        raise ValueError(f"{args.checkpoint} is a {res['task']} checkpoint: use `convnext {res['task']} eval`")
+    print(json.dumps(res) if args.json else format_dense_results(res))
+
+
+def _cmd_dense_predict(args: argparse.Namespace) -> int:
+    import json
+
+    from .eval.dense import predict_dense
+
+    report = predict_dense(args.checkpoint, args.images, args.output, score_threshold=args.score_threshold,
+                           ema=args.ema, force=args.force)
+    for r in report:
+        if "error" in r:
+            print(f"convnext {args.command} predict: cannot read {r['path']} ({r['error']})", file=sys.stderr)
+        elif args.json:
+            print(json.dumps(r))
+        else:
+            print(f"{r['path']}: {', '.join(r.get('labels', r.get('classes', []))) or 'nothing found'}")
+    print(f"wrote {args.output}", file=sys.stderr)
+    return 1 if any("error" in r for r in report) else 0
 
 
 def _launch_torchrun(args: argparse.Namespace) -> None:
@@ -153,9 +211,17 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
-    from .demo import run_demo
+    from .demo import run_demo, run_dense_demo
 
-    run_demo(args.output, epochs=args.epochs, per_class=args.per_class, force=args.force)
+    if args.task == "classify":
+        if args.backbone or args.scenes:
+            raise ValueError("--backbone and --scenes are for --task detect|segment")
+        run_demo(args.output or "runs/demo", epochs=args.epochs, per_class=args.per_class, force=args.force)
+        return
+    if args.per_class:
+        raise ValueError("--per-class is for the classification demo; use --scenes for detect|segment")
+    run_dense_demo(args.task, args.output, epochs=args.epochs, backbone=args.backbone, scenes=args.scenes,
+                   force=args.force)
 
 
 def _add_list_info_convert(sub) -> None:
@@ -221,6 +287,46 @@ def _add_train_eval_predict(sub) -> None:
     p.set_defaults(func=_cmd_predict)
 
 
+def _add_dense(sub) -> None:
+    from .train.config import add_arguments
+
+    for command, what in (("detect", "object detection and instance segmentation (Mask/Faster R-CNN, RetinaNet, "
+                                     "FCOS) on COCO-format data"),
+                          ("segment", "semantic segmentation (UperNet) on ADE20K-layout data")):
+        config_cls, _ = _dense_task(command)
+        top = sub.add_parser(command, help=what)
+        actions = top.add_subparsers(dest="action", required=True, metavar="ACTION")
+        p = actions.add_parser("train", help=f"train a {command} model on the shared engine")
+        add_arguments(p, config_cls)
+        p.add_argument("--nproc", type=int, default=1, help="processes on this machine (launches torchrun)")
+        p.add_argument("--max-restarts", type=int, default=0)
+        p.set_defaults(func=_cmd_dense_train)
+
+        p = actions.add_parser("eval", help="COCO box/mask AP" if command == "detect" else "mIoU, mAcc, aAcc")
+        p.add_argument("--checkpoint", required=True, help="best.safetensors or last.pt of a training run")
+        p.add_argument("--data", required=True)
+        if command == "detect":
+            p.add_argument("--val-ann", help="annotation file (default: DATA/annotations/instances_val.json)")
+            p.add_argument("--val-images", help="image folder (default: DATA/val)")
+        p.add_argument("--ema", action="store_true", help="the EMA weights of a last.pt")
+        p.add_argument("--batch-size", type=int, default=4)
+        p.add_argument("--workers", type=int, default=0)
+        p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=_cmd_dense_eval)
+
+        p = actions.add_parser("predict", help="draw predictions into images, with "
+                               + ("COCO-results JSON" if command == "detect" else "class-index mask PNGs"))
+        p.add_argument("images", nargs="+", help="image files or folders")
+        p.add_argument("--checkpoint", required=True)
+        p.add_argument("--output", required=True, help="folder for the drawn images and results")
+        p.add_argument("--score-threshold", type=float, default=0.5, help="detections below are not kept")
+        p.add_argument("--ema", action="store_true")
+        p.add_argument("--force", action="store_true", help="overwrite existing files in --output")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=_cmd_dense_predict)
+
+
 def _add_export_bench_demo(sub) -> None:
     from .bench import MODES, OPTIMIZE, PEERS
     from .export import FORMATS
@@ -261,7 +367,12 @@ def _add_export_bench_demo(sub) -> None:
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("demo", help="the main job: train on embedded Fashion-MNIST, evaluate, predict")
-    p.add_argument("--output", default="runs/demo")
+    p.add_argument("--task", choices=["classify", "detect", "segment"], default="classify",
+                   help="classify (default), or detect / segment on generated scenes of garments on photographs")
+    p.add_argument("--output", help="default: runs/demo (classify), runs/demo-detect, runs/demo-segment")
+    p.add_argument("--backbone", help="detect/segment: initialise the backbone from this checkpoint "
+                                      "(e.g. runs/demo/train/best.safetensors)")
+    p.add_argument("--scenes", type=int, help="detect/segment: number of training scenes to generate")
     p.add_argument("--epochs", type=int, help="override the demo recipe's epochs")
     p.add_argument("--per-class", type=int, help="use only the first N images of each class (a quick check)")
     p.add_argument("--force", action="store_true", help="start over in an --output that holds an earlier demo")
@@ -277,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_list_info_convert(sub)
     _add_train_eval_predict(sub)
+    _add_dense(sub)
     _add_export_bench_demo(sub)
     return parser
 

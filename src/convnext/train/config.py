@@ -48,6 +48,8 @@ def _flag(name: str) -> str:
 class EngineConfig:
     """What the training engine needs, whatever the task."""
 
+    LAYER_DECAY_TYPES = ("group", "single")  # (a class attribute, not a field) the task's layer-decay rules
+
     # --- what to train, on what ---
     model: str = "convnext_tiny"  # the task's model (each task config checks the name)
     data: str = ""  # the task's dataset root
@@ -126,7 +128,7 @@ class EngineConfig:
             _fail(f"--save-every-steps must be >= 0, got {self.save_every_steps}")
         self._check_choices({"precision": tuple(PRECISIONS), "device": ("auto", "cpu", "cuda"),
                              "nan_policy": ("abort", "skip"), "bad_images": ("skip", "error"),
-                             "layer_decay_type": ("group", "single")})
+                             "layer_decay_type": self.LAYER_DECAY_TYPES})
 
     def _check_choices(self, choices: dict[str, tuple[str, ...]]) -> None:
         for name, allowed in choices.items():

@@ -1,0 +1,139 @@
+"""Semantic segmentation on a ConvNeXt backbone: UperNet as the official ADE20K configs use it
+(mmseg `UPerHead` + `FCNHead` auxiliary), or a light FPN head.
+
+UperNet (Xiao et al. 2018): a pyramid pooling module (PPM, pool scales 1, 2, 3, 6) on the last level,
+lateral 1x1 convs to 512 channels, a top-down pathway with 3x3 convs (the FPN), every level upsampled
+to stride 4 and concatenated, a 3x3 fusion conv, dropout 0.1 and a 1x1 classifier. The auxiliary FCN
+head (one 3x3 conv of 256 channels on stage 3, dropout 0.1) adds 0.4 x its cross-entropy in training.
+Convolutions are conv + BatchNorm + ReLU (SyncBN in the official configs: BatchNorm is converted to
+SyncBatchNorm when training on several CUDA GPUs). Logits are upsampled to the input size.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbone import ConvNeXtBackbone
+
+HEADS = ("upernet", "fpn")
+IGNORE_INDEX = 255
+
+
+def conv_bn_relu(cin: int, cout: int, k: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
+
+
+def _resize(x: torch.Tensor, size: torch.Size | tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+class PPM(nn.Module):
+    """Pyramid pooling: the map, and its average pools at each scale (conv'd, upsampled back)."""
+
+    def __init__(self, cin: int, channels: int, scales: tuple[int, ...] = (1, 2, 3, 6)) -> None:
+        super().__init__()
+        self.pools = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(s), conv_bn_relu(cin, channels)) for s in scales)
+        self.bottleneck = conv_bn_relu(cin + len(scales) * channels, channels, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bottleneck(torch.cat([x, *(_resize(p(x), x.shape[-2:]) for p in self.pools)], 1))
+
+
+class UPerHead(nn.Module):
+    def __init__(self, in_channels: list[int], num_classes: int, channels: int = 512, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.ppm = PPM(in_channels[-1], channels)
+        self.lateral = nn.ModuleList(conv_bn_relu(c, channels) for c in in_channels[:-1])
+        self.fpn = nn.ModuleList(conv_bn_relu(channels, channels, 3) for _ in in_channels[:-1])
+        self.fuse = conv_bn_relu(len(in_channels) * channels, channels, 3)
+        self.dropout = nn.Dropout2d(dropout)
+        self.cls = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        laterals = [lat(f) for lat, f in zip(self.lateral, feats)] + [self.ppm(feats[-1])]
+        for i in range(len(laterals) - 1, 0, -1):  # top-down
+            laterals[i - 1] = laterals[i - 1] + _resize(laterals[i], laterals[i - 1].shape[-2:])
+        outs = [conv(x) for conv, x in zip(self.fpn, laterals[:-1])] + [laterals[-1]]
+        size = outs[0].shape[-2:]
+        fused = self.fuse(torch.cat([outs[0], *(_resize(o, size) for o in outs[1:])], 1))
+        return self.cls(self.dropout(fused))
+
+
+class FPNHead(nn.Module):
+    """Light head (Panoptic-FPN style): 1x1 laterals + top-down sum, each level to stride 4, summed."""
+
+    def __init__(self, in_channels: list[int], num_classes: int, channels: int = 128, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.lateral = nn.ModuleList(conv_bn_relu(c, channels) for c in in_channels)
+        self.smooth = conv_bn_relu(channels, channels, 3)
+        self.dropout = nn.Dropout2d(dropout)
+        self.cls = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        x = self.lateral[-1](feats[-1])
+        for lat, f in zip(self.lateral[-2::-1], feats[-2::-1]):
+            x = lat(f) + _resize(x, f.shape[-2:])
+        return self.cls(self.dropout(self.smooth(x)))
+
+
+class FCNHead(nn.Module):
+    """Auxiliary head: 3x3 conv (256) + dropout + 1x1 classifier."""
+
+    def __init__(self, cin: int, num_classes: int, channels: int = 256, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.conv = conv_bn_relu(cin, channels, 3)
+        self.dropout = nn.Dropout2d(dropout)
+        self.cls = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cls(self.dropout(self.conv(x)))
+
+
+class Segmenter(nn.Module):
+    """backbone -> decode head (+ auxiliary head in training) -> logits at the input size.
+
+    `model(images)` returns (N, num_classes, H, W) logits; `model(images, masks)` the named losses, as
+    torchvision's detectors do (cross-entropy with ignore_index 255; `loss_aux` weighted 0.4 when there
+    is an auxiliary head).
+    """
+
+    def __init__(self, backbone: ConvNeXtBackbone, num_classes: int, head: str = "upernet", aux_head: bool = True,
+                 aux_weight: float = 0.4, channels: int | None = None) -> None:
+        super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
+        self.backbone = backbone
+        self.num_classes = num_classes
+        width = {} if channels is None else {"channels": channels}
+        self.decode_head = (UPerHead if head == "upernet" else FPNHead)(backbone.channels, num_classes, **width)
+        aux_width = {} if channels is None else {"channels": max(channels // 2, 16)}
+        self.aux_head = FCNHead(backbone.channels[2], num_classes, **aux_width) if aux_head else None
+        self.aux_weight = aux_weight
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
+        if target is None:
+            return _resize(self.decode_head(self.backbone(x)), x.shape[-2:])
+        feats = self.backbone(x)
+        out = {"loss_seg": F.cross_entropy(_resize(self.decode_head(feats), x.shape[-2:]).float(), target,
+                                           ignore_index=IGNORE_INDEX)}
+        if self.aux_head is not None:
+            aux = _resize(self.aux_head(feats[2]), x.shape[-2:]).float()
+            out["loss_aux"] = self.aux_weight * F.cross_entropy(aux, target, ignore_index=IGNORE_INDEX)
+        return out
+
+
+def create_segmenter(name: str, num_classes: int, *, head: str = "upernet",
+                     pretrained: bool | str | os.PathLike | None = None, aux_head: bool = True,
+                     drop_path_rate: float = 0.0, frozen_stages: int = -1, **kw: Any) -> Segmenter:
+    """UperNet (or a light FPN head) on a ConvNeXt backbone; see `Segmenter`. `channels`: the decode head's
+    width (UperNet 512 as published, the FPN head 128; the auxiliary head gets half)."""
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    backbone = ConvNeXtBackbone(name, pretrained=pretrained, drop_path_rate=drop_path_rate, frozen_stages=frozen_stages)
+    return Segmenter(backbone, num_classes, head=head, aux_head=aux_head, **kw)
