@@ -286,8 +286,11 @@ def test_segmentation_data_metrics_and_padding(tmp_path):
     _, mask, _ = ds[0]
     assert mask[0].tolist() == [255, 0, 1, 2, 255, 255]
     batch = collate_segmentation([(torch.ones(3, 4, 6), mask, 0), (torch.ones(3, 40, 3), torch.zeros(40, 3).long(), 1)])
-    assert batch.inputs.shape == (2, 3, 64, 32) and (batch.targets[0, 4:] == 255).all()
-    assert batch.inputs[0, :, 5:].sum() == 0
+    # different sizes: each padded to its own multiple of 32, so a prediction never depends on its batch-mates
+    assert [x.shape for x in batch.inputs] == [(1, 3, 32, 32), (1, 3, 64, 32)]
+    assert (batch.targets[0][0, 4:] == 255).all() and batch.inputs[0][0, :, 5:].sum() == 0
+    same = collate_segmentation([(torch.ones(3, 40, 40), torch.zeros(40, 40).long(), i) for i in range(3)])
+    assert same.inputs.shape == (3, 3, 64, 64) and (same.targets[:, 40:] == 255).all()
     confusion = torch.tensor([[5, 1, 0], [2, 2, 0], [0, 0, 0]])  # class 2: in neither truth nor prediction
     s = segmentation_scores(confusion, ["a", "b", "c"])
     assert s["mIoU"] == pytest.approx((5 / 8 + 2 / 5) / 2) and s["mAcc"] == pytest.approx((5 / 6 + 2 / 4) / 2)

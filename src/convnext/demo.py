@@ -86,7 +86,7 @@ def run_dense_demo(task: str, output: str | os.PathLike | None = None, epochs: i
     print(f"\n== evaluate {best}")
     print(format_dense_results(evaluate_dense_checkpoint(best, str(data), progress=False)))
     samples = sorted((data / ("val" if task == "detect" else "images/validation")).glob("*.jpg"))[:4]
-    predict_dense(best, samples, out / "predict", force=True)  # the demo's own folder, rewritten each run
+    predict_dense(best, samples, out / "predict", score_threshold=0.3, force=True)  # the demo's own folder
     key = "bbox_mAP_50" if task == "detect" else "mIoU"
     extra = f", mask mAP@0.5 {summary['segm_mAP_50']:.3f}" if "segm_mAP_50" in summary else ""
     print(f"\ndemo result: {what} on {cfg.model} reached {key} {summary[key]:.3f}{extra} on 500 held-out scenes in "

@@ -27,10 +27,12 @@ def plot_curves(history: Sequence[dict], path: str | os.PathLike) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, group in ((axes[0], [k for k in keys if "loss" in k]), (axes[1], [k for k in keys if "loss" not in k])):
         for key in group:
-            pts = [(h["epoch"], h[key]) for h in history if key in h]
-            ax.plot(*zip(*pts), "o-", label=key)
+            # a negative metric means "undefined" (COCOeval's -1 for a size range without objects)
+            pts = [(h["epoch"], h[key]) for h in history if key in h and ("loss" in key or h[key] >= 0)]
+            if pts:
+                ax.plot(*zip(*pts), "o-", label=key)
         if group:
-            ax.legend()
+            ax.legend(fontsize="small")
     axes[0].set(title="loss", xlabel="epoch")
     axes[1].set(title="validation metrics", xlabel="epoch")
     axes[2].plot([h["epoch"] for h in history], [h["lr"] for h in history], "o-")

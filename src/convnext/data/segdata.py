@@ -134,18 +134,23 @@ def segmentation_transform(train: bool, crop_size: int, mean, std, scale=(0.5, 2
 
 
 def collate_segmentation(items: list[tuple[Any, Any, int]], size_divisor: int = 32) -> Batch:
-    """Stack images and masks, padding each batch to a common size (a multiple of 32): images with 0
-    (the mean after normalisation), masks with ignore (255), so padding never counts."""
+    """Images and masks padded to a multiple of 32 (images with 0, the mean after normalisation; masks with
+    ignore, 255, so padding never counts). Samples of one size (training crops) are stacked into one
+    tensor; samples of different sizes (whole validation images) stay a list of 1-image tensors, so each
+    image is padded only to its own size and a prediction never depends on its batch-mates."""
     good = [b for b in items if b[0] is not None]
     bad = [b[2] for b in items if b[0] is None]
     if not good:
         return Batch(None, None, [], bad)
-    h = max(b[0].shape[-2] for b in good)
-    w = max(b[0].shape[-1] for b in good)
-    h, w = -(-h // size_divisor) * size_divisor, -(-w // size_divisor) * size_divisor
-    images = torch.zeros(len(good), good[0][0].shape[0], h, w, dtype=good[0][0].dtype)
-    masks = torch.full((len(good), h, w), IGNORE_INDEX, dtype=torch.int64)
-    for i, (img, mask, _) in enumerate(good):
-        images[i, :, :img.shape[-2], :img.shape[-1]] = img
-        masks[i, :mask.shape[-2], :mask.shape[-1]] = mask
-    return Batch(images, masks, [b[2] for b in good], bad)
+    padded = []
+    for img, mask, _ in good:
+        h, w = -(-img.shape[-2] // size_divisor) * size_divisor, -(-img.shape[-1] // size_divisor) * size_divisor
+        x = img.new_zeros(img.shape[0], h, w)
+        x[:, :img.shape[-2], :img.shape[-1]] = img
+        m = torch.full((h, w), IGNORE_INDEX, dtype=torch.int64)
+        m[:mask.shape[-2], :mask.shape[-1]] = mask
+        padded.append((x, m))
+    indices = [b[2] for b in good]
+    if len({x.shape for x, _ in padded}) == 1:
+        return Batch(torch.stack([x for x, _ in padded]), torch.stack([m for _, m in padded]), indices, bad)
+    return Batch([x[None] for x, _ in padded], [m[None] for _, m in padded], indices, bad)

@@ -39,7 +39,8 @@ class ConvNeXtBackbone(nn.Module):
     def __init__(self, name: str, *, pretrained: bool | str | os.PathLike | None = None, drop_path_rate: float = 0.0,
                  frozen_stages: int = -1, out_indices: tuple[int, ...] = (0, 1, 2, 3)) -> None:
         super().__init__()
-        dense = _read_dense_checkpoint(pretrained) if isinstance(pretrained, (str, os.PathLike)) else None
+        is_file = isinstance(pretrained, (str, os.PathLike)) and os.path.exists(pretrained)
+        dense = _read_dense_checkpoint(pretrained) if is_file else None  # else: a weight tag, or True
         body_weights = dense["body"] if dense else (pretrained or False)
         self.body = create_model(name, pretrained=body_weights, features_only=True, out_indices=out_indices,
                                  drop_path_rate=drop_path_rate)

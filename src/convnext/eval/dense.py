@@ -123,16 +123,19 @@ def evaluate_segmentation(model: nn.Module, loader, device: torch.device, num_cl
         bad += len(batch.bad)
         if batch.inputs is None:
             continue
-        with autocast(device, precision):
-            logits = model(batch.inputs.to(device))
-        pred = logits.float().argmax(1)
-        target = batch.targets.to(device)
-        keep = target != IGNORE_INDEX
-        if (target[keep] >= num_classes).any():
-            raise ValueError(f"label {int(target[keep].max())} in the annotations, but the model has {num_classes} "
-                             f"classes (0..{num_classes - 1}; 255 = ignore)")
-        confusion += torch.bincount(target[keep] * num_classes + pred[keep],
-                                    minlength=num_classes ** 2).view(num_classes, num_classes)
+        chunks = zip(batch.inputs, batch.targets) if isinstance(batch.inputs, list) else [(batch.inputs,
+                                                                                           batch.targets)]
+        for images, target in chunks:  # a stacked batch, or images of different sizes one by one
+            with autocast(device, precision):
+                logits = model(images.to(device))
+            pred = logits.float().argmax(1)
+            target = target.to(device)
+            keep = target != IGNORE_INDEX
+            if (target[keep] >= num_classes).any():
+                raise ValueError(f"label {int(target[keep].max())} in the annotations, but the model has "
+                                 f"{num_classes} classes (0..{num_classes - 1}; 255 = ignore)")
+            confusion += torch.bincount(target[keep] * num_classes + pred[keep],
+                                        minlength=num_classes ** 2).view(num_classes, num_classes)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(confusion)
         dist.all_reduce(bad)

@@ -124,8 +124,9 @@ class SegmentationTask(Task):
     def loss(self, model: nn.Module, batch, device: torch.device) -> dict[str, torch.Tensor]:
         images = batch.inputs.to(device, non_blocking=True)
         targets = batch.targets.to(device, non_blocking=True)
-        if int(targets[targets != 255].max(initial=0)) >= len(self.classes):
-            raise DataError(f"label {int(targets[targets != 255].max())} in a training annotation, but there are "
+        labelled = targets[targets != 255]
+        if labelled.numel() and int(labelled.max()) >= len(self.classes):
+            raise DataError(f"label {int(labelled.max())} in a training annotation, but there are "
                             f"{len(self.classes)} classes (0..{len(self.classes) - 1}; 255 = ignore); "
                             f"set --num-classes or classes.txt")
         if self.cfg.channels_last:
