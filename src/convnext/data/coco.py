@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .folder import Batch, DataError, _sample_seed
+from .folder import Batch, DataError, _sample_seed, seeded
 from .images import load_rgb
 
 logger = logging.getLogger(__name__)
@@ -154,13 +154,7 @@ class CocoDetection(Dataset):
             target["masks"] = tv_tensors.Mask(torch.from_numpy(self._masks(anns, h, w)))
         image = tv_tensors.Image(torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous())
         if self.transform is not None:
-            gen = torch.random.default_generator
-            state = gen.get_state()
-            gen.manual_seed(_sample_seed(self.seed, epoch, index))
-            try:
-                image, target = self.transform(image, target)
-            finally:
-                gen.set_state(state)
+            image, target = seeded(self.transform, _sample_seed(self.seed, epoch, index), image, target)
         return image, target, index
 
     def coco_gt(self):

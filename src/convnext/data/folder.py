@@ -60,6 +60,20 @@ def _sample_seed(seed: int, epoch: int, index: int) -> int:
     return ((seed * 1_000_003 + epoch) * 1_000_000_007 + index) % (2**63 - 1)
 
 
+def seeded(fn: Callable, seed: int, *args: Any) -> Any:
+    """`fn(*args)` with the CPU generator the transforms draw from seeded, then restored.
+
+    Only the CPU generator: torch.manual_seed would also seed every accelerator (~300 us per sample).
+    """
+    gen = torch.random.default_generator
+    state = gen.get_state()
+    gen.manual_seed(seed)
+    try:
+        return fn(*args)
+    finally:
+        gen.set_state(state)
+
+
 class ImageFolder(Dataset):
     """`root/<class>/<image>` with an optional fixed class list (training's, at eval time).
 
@@ -107,15 +121,7 @@ class ImageFolder(Dataset):
             if self.cache is not None:
                 self.cache[index] = img
         if self.transform is not None:
-            # Seed only the CPU generator the transforms draw from (torch.manual_seed would also seed
-            # every accelerator, ~300 us per sample), and restore it afterwards.
-            gen = torch.random.default_generator
-            state = gen.get_state()
-            gen.manual_seed(_sample_seed(self.seed, epoch, index))
-            try:
-                img = self.transform(img)
-            finally:
-                gen.set_state(state)
+            img = seeded(self.transform, _sample_seed(self.seed, epoch, index), img)
         return img, target, index
 
 

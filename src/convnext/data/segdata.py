@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .folder import Batch, DataError, _sample_seed
+from .folder import Batch, DataError, _sample_seed, seeded
 from .images import IMG_EXTENSIONS, load_rgb
 
 IGNORE_INDEX = 255
@@ -94,13 +94,7 @@ class SegmentationFolder(Dataset):
         image = tv_tensors.Image(torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous())
         target = tv_tensors.Mask(torch.from_numpy(mask))
         if self.transform is not None:
-            gen = torch.random.default_generator
-            state = gen.get_state()
-            gen.manual_seed(_sample_seed(self.seed, epoch, index))
-            try:
-                image, target = self.transform(image, target)
-            finally:
-                gen.set_state(state)
+            image, target = seeded(self.transform, _sample_seed(self.seed, epoch, index), image, target)
         return image, target, index
 
     def unreadable_reason(self, index: int) -> str:
