@@ -89,9 +89,10 @@ def evaluate_detection(model: nn.Module, loader, device: torch.device, dataset, 
         for out, target in zip(outputs, batch.targets):
             results += detections_to_coco(out, target["image_id"], dataset.cat_ids)
     results = _gather(results)
-    metrics = coco_ap(dataset.coco_gt(), results, "bbox")
+    gt = dataset.coco_gt()  # built once for both evaluations
+    metrics = coco_ap(gt, results, "bbox")
     if masks:
-        metrics |= coco_ap(dataset.coco_gt(), [r for r in results if "segmentation" in r], "segm")
+        metrics |= coco_ap(gt, [r for r in results if "segmentation" in r], "segm")
     metrics["bad_images"] = float(sum(_gather([bad])))
     return metrics
 
