@@ -17,12 +17,13 @@ ALLOWED = {
     "data": set(),  # data knows no model
     "factory": {"models", "weights"},
     "dense": {"factory", "models", "weights"},  # detectors and segmenters on the backbone; no data, no training
+    "fcmae": {"factory", "models", "weights"},  # the pre-training model; no data, no training
     "plots": set(),
     "eval": {"data", "factory", "models", "weights", "plots", "export", "dense"},  # stands without training
     "export": {"eval", "factory", "models", "weights", "data"},
     "bench": {"factory", "models", "weights", "eval", "export"},  # stands without training
-    "train": {"data", "factory", "models", "weights", "plots", "eval", "dense"},
-    "demo": {"data", "eval", "train"},
+    "train": {"data", "factory", "models", "weights", "plots", "eval", "dense", "fcmae"},
+    "demo": {"data", "eval", "train", "plots"},
     "cli": {"factory", "weights", "train", "eval", "export", "bench", "demo", "models", "__init__"},
     "__init__": {"factory", "models", "weights"},
     "__main__": {"cli"},

@@ -66,10 +66,15 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _dense_task(command: str):
+    """(config class, task class) of the engine tasks other than classification."""
     if command == "detect":
         from .train.detection import DetectConfig, DetectionTask
 
         return DetectConfig, DetectionTask
+    if command == "pretrain":
+        from .train.pretrain import PretrainConfig, PretrainTask
+
+        return PretrainConfig, PretrainTask
     from .train.segmentation import SegmentConfig, SegmentationTask
 
     return SegmentConfig, SegmentationTask
@@ -87,8 +92,8 @@ def _cmd_dense_train(args: argparse.Namespace) -> None:
     s = fit(task_cls(cfg))
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: one summary, rank 0's
         return
-    shown = "  ".join(f"{k} {s[k]:.4f}" for k in ("bbox_mAP", "bbox_mAP_50", "segm_mAP", "segm_mAP_50", "mIoU", "mAcc")
-                      if k in s)
+    shown = "  ".join(f"{k} {s[k]:.4f}" for k in ("bbox_mAP", "bbox_mAP_50", "segm_mAP", "segm_mAP_50", "mIoU", "mAcc",
+                                                   "train_loss", "probe_loss") if k in s)
     print(f"done: {cfg.model} epoch {s['epoch']}  {shown}  best {s['best_metric']} {s['best']:.4f}  -> {s['output']}")
 
 
@@ -211,8 +216,16 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
-    from .demo import run_demo, run_dense_demo
+    from .demo import run_demo, run_dense_demo, run_fcmae_demo
 
+    if args.task == "fcmae":
+        if args.backbone or args.scenes or args.per_class:
+            raise ValueError("--backbone, --scenes and --per-class are not for --task fcmae")
+        run_fcmae_demo(args.output or "runs/demo-fcmae", force=args.force, epochs=args.epochs,
+                       pretrain_epochs=args.pretrain_epochs)
+        return
+    if args.pretrain_epochs:
+        raise ValueError("--pretrain-epochs is for --task fcmae")
     if args.task == "classify":
         if args.backbone or args.scenes:
             raise ValueError("--backbone and --scenes are for --task detect|segment")
@@ -237,10 +250,12 @@ def _add_list_info_convert(sub) -> None:
 
     p = sub.add_parser("convert", help="convert any supported checkpoint to safetensors")
     p.add_argument("src", help="checkpoint: official, FCMAE, timm, torchvision, Hugging Face (file or dir), ours")
-    p.add_argument("dst", help="output .safetensors file")
+    p.add_argument("dst", help="output .safetensors file (--to fcmae: .pt, .pth or .safetensors)")
     p.add_argument("--model", help="architecture name (inferred from the weights when omitted)")
     p.add_argument("--key", help="state dict key inside the file, e.g. model_ema")
-    p.add_argument("--to", default="ours", choices=["ours", *TABLES], help="layout to write (default: ours)")
+    p.add_argument("--to", default="ours", choices=["ours", *TABLES, "fcmae"],
+                   help="layout to write (default: ours); fcmae: a whole pre-training model (convnext pretrain's "
+                        "last.pt) in the official FCMAE layout, as a .pt file the official code loads")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.set_defaults(func=_cmd_convert)
 
@@ -327,6 +342,17 @@ def _add_dense(sub) -> None:
         p.set_defaults(func=_cmd_dense_predict)
 
 
+def _add_pretrain(sub) -> None:
+    from .train.config import add_arguments
+
+    config_cls, _ = _dense_task("pretrain")
+    p = sub.add_parser("pretrain", help="FCMAE self-supervised pre-training (ConvNeXt V2) on a folder of images")
+    add_arguments(p, config_cls)
+    p.add_argument("--nproc", type=int, default=1, help="processes on this machine (launches torchrun)")
+    p.add_argument("--max-restarts", type=int, default=0)
+    p.set_defaults(func=_cmd_dense_train)
+
+
 def _add_export_bench_demo(sub) -> None:
     from .bench import MODES, OPTIMIZE, PEERS
     from .export import FORMATS
@@ -367,13 +393,15 @@ def _add_export_bench_demo(sub) -> None:
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("demo", help="the main job: train on embedded Fashion-MNIST, evaluate, predict")
-    p.add_argument("--task", choices=["classify", "detect", "segment"], default="classify",
-                   help="classify (default), or detect / segment on generated scenes of garments on photographs")
-    p.add_argument("--output", help="default: runs/demo (classify), runs/demo-detect, runs/demo-segment")
+    p.add_argument("--task", choices=["classify", "detect", "segment", "fcmae"], default="classify",
+                   help="classify (default), detect / segment on generated scenes of garments on photographs, or "
+                        "fcmae: FCMAE pre-training, then fine-tuning on 10%% of the labels vs from scratch")
+    p.add_argument("--output", help="default: runs/demo (classify), runs/demo-detect, runs/demo-segment, runs/demo-fcmae")
     p.add_argument("--backbone", help="detect/segment: initialise the backbone from this checkpoint "
                                       "(e.g. runs/demo/train/best.safetensors)")
     p.add_argument("--scenes", type=int, help="detect/segment: number of training scenes to generate")
-    p.add_argument("--epochs", type=int, help="override the demo recipe's epochs")
+    p.add_argument("--epochs", type=int, help="override the demo recipe's epochs (fcmae: of the labelled runs)")
+    p.add_argument("--pretrain-epochs", type=int, help="fcmae: override the pre-training epochs")
     p.add_argument("--per-class", type=int, help="use only the first N images of each class (a quick check)")
     p.add_argument("--force", action="store_true", help="start over in an --output that holds an earlier demo")
     p.set_defaults(func=_cmd_demo)
@@ -389,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_list_info_convert(sub)
     _add_train_eval_predict(sub)
     _add_dense(sub)
+    _add_pretrain(sub)
     _add_export_bench_demo(sub)
     return parser
 

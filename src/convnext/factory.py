@@ -198,10 +198,33 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, to: st
     from .utils import check_output
     from .weights import read_checkpoint, save_checkpoint, to_ours, unwrap
 
-    check_output(dst, inputs=(src,), force=force, suffixes=(".safetensors",))
+    check_output(dst, inputs=(src,), force=force, suffixes=(".pt", ".pth", ".safetensors") if to == "fcmae"
+                 else (".safetensors",))
     obj, _ = read_checkpoint(src)
     state_dict = unwrap(obj, key)
+    if to == "fcmae":
+        return _convert_to_fcmae(src, dst, state_dict)
     fmt, ours = to_ours(state_dict)
     name = check_model_name(model) if model else infer_model_name(ours, src)
     save_checkpoint(create_model(name, pretrained=state_dict), dst, fmt=to)
     return fmt, name
+
+
+def _convert_to_fcmae(src: str | os.PathLike, dst: str | os.PathLike, sd: Mapping[str, Any]) -> tuple[str, str]:
+    """A full FCMAE pre-training model (ours or official) -> the official FCMAE layout, `{"model": ...}` in a
+    .pt file as the official `main_pretrain.py` saves it (or safetensors)."""
+    from .utils import atomic_write
+    from .weights import CheckpointError, write_safetensors
+    from .weights.convert import fcmae_from_official, fcmae_to_official
+
+    if "mask_token" not in sd:
+        raise CheckpointError(f"{src} holds no FCMAE pre-training model (no mask_token): --to fcmae converts the "
+                              f"last.pt / best.safetensors of `convnext pretrain`, or an official FCMAE file")
+    ours = dict(sd) if "encoder.stem.conv.weight" in sd else fcmae_from_official(sd)
+    official = fcmae_to_official(ours)
+    name = infer_model_name({k[len("encoder."):]: v for k, v in ours.items() if k.startswith("encoder.")}, src)
+    if str(dst).endswith(".safetensors"):
+        write_safetensors(dst, official, {"format": "fcmae", "model": name})
+    else:
+        atomic_write(dst, lambda tmp: torch.save({"model": official}, tmp))
+    return "fcmae", name

@@ -65,3 +65,48 @@ def plot_confusion(confusion, classes: Sequence[str], path: str | os.PathLike, t
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
+
+
+def plot_reconstructions(columns: dict[str, object], path: str | os.PathLike, title: str = "") -> None:
+    """A grid of images: one column per entry of `columns` (name -> (K, 3, H, W) tensor in [0, 1]), one row per image."""
+    plt = _pyplot()
+    names = list(columns)
+    k = len(next(iter(columns.values())))
+    fig, axes = plt.subplots(k, len(names), figsize=(1.6 * len(names), 1.6 * k), squeeze=False)
+    for j, name in enumerate(names):
+        for i in range(k):
+            ax = axes[i][j]
+            ax.imshow(columns[name][i].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(name, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+def plot_comparison(runs: dict[str, Sequence[dict]], key: str, path: str | os.PathLike, title: str = "",
+                    extra: tuple[str, Sequence[dict], str] | None = None) -> None:
+    """`key` (e.g. val_acc1) against epochs for several runs in one panel; `extra` (name, history, key): a
+    second panel (e.g. the pre-training loss)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2 if extra else 1, figsize=(11 if extra else 6, 4), squeeze=False)
+    ax = axes[0][0]
+    for name, history in runs.items():
+        pts = [(h["epoch"], h[key]) for h in history if key in h]
+        if pts:
+            ax.plot(*zip(*pts), "o-", label=name)
+    ax.set(title=title or key, xlabel="epoch", ylabel=key)
+    ax.legend(fontsize="small")
+    if extra:
+        name, history, k2 = extra
+        axes[0][1].plot([h["epoch"] for h in history], [h[k2] for h in history], "o-")
+        axes[0][1].set(title=name, xlabel="epoch", ylabel=k2)
+    for a in axes[0]:
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)

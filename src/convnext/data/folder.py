@@ -125,6 +125,37 @@ class ImageFolder(Dataset):
         return img, target, index
 
 
+class ImageFiles(ImageFolder):
+    """Every image under `root`, at any depth, without labels (labelled sub-folders are fine and ignored).
+
+    Items are `(image, -1, index)` as ImageFolder's, with the same seeding, caching and bad-image handling.
+    """
+
+    def __init__(self, root: str | os.PathLike, transform: Callable | None = None, seed: int = 0,
+                 cache: bool = False) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DataError(f"data folder not found: {self.root}")
+        files = []
+        for folder, dirs, names in os.walk(self.root):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            files += [os.path.join(folder, f) for f in names if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith(".")]
+        if not files:
+            raise DataError(f"{self.root} holds no images ({', '.join(IMG_EXTENSIONS)}) at any depth")
+        self.classes: list[str] = []
+        self.samples = [(f, -1) for f in sorted(files)]
+        self.transform, self.seed = transform, seed
+        self.cache = {} if cache else None
+
+    def subset(self, indices: Sequence[int], transform: Callable | None = None) -> ImageFiles:
+        """The same files at `indices` (e.g. a fixed set of images to look at), with another transform."""
+        sub = object.__new__(ImageFiles)
+        sub.root, sub.classes, sub.seed, sub.cache = self.root, [], self.seed, None
+        sub.samples = [self.samples[i] for i in indices]
+        sub.transform = transform if transform is not None else self.transform
+        return sub
+
+
 def check_same_classes(train: ImageFolder, val: ImageFolder) -> None:
     if train.classes != val.classes:
         only_train = sorted(set(train.classes) - set(val.classes))

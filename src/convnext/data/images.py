@@ -39,3 +39,12 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
         im = ImageOps.exif_transpose(im)  # a rotated phone photo must not train sideways
         im.load()  # decode now, so a truncated file fails here and not inside a transform
         return to_rgb(im)
+
+
+def why_unreadable(path: str | os.PathLike) -> str:
+    """Why an image that failed in a loader worker cannot be used (decoded again here, to say why)."""
+    try:
+        load_rgb(path)
+        return "failed to decode in a worker"
+    except Exception as e:  # noqa: BLE001 - any decoder failure is the reason we report
+        return f"{type(e).__name__}: {e}"

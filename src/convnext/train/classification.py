@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..data import (Batch, DataError, ImageFolder, check_same_classes, collate, eval_transform, load_rgb,
-                    mixup_cutmix, train_transform)
+from ..data import (Batch, DataError, ImageFolder, check_same_classes, collate, eval_transform, mixup_cutmix,
+                    train_transform, why_unreadable)
 from ..eval.metrics import evaluate
 from ..factory import create_model
 from ..preprocess import Preprocess
@@ -91,8 +91,4 @@ class ClassificationTask(Task):
         return dataset.samples[index][0]
 
     def unreadable_reason(self, dataset: ImageFolder, index: int) -> str:
-        try:
-            load_rgb(dataset.samples[index][0])
-            return "failed to decode in a worker"
-        except Exception as e:  # noqa: BLE001 - any decoder failure is the reason we report
-            return f"{type(e).__name__}: {e}"
+        return why_unreadable(dataset.samples[index][0])

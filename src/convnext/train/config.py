@@ -29,7 +29,7 @@ from ..utils import PRECISIONS, atomic_write
 logger = logging.getLogger(__name__)
 
 # Flags kept under timm's spelling where the field has a longer name.
-FLAG_ALIASES = {"drop_path_rate": ("--drop-path",)}
+FLAG_ALIASES = {"drop_path_rate": ("--drop-path",), "lr_base": ("--blr",)}
 
 
 def _finite(v: Any) -> bool:
@@ -285,7 +285,19 @@ def from_args(args: argparse.Namespace, cls: type = TrainConfig) -> EngineConfig
         logger.info("--epochs %d: the recipe's %g warm-up epochs do not fit; keeping its warm-up share "
                     "(%g of %d epochs) -> --warmup-epochs %.3g", flags["epochs"], recipe_warmup, recipe_warmup,
                     recipe_epochs, values["warmup_epochs"])
-    return cls(**(values | flags))
+    merged = values | flags
+    if issubclass(cls, TrainConfig) and merged.get("finetune") and str(merged.get("model", "")).startswith("convnextv2"):
+        implied = {k: v for k, v in V2_FINETUNE.items() if k not in merged}
+        if implied:
+            logger.info("--finetune: the ConvNeXt V2 fine-tuning defaults %s (set them to override)",
+                        ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in implied.items()))
+        merged |= implied
+    return cls(**merged)
+
+
+# ConvNeXt V2 fine-tuning from FCMAE (official TRAINING.md, atto..tiny): the classifier starts near zero and
+# earlier layers learn more slowly; GRN parameters are never weight-decayed (train.optim.param_groups).
+V2_FINETUNE = {"head_init_scale": 0.001, "layer_decay": 0.9, "layer_decay_type": "single"}
 
 
 def save_yaml(cfg: EngineConfig, path: str | os.PathLike) -> None:

@@ -256,12 +256,76 @@ def _fcmae_to_official(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
+# The official FCMAE's MinkowskiEngine modules: their parameter names and shapes around the dense ones.
+_MINKOWSKI_WRAPPED = re.compile(r"(downsample_layers\.[1-9]\d*\.0|stages\.\d+\.\d+\.norm)\.(weight|bias)$")
+_MINKOWSKI_LINEAR = re.compile(r"stages\.\d+\.\d+\.pwconv[12]\.(weight|bias)$")
+_MINKOWSKI_CONV = re.compile(r"(downsample_layers\.[1-9]\d*\.1|stages\.\d+\.\d+\.dwconv)\.(weight|bias)$")
+
+
+def _official_to_minkowski(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official dense encoder keys -> the FCMAE encoder's MinkowskiEngine keys and shapes (the inverse of
+    `remap_checkpoint_keys`): conv kernels (k*k, in, out), depthwise (k*k, C), conv biases and GRN (1, C),
+    `.ln.` / `.linear.` wrappers; the stem stays a dense Conv2d + LayerNorm."""
+    out = {}
+    for k, v in sd.items():
+        if (m := _MINKOWSKI_CONV.match(k)) is not None:
+            if m.group(2) == "weight":
+                cout, cin, kh, kw = v.shape
+                v = (v.transpose(3, 2).reshape(cout, kh * kw).permute(1, 0) if ".dwconv" in k
+                     else v.transpose(3, 2).reshape(cout, cin, kh * kw).permute(2, 1, 0))
+                k = m.group(1) + ".kernel"
+            else:
+                v = v.reshape(1, -1)
+        elif (m := _MINKOWSKI_WRAPPED.match(k)) is not None:
+            k = f"{m.group(1)}.ln.{m.group(2)}"
+        elif (m := _MINKOWSKI_LINEAR.match(k)) is not None:
+            k = k[: -len(m.group(1))] + "linear." + m.group(1)
+        elif ".grn." in k:
+            v = v.reshape(1, -1)
+        out["encoder." + k] = v.contiguous()
+    return out
+
+
+def _decoder_keys(sd: Mapping[str, torch.Tensor], official: bool) -> dict[str, torch.Tensor]:
+    """proj, mask_token, decoder.*, pred: the same names in both layouts; the decoder's GRN is (1, 1, 1, C)
+    in the official dense block and (C,) in ours."""
+    out = {}
+    for k, v in sd.items():
+        if k.startswith(("proj.", "pred.", "decoder.")) or k == "mask_token":
+            if k.startswith("decoder.") and ".grn." in k:
+                v = v.reshape(1, 1, 1, -1) if official else v.reshape(-1)
+            out[k] = v
+    return out
+
+
+def fcmae_from_official(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A full official FCMAE pre-training state dict (encoder + decoder) -> our FCMAE model's keys."""
+    encoder = _rename(_fcmae_to_official(sd), "official", to_ours=True)
+    encoder = {k: v.reshape(-1) if ".grn." in k else v for k, v in encoder.items()}  # (1, 1, 1, C) -> ours (C,)
+    return {**{"encoder." + k: v for k, v in encoder.items()}, **_decoder_keys(sd, official=False)}
+
+
+def fcmae_to_official(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our FCMAE model's state dict -> the official FCMAE layout (`encoder.*` MinkowskiEngine keys, `proj`,
+    `mask_token`, `decoder.*`, `pred`), which the official `remap_checkpoint_keys` turns into a dense encoder."""
+    encoder = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
+    if "stem.conv.weight" not in encoder or "mask_token" not in sd:
+        raise CheckpointError("not an FCMAE pre-training model (needs encoder.* and mask_token): "
+                              f"{_preview(list(sd))}")
+    return {**_official_to_minkowski(_rename(encoder, "official", to_ours=False)), **_decoder_keys(sd, official=True)}
+
+
 def to_ours(sd: Mapping[str, torch.Tensor], fmt: str | None = None) -> tuple[str, dict[str, torch.Tensor]]:
-    """Convert an unwrapped state dict of any supported layout to ours; returns (format, state dict)."""
+    """Convert an unwrapped state dict of any supported layout to ours; returns (format, state dict).
+
+    An FCMAE pre-training model (official, or ours from `convnext pretrain`) gives its encoder.
+    """
     fmt = fmt or detect_format(sd)
     if fmt == "ours":
         return fmt, dict(sd)
     if fmt == "fcmae":
+        if "encoder.stem.conv.weight" in sd:  # ours: the encoder's keys under `encoder.`
+            return fmt, {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
         return fmt, _rename(_fcmae_to_official(sd), "official", to_ours=True)
     if fmt == "hf":
         sd = {re.sub(r"^convnext(v2)?\.", "", k): v for k, v in sd.items()}
