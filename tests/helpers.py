@@ -10,3 +10,33 @@ def perturb(model: torch.nn.Module, std: float = 0.05) -> torch.nn.Module:
     for p in model.parameters():
         p.add_(torch.randn(p.shape, generator=g) * std)
     return model.eval()
+
+
+def sigkill_when(cmd: list, checkpoint, *, env=None, timeout: float = 300) -> None:
+    """Start `cmd`, SIGKILL it as soon as `checkpoint` exists (a mid-run step file), and wait for it."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while not checkpoint.exists():
+        assert proc.poll() is None and time.time() - t0 < timeout, f"the run ended before {checkpoint} was written"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def assert_same_run(a: dict, b: dict) -> None:
+    """Two training checkpoints hold bitwise the same weights, optimizer state and metrics (timings aside)."""
+    assert a["step"] == b["step"]
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for (i, sa), (j, sb) in zip(a["optimizer"]["state"].items(), b["optimizer"]["state"].items(), strict=True):
+        assert i == j and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+    def strip(history: list) -> list:
+        return [{k: v for k, v in e.items() if k not in ("train_time_s", "train_img_s")} for e in history]
+
+    assert strip(a["history"]) == strip(b["history"])

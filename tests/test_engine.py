@@ -6,7 +6,6 @@ the kill-and-resume and torchrun tests start it.
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,6 +17,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
+
+from helpers import assert_same_run, sigkill_when
 
 from convnext.data import Batch
 from convnext.train import EngineConfig, Task, fit
@@ -100,15 +101,6 @@ def state(output):
     return torch.load(Path(output) / "last.pt", weights_only=True)
 
 
-def same_run(a, b):
-    assert a["model"].keys() == b["model"].keys()
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    for (i, sa), (j, sb) in zip(a["optimizer"]["state"].items(), b["optimizer"]["state"].items()):
-        assert i == j and all(torch.equal(sa[k], sb[k]) for k in sa)
-    strip = lambda h: [{k: v for k, v in e.items() if k not in ("train_time_s", "train_img_s")} for e in h]  # noqa: E731
-    assert strip(a["history"]) == strip(b["history"])
-
-
 def test_a_new_task_trains_with_named_losses_best_metric_and_logs(tmp_path):
     summary = fit(RegressionTask(config(tmp_path / "run", epochs=6)))
     history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -137,18 +129,12 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     assert subprocess.run(cmd, env=env, capture_output=True, timeout=300).returncode == 0
     out = tmp_path / "killed"
     cmd, env = run_script(out, "delay=0.05", save_every_steps=1)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    t0 = time.time()
-    while not (out / "checkpoints" / "step-00000008.pt").exists():  # epoch 2 of 3, mid-epoch (6 steps each)
-        assert proc.poll() is None and time.time() - t0 < 120
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    sigkill_when(cmd, out / "checkpoints" / "step-00000008.pt", env=env, timeout=120)  # epoch 2 of 3, mid-epoch
     assert state(out)["step"] < 18  # killed before the end
     cmd, env = run_script(out, save_every_steps=1, resume="auto")
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "resumed from" in r.stderr, r.stderr
-    same_run(state(tmp_path / "ref"), state(out))
+    assert_same_run(state(tmp_path / "ref"), state(out))
 
 
 @pytest.mark.slow
