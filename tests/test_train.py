@@ -280,9 +280,11 @@ def test_yaml_recipes_parse(tmp_path):
     recipes = list_recipes()  # packaged with the library, read through importlib.resources
     assert len(recipes) >= 6 and "in1k_convnext_tiny" in recipes and "demo" in recipes
     from convnext.train.detection import DetectConfig
+    from convnext.train.pretrain import PretrainConfig
     from convnext.train.segmentation import SegmentConfig
 
-    config_of = {"demo_detect": DetectConfig, "demo_segment": SegmentConfig}  # the dense tasks' recipes
+    # the other tasks' recipes
+    config_of = {"demo_detect": DetectConfig, "demo_segment": SegmentConfig, "demo_fcmae_pretrain": PretrainConfig}
     for name in recipes:
         cls = config_of.get(name, TrainConfig)
         cls(**{"data": "x", **load_yaml(name, cls)})
