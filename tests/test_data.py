@@ -158,3 +158,26 @@ def test_label_smoothing_on_mixed_targets_equals_timm_formula():
     smoothed = soft * (1 - eps) + eps / 10  # timm: smoothing folded into the mixed one-hot targets
     timm_loss = (-smoothed * logits.log_softmax(-1)).sum(-1).mean()
     torch.testing.assert_close(ours, timm_loss)
+
+
+def test_write_once_builds_once_and_leaves_nothing_half_written(tmp_path):
+    from convnext.data.folder import write_once
+
+    calls = []
+
+    def build(tmp):
+        calls.append(tmp)
+        (tmp / "a.txt").write_text("x")
+
+    root = write_once(tmp_path / "gen", "v1", build)
+    assert (root / "a.txt").read_text() == "x" and (root / ".complete").read_text() == "v1"
+    write_once(tmp_path / "gen", "v1", build)
+    assert len(calls) == 1  # complete with the same marker: kept
+
+    def broken(tmp):
+        (tmp / "half.txt").write_text("y")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_once(tmp_path / "gen", "v2", broken)
+    assert not (tmp_path / "gen.partial").exists() and (root / ".complete").read_text() == "v1"

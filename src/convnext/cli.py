@@ -65,7 +65,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
               f"best top-1 {s['best']:.2f}%  -> {s['output']}")
 
 
-def _dense_task(command: str):
+def _task_classes(command: str):
     """(config class, task class) of the engine tasks other than classification."""
     if command == "detect":
         from .train.detection import DetectConfig, DetectionTask
@@ -84,7 +84,7 @@ def _cmd_dense_train(args: argparse.Namespace) -> None:
     from .train import fit
     from .train.config import from_args
 
-    config_cls, task_cls = _dense_task(args.command)
+    config_cls, task_cls = _task_classes(args.command)
     cfg = from_args(args, config_cls)  # validate here, before any process is launched
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         _launch_torchrun(args)
@@ -308,7 +308,7 @@ def _add_dense(sub) -> None:
     for command, what in (("detect", "object detection and instance segmentation (Mask/Faster R-CNN, RetinaNet, "
                                      "FCOS) on COCO-format data"),
                           ("segment", "semantic segmentation (UperNet) on ADE20K-layout data")):
-        config_cls, _ = _dense_task(command)
+        config_cls, _ = _task_classes(command)
         top = sub.add_parser(command, help=what)
         actions = top.add_subparsers(dest="action", required=True, metavar="ACTION")
         p = actions.add_parser("train", help=f"train a {command} model on the shared engine")
@@ -345,7 +345,7 @@ def _add_dense(sub) -> None:
 def _add_pretrain(sub) -> None:
     from .train.config import add_arguments
 
-    config_cls, _ = _dense_task("pretrain")
+    config_cls, _ = _task_classes("pretrain")
     p = sub.add_parser("pretrain", help="FCMAE self-supervised pre-training (ConvNeXt V2) on a folder of images")
     add_arguments(p, config_cls)
     p.add_argument("--nproc", type=int, default=1, help="processes on this machine (launches torchrun)")

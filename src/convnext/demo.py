@@ -98,31 +98,26 @@ def run_dense_demo(task: str, output: str | os.PathLike | None = None, epochs: i
 
 def labelled_subset(data: Path, out: Path, fraction: float = 0.1, seed: int = 0) -> Path:
     """`out/{train,val}`: a class-balanced `fraction` of data/train (fixed seed) and all of data/val, as hard links."""
-    import os as _os
     import shutil
 
-    marker = f"{fraction} {seed}"
-    if (out / ".complete").is_file() and (out / ".complete").read_text() == marker:
-        return out
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    gen = torch.Generator().manual_seed(seed)
-    for split in ("train", "val"):
-        for cls in sorted(p for p in (data / split).iterdir() if p.is_dir()):
-            files = sorted(cls.iterdir())
-            if split == "train":
-                pick = torch.randperm(len(files), generator=gen)[:round(len(files) * fraction)].tolist()
-                files = [files[i] for i in sorted(pick)]
-            (tmp / split / cls.name).mkdir(parents=True)
-            for f in files:
-                try:
-                    _os.link(f, tmp / split / cls.name / f.name)
-                except OSError:  # no hard links here: copy
-                    shutil.copyfile(f, tmp / split / cls.name / f.name)
-    (tmp / ".complete").write_text(marker)
-    shutil.rmtree(out, ignore_errors=True)
-    _os.replace(tmp, out)
-    return out
+    from .data.folder import write_once
+
+    def build(tmp: Path) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        for split in ("train", "val"):
+            for cls in sorted(p for p in (data / split).iterdir() if p.is_dir()):
+                files = sorted(cls.iterdir())
+                if split == "train":
+                    pick = torch.randperm(len(files), generator=gen)[:round(len(files) * fraction)].tolist()
+                    files = [files[i] for i in sorted(pick)]
+                (tmp / split / cls.name).mkdir(parents=True)
+                for f in files:
+                    try:
+                        os.link(f, tmp / split / cls.name / f.name)
+                    except OSError:  # no hard links here: copy
+                        shutil.copyfile(f, tmp / split / cls.name / f.name)
+
+    return write_once(out, f"{fraction} {seed}", build)
 
 
 def run_fcmae_demo(output: str | os.PathLike = "runs/demo-fcmae", force: bool = False,
@@ -135,7 +130,7 @@ def run_fcmae_demo(output: str | os.PathLike = "runs/demo-fcmae", force: bool = 
     from .data.fashion_mnist import prepare
     from .plots import plot_comparison
     from .train import ClassificationTask, TrainConfig, fit
-    from .train.config import V2_FINETUNE, load_yaml, scale_warmup
+    from .train.config import finetune_defaults, load_yaml, scale_warmup
     from .train.pretrain import PretrainConfig, PretrainTask
 
     t0 = time.perf_counter()
@@ -155,9 +150,8 @@ def run_fcmae_demo(output: str | os.PathLike = "runs/demo-fcmae", force: bool = 
         ft["warmup_epochs"] = scale_warmup(ft["warmup_epochs"], ft["epochs"], epochs)
         ft["epochs"] = epochs
     runs = {}
-    for name, extra in (("scratch", {}),
-                        ("fcmae", {"finetune": str(out / "pretrain" / "last.pt"), **V2_FINETUNE})):
-        cfg = TrainConfig(**(ft | extra | {"output": str(out / name)}))
+    for name, extra in (("scratch", {}), ("fcmae", {"finetune": str(out / "pretrain" / "last.pt")})):
+        cfg = TrainConfig(**finetune_defaults(ft | extra | {"output": str(out / name)}))
         print(f"\ndemo: {name}: {cfg.model} on 10% of the labels ({labelled}), {cfg.epochs} epochs")
         runs[name] = fit(ClassificationTask(cfg))
     minutes = (time.perf_counter() - t0) / 60

@@ -20,6 +20,12 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: str | os.PathLike) -> None:
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
 def plot_curves(history: Sequence[dict], path: str | os.PathLike) -> None:
     """Losses, validation metrics and learning rate against epochs, one panel each (metrics.jsonl keys)."""
     plt = _pyplot()
@@ -39,9 +45,7 @@ def plot_curves(history: Sequence[dict], path: str | os.PathLike) -> None:
     axes[2].set(title="learning rate (end of epoch)", xlabel="epoch")
     for ax in axes:
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_confusion(confusion, classes: Sequence[str], path: str | os.PathLike, title: str = "") -> None:
@@ -62,9 +66,7 @@ def plot_confusion(confusion, classes: Sequence[str], path: str | os.PathLike, t
                     ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
                             color="white" if norm[i, j] > 0.5 else "black")
     ax.set(xlabel="predicted", ylabel="true", title=title or "confusion matrix")
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_reconstructions(columns: dict[str, object], path: str | os.PathLike, title: str = "") -> None:
@@ -83,9 +85,7 @@ def plot_reconstructions(columns: dict[str, object], path: str | os.PathLike, ti
                 ax.set_title(name, fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_comparison(runs: dict[str, Sequence[dict]], key: str, path: str | os.PathLike, title: str = "",
@@ -107,6 +107,4 @@ def plot_comparison(runs: dict[str, Sequence[dict]], key: str, path: str | os.Pa
         axes[0][1].set(title=name, xlabel="epoch", ylabel=k2)
     for a in axes[0]:
         a.grid(alpha=0.3)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
+    _save(plt, fig, path)

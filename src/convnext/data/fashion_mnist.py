@@ -15,13 +15,13 @@ import gzip
 import hashlib
 import logging
 import os
-import shutil
 import struct
 from pathlib import Path
 
 from PIL import Image
 
 from ..utils import cache_dir, temp_file
+from .folder import write_once
 
 logger = logging.getLogger(__name__)
 
@@ -123,32 +123,27 @@ def prepare(root: str | os.PathLike, *, per_class: dict[str, int] | None = None,
     `per_class` (e.g. {"train": 20, "val": 10}) takes only the first N images of each class of each
     split: a stratified slice for tests.
     """
-    root, src = Path(root), src or source_dir()
-    marker = repr(sorted((per_class or {}).items()))  # which slice the finished tree holds
-    if (root / ".complete").is_file() and (root / ".complete").read_text() == marker:
-        return root
-    for name in FILES:
-        path = src / name
-        if not path.exists():
-            raise FileNotFoundError(f"embedded Fashion-MNIST file missing: {path}")
-        if not genuine(name, path.read_bytes()):
-            raise ValueError(f"{path}: does not match the published Fashion-MNIST data (corrupt copy?)")
-    tmp = root.with_name(root.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for split, prefix in (("train", "train"), ("val", "t10k")):
-        images, labels = read_idx(src / f"{prefix}-images-idx3-ubyte.gz", src / f"{prefix}-labels-idx1-ubyte.gz")
-        limit = (per_class or {}).get(split)
-        counts = [0] * len(CLASSES)
-        for c in CLASSES:
-            (tmp / split / c).mkdir(parents=True, exist_ok=True)
-        for i, (pixels, label) in enumerate(zip(images, labels)):
-            if limit is not None and counts[label] >= limit:
-                continue
-            counts[label] += 1
-            Image.frombytes("L", (28, 28), pixels).save(tmp / split / CLASSES[label] / f"{i:05d}.png")
-    (tmp / "LICENSE").write_text("Fashion-MNIST, Copyright 2017 Zalando SE, MIT licence "
-                                 "(https://github.com/zalandoresearch/fashion-mnist)\n")
-    (tmp / ".complete").write_text(marker)
-    shutil.rmtree(root, ignore_errors=True)
-    os.replace(tmp, root)
-    return root
+    src = src or source_dir()
+
+    def build(tmp: Path) -> None:
+        for name in FILES:
+            path = src / name
+            if not path.exists():
+                raise FileNotFoundError(f"embedded Fashion-MNIST file missing: {path}")
+            if not genuine(name, path.read_bytes()):
+                raise ValueError(f"{path}: does not match the published Fashion-MNIST data (corrupt copy?)")
+        for split, prefix in (("train", "train"), ("val", "t10k")):
+            images, labels = read_idx(src / f"{prefix}-images-idx3-ubyte.gz", src / f"{prefix}-labels-idx1-ubyte.gz")
+            limit = (per_class or {}).get(split)
+            counts = [0] * len(CLASSES)
+            for c in CLASSES:
+                (tmp / split / c).mkdir(parents=True, exist_ok=True)
+            for i, (pixels, label) in enumerate(zip(images, labels)):
+                if limit is not None and counts[label] >= limit:
+                    continue
+                counts[label] += 1
+                Image.frombytes("L", (28, 28), pixels).save(tmp / split / CLASSES[label] / f"{i:05d}.png")
+        (tmp / "LICENSE").write_text("Fashion-MNIST, Copyright 2017 Zalando SE, MIT licence "
+                                     "(https://github.com/zalandoresearch/fashion-mnist)\n")
+
+    return write_once(root, repr(sorted((per_class or {}).items())), build)  # marker: which slice it holds

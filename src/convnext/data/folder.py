@@ -7,6 +7,7 @@ workers, and resumable in the middle of an epoch.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -72,6 +73,29 @@ def seeded(fn: Callable, seed: int, *args: Any) -> Any:
         return fn(*args)
     finally:
         gen.set_state(state)
+
+
+def write_once(root: str | os.PathLike, marker: str, build: Callable[[Path], None]) -> Path:
+    """A generated folder, written once: `build(tmp)` fills a `.partial` sibling, which replaces `root` whole
+    once complete (marked with `marker`, what it holds); a folder already complete with the same marker is
+    kept as it is, and an interrupted write never passes for a complete one."""
+    import shutil
+
+    root = Path(root)
+    if (root / ".complete").is_file() and (root / ".complete").read_text() == marker:
+        return root
+    tmp = root.with_name(root.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        build(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    (tmp / ".complete").write_text(marker)
+    shutil.rmtree(root, ignore_errors=True)
+    os.replace(tmp, root)
+    return root
 
 
 class ImageFolder(Dataset):
@@ -149,10 +173,10 @@ class ImageFiles(ImageFolder):
 
     def subset(self, indices: Sequence[int], transform: Callable | None = None) -> ImageFiles:
         """The same files at `indices` (e.g. a fixed set of images to look at), with another transform."""
-        sub = object.__new__(ImageFiles)
-        sub.root, sub.classes, sub.seed, sub.cache = self.root, [], self.seed, None
+        sub = copy.copy(self)
         sub.samples = [self.samples[i] for i in indices]
         sub.transform = transform if transform is not None else self.transform
+        sub.cache = {} if self.cache is not None else None  # indices differ: not the same cache
         return sub
 
 

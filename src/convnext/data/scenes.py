@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from .fashion_mnist import CLASSES, read_idx, source_dir
+from .folder import write_once
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
 TASKS = ("detect", "segment")
@@ -108,52 +108,47 @@ def write_scenes(root: str | os.PathLike, task: str, *, n_train: int = 2000, n_v
 
     if task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
-    root = Path(root)
     marker = json.dumps({"task": task, "n_train": n_train, "n_val": n_val, "seed": seed, "spec": spec.__dict__})
-    if (root / ".complete").is_file() and (root / ".complete").read_text() == marker:
-        return root
-    tmp = root.with_name(root.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    photos = _photos()
-    categories = [{"id": i + 1, "name": c} for i, c in enumerate(CLASSES)]
-    for split, n, split_seed in (("train", n_train, 0), ("val", n_val, 1)):
-        garments, labels = _garments(split)
-        if spec.classes is not None:
-            keep = np.isin(labels, spec.classes)
-            garments, labels = garments[keep], labels[keep]
-        ade = "training" if split == "train" else "validation"
-        img_dir = tmp / (split if task == "detect" else f"images/{ade}")
-        img_dir.mkdir(parents=True)
-        if task == "segment":
-            (tmp / "annotations" / ade).mkdir(parents=True)
-        images, anns = [], []
-        for i in range(n):
-            rng = np.random.default_rng([seed, split_seed, i])
-            img, objects = draw_scene(rng, photos, garments, labels, spec)
-            name = f"{i:06d}.jpg"
-            Image.fromarray(img).save(img_dir / name, quality=95)
-            h, w = img.shape[:2]
+
+    def build(tmp: Path) -> None:
+        photos = _photos()
+        categories = [{"id": i + 1, "name": c} for i, c in enumerate(CLASSES)]
+        for split, n, split_seed in (("train", n_train, 0), ("val", n_val, 1)):
+            garments, labels = _garments(split)
+            if spec.classes is not None:
+                keep = np.isin(labels, spec.classes)
+                garments, labels = garments[keep], labels[keep]
+            ade = "training" if split == "train" else "validation"
+            img_dir = tmp / (split if task == "detect" else f"images/{ade}")
+            img_dir.mkdir(parents=True)
             if task == "segment":
-                sem = np.zeros((h, w), np.uint8)
+                (tmp / "annotations" / ade).mkdir(parents=True)
+            images, anns = [], []
+            for i in range(n):
+                rng = np.random.default_rng([seed, split_seed, i])
+                img, objects = draw_scene(rng, photos, garments, labels, spec)
+                name = f"{i:06d}.jpg"
+                Image.fromarray(img).save(img_dir / name, quality=95)
+                h, w = img.shape[:2]
+                if task == "segment":
+                    sem = np.zeros((h, w), np.uint8)
+                    for c, m in objects:
+                        sem[m] = c + 1
+                    Image.fromarray(sem).save(tmp / "annotations" / ade / f"{i:06d}.png")
+                    continue
+                images.append({"id": i + 1, "file_name": name, "height": h, "width": w})
                 for c, m in objects:
-                    sem[m] = c + 1
-                Image.fromarray(sem).save(tmp / "annotations" / ade / f"{i:06d}.png")
-                continue
-            images.append({"id": i + 1, "file_name": name, "height": h, "width": w})
-            for c, m in objects:
-                rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
-                anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": c + 1, "bbox": _box(m),
-                             "area": float(m.sum()), "iscrowd": 0,
-                             "segmentation": {"size": [h, w], "counts": rle["counts"].decode("ascii")}})
-        if task == "detect":
-            (tmp / "annotations").mkdir(exist_ok=True)
-            (tmp / "annotations" / f"instances_{split}.json").write_text(json.dumps(
-                {"images": images, "annotations": anns, "categories": categories}))
-    if task == "segment":
-        (tmp / "classes.txt").write_text("\n".join(["background", *CLASSES]) + "\n")
-    (tmp / "LICENSE").write_text("Garments: Fashion-MNIST, Copyright 2017 Zalando SE, MIT licence. Backgrounds: "
-                                 "scikit-image sample photographs (public domain / CC0), see convnext/data/photos.\n")
-    (tmp / ".complete").write_text(marker)
-    shutil.rmtree(root, ignore_errors=True)
-    os.replace(tmp, root)
-    return root
+                    rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+                    anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": c + 1, "bbox": _box(m),
+                                 "area": float(m.sum()), "iscrowd": 0,
+                                 "segmentation": {"size": [h, w], "counts": rle["counts"].decode("ascii")}})
+            if task == "detect":
+                (tmp / "annotations").mkdir(exist_ok=True)
+                (tmp / "annotations" / f"instances_{split}.json").write_text(json.dumps(
+                    {"images": images, "annotations": anns, "categories": categories}))
+        if task == "segment":
+            (tmp / "classes.txt").write_text("\n".join(["background", *CLASSES]) + "\n")
+        (tmp / "LICENSE").write_text("Garments: Fashion-MNIST, Copyright 2017 Zalando SE, MIT licence. Backgrounds: "
+                                     "scikit-image sample photographs (public domain / CC0), see convnext/data/photos.\n")
+
+    return write_once(root, marker, build)

@@ -286,18 +286,24 @@ def from_args(args: argparse.Namespace, cls: type = TrainConfig) -> EngineConfig
                     "(%g of %d epochs) -> --warmup-epochs %.3g", flags["epochs"], recipe_warmup, recipe_warmup,
                     recipe_epochs, values["warmup_epochs"])
     merged = values | flags
-    if issubclass(cls, TrainConfig) and merged.get("finetune") and str(merged.get("model", "")).startswith("convnextv2"):
-        implied = {k: v for k, v in V2_FINETUNE.items() if k not in merged}
-        if implied:
-            logger.info("--finetune: the ConvNeXt V2 fine-tuning defaults %s (set them to override)",
-                        ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in implied.items()))
-        merged |= implied
-    return cls(**merged)
+    return cls(**(finetune_defaults(merged) if issubclass(cls, TrainConfig) else merged))
 
 
 # ConvNeXt V2 fine-tuning from FCMAE (official TRAINING.md, atto..tiny): the classifier starts near zero and
 # earlier layers learn more slowly; GRN parameters are never weight-decayed (train.optim.param_groups).
 V2_FINETUNE = {"head_init_scale": 0.001, "layer_decay": 0.9, "layer_decay_type": "single"}
+
+
+def finetune_defaults(values: dict[str, Any]) -> dict[str, Any]:
+    """Classification settings plus, when they fine-tune a V2 model (`finetune`), the V2 fine-tuning
+    defaults for the keys they leave unset (said in the log)."""
+    if not (values.get("finetune") and str(values.get("model", "")).startswith("convnextv2")):
+        return values
+    implied = {k: v for k, v in V2_FINETUNE.items() if k not in values}
+    if implied:
+        logger.info("--finetune: the ConvNeXt V2 fine-tuning defaults %s (set them to override)",
+                    ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in implied.items()))
+    return values | implied
 
 
 def save_yaml(cfg: EngineConfig, path: str | os.PathLike) -> None:
