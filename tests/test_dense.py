@@ -13,8 +13,8 @@ from PIL import Image
 
 import convnext
 from convnext.data.scenes import SceneSpec, write_scenes
-from convnext.dense import (ConvNeXtBackbone, ConvNeXtFPN, create_detector, create_segmenter, dense_param_groups,
-                            official_state_dict)
+from convnext.dense import ConvNeXtBackbone, ConvNeXtFPN, create_detector, create_segmenter, official_state_dict
+from convnext.train.optim import dense_param_groups
 from convnext.weights import from_ours
 
 pytest.importorskip("pycocotools")

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 from helpers import assert_same_run, sigkill_when
 
 from convnext.data import Batch
+from convnext.tasks import TaskSpec, opt, register
 from convnext.train import EngineConfig, Task, fit
 
 pytestmark = pytest.mark.timeout(600)
@@ -47,6 +48,7 @@ class RandomRegression(Dataset):
 
 
 class RegressionTask(Task):
+    name = "regress"
     best_metric = "val_mse"
     higher_is_better = False
     loss_names = ("mse", "l1")
@@ -56,7 +58,7 @@ class RegressionTask(Task):
         self.dropout = dropout  # random per rank: off where 2 processes must equal 1
         self.step_delay = step_delay  # slows steps down so that a test can kill the run mid-way
 
-    def datasets(self, world_size):
+    def datasets(self):
         return RandomRegression(96, seed=1, augment=True), RandomRegression(40, seed=2, augment=False)
 
     def collate(self, items):
@@ -81,6 +83,32 @@ class RegressionTask(Task):
         if dist.is_initialized():
             dist.all_reduce(sums)
         return {"val_mse": float(sums[0] / sums[1]), "val_count": int(sums[1])}
+
+
+def load_regressor(checkpoint, key=None):
+    """The task's model from any file of its runs: the one reader, the header's task and spec."""
+    from convnext.weights import read_model_file
+
+    file = read_model_file(checkpoint)
+    assert (file.task, file.spec) == ("regress", {"model_name": "mlp"})
+    model = RegressionTask(None).build_model()
+    model.load_state_dict(file.state_dict(key))
+    return model.eval(), file.spec
+
+
+def evaluate_regressor(checkpoint, data, *, batch_size, workers, precision, progress, key=None):
+    from torch.utils.data import DataLoader
+
+    model, _ = load_regressor(checkpoint, key)
+    task = RegressionTask(None)
+    loader = DataLoader(task.datasets()[1], batch_size=batch_size, collate_fn=task.collate)
+    return task.evaluate(model, loader, torch.device("cpu"), progress=progress, lockstep=False)
+
+
+# The whole of what a new task adds to reach the CLI: one registration (its module; no line in cli.py)
+SPEC = register(TaskSpec(name="regress", help="regression on random data (the engine test's task)",
+                         config=EngineConfig, task=RegressionTask, load=load_regressor, evaluate=evaluate_regressor,
+                         eval_options=(opt("--key"),)))
 
 
 def config(output, **kw):
@@ -121,6 +149,82 @@ def test_gradient_accumulation_equals_the_big_batch(tmp_path):
     assert a["step"] == b["step"] == 3
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], atol=1e-6, rtol=1e-5)
+
+
+def test_a_registered_task_trains_and_evaluates_through_the_cli(tmp_path, capsys):
+    """`convnext regress train|eval` exist because the task registered itself: cli.py names no task."""
+    from convnext.cli import main
+
+    assert "regress" not in Path(__file__).parents[1].joinpath("src/convnext/cli.py").read_text()
+    out = tmp_path / "run"
+    assert main(["regress", "train", "--model", "mlp", "--data", "(random)", "--output", str(out), "--epochs", "3",
+                 "--batch-size", "16",
+                 "--lr", "1e-2", "--warmup-epochs", "1", "--workers", "0", "--threads", "1", "--no-progress"]) == 0
+    done = capsys.readouterr().out
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    best = min(h["val_mse"] for h in history)
+    assert f"done: mlp epoch 3  best val_mse {best}" in done
+    for name in ("best.safetensors", "last.pt"):  # one header on every file the run wrote
+        assert main(["regress", "eval", "--checkpoint", str(out / name), "--data", "(random)", "--json"]) == 0
+        res = json.loads(capsys.readouterr().out)
+        want = best if name == "best.safetensors" else history[-1]["val_mse"]
+        assert res["val_count"] == 40 and res["val_mse"] == pytest.approx(want, rel=1e-6)
+    # another task's command refuses this task's file, naming the command for it
+    assert main(["eval", "--checkpoint", str(out / "best.safetensors"), "--data", str(tmp_path)]) == 2
+    assert "holds a regress model" in capsys.readouterr().err
+
+
+def test_fit_leaves_no_process_wide_state_changed(tmp_path, monkeypatch):
+    """Torch threads and the library's log level (quietened on ranks other than 0) come back after fit,
+    also when it fails."""
+    import logging
+
+    from convnext.train import distributed as D
+    from convnext.train import engine
+
+    class NotMain(D.DistEnv):  # as a rank other than 0 sees it: its log is quietened
+        is_main = property(lambda self: False)
+
+    monkeypatch.setattr(engine.D, "setup", lambda device: NotMain())
+    log = logging.getLogger("convnext")
+    saved = torch.get_num_threads(), log.level
+    torch.set_num_threads(2)
+    log.setLevel(logging.INFO)
+    before = 2, logging.INFO
+    seen = []
+    monkeypatch.setattr(RegressionTask, "evaluate", lambda self, *a, **k: seen.append(log.level) or {"val_mse": 1.0})
+    fit(RegressionTask(config(tmp_path / "ok", epochs=1, warmup_epochs=0, threads=1)))
+    assert seen == [logging.WARNING]  # while it ran: quiet (and at 1 thread)
+    assert (torch.get_num_threads(), log.level) == before
+    with pytest.raises(TypeError, match="loss_names declare"):  # fails at its first step
+        bad = RegressionTask(config(tmp_path / "bad", epochs=1, warmup_epochs=0, threads=1))
+        bad.loss_names = ("mse",)
+        fit(bad)
+    assert (torch.get_num_threads(), log.level) == before
+    torch.set_num_threads(saved[0])
+    log.setLevel(saved[1])
+
+
+def test_the_engine_sums_the_named_losses_and_guards_the_name_of_the_sum(tmp_path):
+    """One loss of any name (no KeyError), and no task loss may be called `loss` (the sum's name)."""
+    class One(RegressionTask):
+        loss_names = ("mse",)
+
+        def loss(self, model, batch, device):
+            return {"mse": super().loss(model, batch, device)["mse"]}
+
+    history = fit(One(config(tmp_path / "one", epochs=1, warmup_epochs=0)))
+    assert "train_mse" not in history and history["train_loss"] > 0
+
+    class Shadow(RegressionTask):
+        loss_names = ("loss", "l1")
+
+        def loss(self, model, batch, device):
+            out = super().loss(model, batch, device)
+            return {"loss": out["mse"], "l1": out["l1"]}
+
+    with pytest.raises(TypeError, match="names the sum"):
+        fit(Shadow(config(tmp_path / "shadow", epochs=1, warmup_epochs=0)))
 
 
 @pytest.mark.slow

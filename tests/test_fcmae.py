@@ -274,6 +274,28 @@ def test_pretrain_then_finetune_through_the_cli(images, tmp_path):
         w = state["model"]["stages.2.blocks.1.pwconv1.weight"]  # the pre-trained encoder, moved by lr 1e-9 only
         torch.testing.assert_close(w, encoder["encoder.stages.2.blocks.1.pwconv1.weight"], atol=1e-6, rtol=0)
         assert state["model"]["head.fc.weight"].abs().max() < 0.01  # head_init_scale 0.001
+    # `pretrain eval`: the masked-patch loss of a folder under fixed masks (the probe loss's definition: the
+    # probe images of training, their masks drawn from the run's seed + 1)
+    probe = tmp_path / "probe"
+    for i, p in enumerate(sorted((images / "train").rglob("*.png"))[::30][:4]):
+        (probe / str(i)).mkdir(parents=True)
+        (probe / str(i) / p.name).write_bytes(p.read_bytes())
+    ev = cli("pretrain", "eval", "--checkpoint", out / "best.safetensors", "--data", probe, "--input-size", 32,
+             "--seed", 1, "--json")
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    res = json.loads(ev.stdout)
+    assert res["count"] == 4 and res["mask_ratio"] == 0.6 and 0 < res["loss"] < 10
+    again = json.loads(cli("pretrain", "eval", "--checkpoint", out / "best.safetensors", "--data", probe,
+                           "--input-size", 32, "--seed", 1, "--json").stdout)
+    other = json.loads(cli("pretrain", "eval", "--checkpoint", out / "best.safetensors", "--data", probe,
+                           "--input-size", 32, "--seed", 2, "--json").stdout)
+    assert again == res and other["loss"] != res["loss"]  # the masks come from the seed, nothing else
+    pr = cli("pretrain", "predict", *sorted(probe.rglob("*.png"))[:2], "--checkpoint", out / "last.pt",
+             "--output", tmp_path / "rec", "--input-size", 32)
+    assert pr.returncode == 0, pr.stderr[-2000:]
+    assert len(list((tmp_path / "rec").glob("*.png"))) == 2 and pr.stdout.count("reconstruction loss") == 2
+    wrong = cli("detect", "eval", "--checkpoint", out / "best.safetensors", "--data", probe)
+    assert wrong.returncode == 2 and "holds a pretrain model" in wrong.stderr and "convnext pretrain" in wrong.stderr
     bad = cli("pretrain", "--model", "convnextv2_atto", "--data", images, "--output", tmp_path / "x",
               "--layer-decay", "0.9")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--layer-decay is for fine-tuning" in bad.stderr

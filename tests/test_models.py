@@ -354,11 +354,7 @@ def test_bf16_depthwise_backward_is_as_accurate_as_aten():
 
     want = grads(conv, torch.float32)
     aten = grads(conv, torch.bfloat16)  # nn.Conv2d under autocast: aten's bf16 kernels
-    fast.use_fused_depthwise_backward(True)
-    try:
-        ours = grads(lambda t: fast.depthwise_conv(conv, t), torch.bfloat16)
-    finally:
-        fast.use_fused_depthwise_backward(False)
+    ours = grads(lambda t: fast.depthwise_conv(conv, t, fused_backward=True), torch.bfloat16)
     assert fast._compiled_weight_grad  # the fused weight-gradient path was taken
     for a, o, w in zip(aten, ours, want):
         err_o, err_a = (((t - w).norm() / w.norm()).item() for t in (o, a))

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+from pathlib import Path
 import re
 import pickle
 import zipfile
@@ -123,8 +124,9 @@ def test_save_checkpoint_metadata_rebuilds_the_model(tmp_path):
 
     with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
         meta = f.metadata()
-    assert meta["format"] == "convnext" and meta["model"] == "convnextv2_atto"
-    assert json.loads(meta["config"])["num_classes"] == 4
+    assert (meta["format"], meta["version"], meta["task"]) == ("convnext", "3", "classify")  # the one header
+    spec = json.loads(meta["spec"])
+    assert spec["model_name"] == "convnextv2_atto" and spec["model_config"]["num_classes"] == 4
     m = convnext.create_model("convnextv2_atto", pretrained=tmp_path / "m.safetensors")
     assert m.num_classes == 4 and m.cfg.head_init_scale == 0.5
     assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), m.state_dict().values()))
@@ -338,3 +340,88 @@ def test_random_bytes_text_and_truncations_only_raise_checkpoint_error(tmp_path)
     random_text()
     damaged()
     assert not marker.exists()  # no damaged copy of the malicious pickle ever ran its payload
+
+
+# --- files written before the one header (version 3): fixtures written by that code (tests/fixtures) -----
+
+V2 = Path(__file__).parent / "fixtures" / "v2"
+
+
+def _fixture(tmp_path, name):
+    import lzma
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
+    from make_v2_fixtures import fill
+
+    path = tmp_path / name
+    path.write_bytes(lzma.decompress((V2 / f"{name}.xz").read_bytes()))
+    return path, fill
+
+
+def _assert_filled(model, fill, prefix="", skip=()):
+    """Every floating-point tensor holds the constant of its key: each one arrived, under its own name."""
+    sd = model.state_dict()
+    floats = {k: v for k, v in sd.items() if v.is_floating_point() and not k.startswith(skip)}
+    assert floats
+    for k, v in floats.items():
+        assert torch.allclose(v.float(), torch.full_like(v.float(), fill(prefix + k))), k
+
+
+@pytest.mark.parametrize("name,task", [
+    ("classify_best.safetensors", "classify"), ("classify_last.pt", "classify"),
+    ("converted_ours.safetensors", "classify"), ("converted_official.safetensors", "classify"),
+    ("detect_best.safetensors", "detect"), ("detect_last.pt", "detect"),
+    ("segment_best.safetensors", "segment"), ("segment_last.pt", "segment"),
+    ("pretrain_best.safetensors", "pretrain"), ("pretrain_last.pt", "pretrain"),
+    ("converted_fcmae.pt", "pretrain"), ("converted_fcmae.safetensors", "pretrain"),
+])
+def test_files_written_before_the_one_header_still_load(tmp_path, name, task):
+    from convnext.weights import read_model_file
+
+    path, fill = _fixture(tmp_path, name)
+    file = read_model_file(path)
+    # (convert --to fcmae's .pt is the official layout as the official code writes it: no header of ours)
+    assert file.task == task and file.version == (0 if name == "converted_fcmae.pt" else 2)
+    assert file.model_name in ("convnext_atto", "convnextv2_atto")
+    if task == "classify":
+        from convnext.factory import load_for_inference
+
+        model, info = load_for_inference(path)
+        assert info.model_name == "convnext_atto"
+        if name.startswith("classify"):  # a training run's files: its classes and preprocessing
+            assert info.classes == ["cat", "dog"] and info.preprocess.input_size == 32
+        _assert_filled(model, fill)
+        if name == "classify_last.pt":
+            ema, _ = load_for_inference(path, key="model_ema")
+            _assert_filled(ema, fill, prefix="module.")  # (torch's AveragedModel wraps the EMA model)
+    elif task in ("detect", "segment"):
+        from convnext.eval.dense import load_detector, load_segmenter
+
+        model, spec = (load_detector if task == "detect" else load_segmenter)(path)
+        assert spec["model_name"] == "convnext_atto" and spec["classes"]
+        _assert_filled(model, fill)
+    else:
+        from convnext.fcmae import load_fcmae_file
+
+        model = load_fcmae_file(path)
+        assert model.model_name == "convnextv2_atto" and model.decoder_dim == 32
+        if not name.startswith("converted"):  # (the official layout renames keys: checked through the encoder)
+            _assert_filled(model, fill)
+        encoder = convnext.create_model("convnextv2_atto", pretrained=path, num_classes=0)
+        if not name.startswith("converted"):
+            _assert_filled(encoder, fill, prefix="encoder.", skip=("head.",))  # (an encoder has no final norm)
+
+
+def test_a_training_state_written_before_the_one_header_resumes_its_identity(tmp_path):
+    """The engine reads an old last.pt's identity (model name, classes, preprocessing) as today's header spec."""
+    from convnext.train.classification import ClassificationTask
+    from convnext.train.config import ClassifyConfig
+    from convnext.weights import read_model_file
+
+    path, _ = _fixture(tmp_path, "classify_last.pt")
+    task = ClassificationTask(ClassifyConfig(model="convnext_atto", data="x", input_size=32))
+    task.classes = ["cat", "dog"]
+    file = read_model_file(path)
+    assert {"task": file.task, "spec": file.spec} == task.identity()
+    assert file.training_state()["progress"]["step"] == 2

@@ -51,81 +51,41 @@ def _cmd_convert(args: argparse.Namespace) -> None:
     print(f"converted {fmt} checkpoint {args.src} -> {args.dst} ({name}, {args.to} layout)")
 
 
-def _cmd_train(args: argparse.Namespace) -> None:
-    from .train import ClassificationTask, fit
-    from .train.config import from_args
-
-    cfg = from_args(args)  # validate here, before any process is launched
-    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        _launch_torchrun(args)
-        return
-    s = fit(ClassificationTask(cfg))
-    if "val_acc1" in s and int(os.environ.get("RANK", "0")) == 0:  # under torchrun: one summary, rank 0's
-        print(f"done: {cfg.model} epoch {s['epoch']}  val top-1 {s['val_acc1']:.2f}%  top-5 {s['val_acc5']:.2f}%  "
-              f"best top-1 {s['best']:.2f}%  -> {s['output']}")
-
-
-def _task_classes(command: str):
-    """(config class, task class) of the engine tasks other than classification."""
-    if command == "detect":
-        from .train.detection import DetectConfig, DetectionTask
-
-        return DetectConfig, DetectionTask
-    if command == "pretrain":
-        from .train.pretrain import PretrainConfig, PretrainTask
-
-        return PretrainConfig, PretrainTask
-    from .train.segmentation import SegmentConfig, SegmentationTask
-
-    return SegmentConfig, SegmentationTask
-
-
-def _cmd_dense_train(args: argparse.Namespace) -> None:
+def _cmd_train(spec, args: argparse.Namespace) -> None:
     from .train import fit
     from .train.config import from_args
 
-    config_cls, task_cls = _task_classes(args.command)
-    cfg = from_args(args, config_cls)  # validate here, before any process is launched
+    cfg = from_args(args, spec.config)  # validate here, before any process is launched
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         _launch_torchrun(args)
         return
-    s = fit(task_cls(cfg))
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: one summary, rank 0's
-        return
-    shown = "  ".join(f"{k} {s[k]:.4f}" for k in ("bbox_mAP", "bbox_mAP_50", "segm_mAP", "segm_mAP_50", "mIoU", "mAcc",
-                                                   "train_loss", "probe_loss") if k in s)
-    print(f"done: {cfg.model} epoch {s['epoch']}  {shown}  best {s['best_metric']} {s['best']:.4f}  -> {s['output']}")
+    summary = fit(spec.task(cfg))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: one summary, rank 0's
+        print(spec.summarize(summary))
 
 
-def _cmd_dense_eval(args: argparse.Namespace) -> None:
-    import json
+def _cmd_eval(spec, args: argparse.Namespace) -> None:
+    from .tasks import pick
 
-    from .eval.dense import evaluate_dense_checkpoint, format_dense_results
-
-    res = evaluate_dense_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size, workers=args.workers,
-                                    precision=args.precision, ema=args.ema, ann=getattr(args, "val_ann", None),
-                                    images=getattr(args, "val_images", None), progress=not args.json)
-    if (res["task"] == "detect") != (args.command == "detect"):
-        raise ValueError(f"{args.checkpoint} is a {res['task']} checkpoint: use `convnext {res['task']} eval`")
-    print(json.dumps(res) if args.json else format_dense_results(res))
+    res = spec.evaluate(args.checkpoint, args.data, batch_size=args.batch_size, workers=args.workers,
+                        precision=args.precision, progress=not args.json, **pick(spec.eval_options, vars(args)))
+    print(spec.format_results(res, "json" if args.json else "text"))
 
 
-def _cmd_dense_predict(args: argparse.Namespace) -> int:
-    import json
+def _cmd_predict(spec, args: argparse.Namespace) -> int:
+    from .eval.predict import predict_images
+    from .tasks import pick
 
-    from .eval.dense import predict_dense
-
-    report = predict_dense(args.checkpoint, args.images, args.output, score_threshold=args.score_threshold,
-                           ema=args.ema, force=args.force)
-    for r in report:
-        if "error" in r:
-            print(f"convnext {args.command} predict: cannot read {r['path']} ({r['error']})", file=sys.stderr)
-        elif args.json:
-            print(json.dumps(r))
-        else:
-            print(f"{r['path']}: {', '.join(r.get('labels', r.get('classes', []))) or 'nothing found'}")
-    print(f"wrote {args.output}", file=sys.stderr)
-    return 1 if any("error" in r for r in report) else 0
+    options = pick(spec.predict_options, vars(args))
+    results = predict_images(spec.predictor, args.checkpoint, args.images, **options)
+    style = next((s for s in spec.predict_styles[1:] if getattr(args, s, False)), "text")
+    print(spec.format_predictions(results, style))
+    failed = [r for r in results if "error" in r]
+    for r in failed:
+        print(f"{args.prog}: cannot read {r['path']} ({r['error']})", file=sys.stderr)
+    if options.get("output"):
+        print(f"wrote {options['output']}", file=sys.stderr)
+    return 1 if failed else 0  # as cp and grep: scripts notice that some inputs failed
 
 
 def _launch_torchrun(args: argparse.Namespace) -> None:
@@ -150,34 +110,6 @@ def _launch_torchrun(args: argparse.Namespace) -> None:
     rc = subprocess.call(cmd)
     if rc != 0:
         raise SystemExit(rc)
-
-
-def _cmd_eval(args: argparse.Namespace) -> None:
-    import json
-
-    from .eval import evaluate_checkpoint, format_results
-
-    res = evaluate_checkpoint(args.checkpoint, args.data, key=args.key, batch_size=args.batch_size,
-                              workers=args.workers, precision=args.precision, output=args.output,
-                              optimize=not args.no_optimize)
-    if args.json:
-        keep = ("loss", "acc1", "acc5", "count", "bad_images", "per_class_acc", "classes")
-        print(json.dumps({k: res[k] for k in keep} | {"confusion": res["confusion"].tolist()}))
-    else:
-        print(format_results(res))
-
-
-def _cmd_predict(args: argparse.Namespace) -> int:
-    from .eval import format_predictions, predict_files
-
-    results = predict_files(args.checkpoint, args.images, backend=args.backend, key=args.key, topk=args.topk,
-                            precision=args.precision, optimize=not args.no_optimize)
-    print(format_predictions([r for r in results if "top" in r or args.json or args.csv],
-                             "json" if args.json else "csv" if args.csv else "text"))
-    failed = [r for r in results if "error" in r]
-    for r in failed:
-        print(f"convnext predict: cannot read {r['path']} ({r['error']})", file=sys.stderr)
-    return 1 if failed else 0  # as cp and grep: scripts notice that some inputs failed
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
@@ -216,25 +148,17 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
-    from .demo import run_demo, run_dense_demo, run_fcmae_demo
+    from .tasks import demo_task
 
-    if args.task == "fcmae":
-        if args.backbone or args.scenes or args.per_class:
-            raise ValueError("--backbone, --scenes and --per-class are not for --task fcmae")
-        run_fcmae_demo(args.output or "runs/demo-fcmae", force=args.force, epochs=args.epochs,
-                       pretrain_epochs=args.pretrain_epochs)
-        return
-    if args.pretrain_epochs:
-        raise ValueError("--pretrain-epochs is for --task fcmae")
-    if args.task == "classify":
-        if args.backbone or args.scenes:
-            raise ValueError("--backbone and --scenes are for --task detect|segment")
-        run_demo(args.output or "runs/demo", epochs=args.epochs, per_class=args.per_class, force=args.force)
-        return
-    if args.per_class:
-        raise ValueError("--per-class is for the classification demo; use --scenes for detect|segment")
-    run_dense_demo(args.task, args.output, epochs=args.epochs, backbone=args.backbone, scenes=args.scenes,
-                   force=args.force)
+    spec = demo_task(args.task)
+    mine = {o.dest for o in spec.demo_options}
+    given = [d for d in args.demo_dests if getattr(args, d) not in (None, False)]
+    stray = [d for d in given if d not in mine]
+    if stray:
+        raise ValueError(f"{', '.join('--' + d.replace('_', '-') for d in stray)} not for --task {args.task}"
+                         + (f" (its options: {', '.join(f.flags[0] for f in spec.demo_options)})"
+                            if spec.demo_options else ""))
+    spec.demo(output=args.output, epochs=args.epochs, force=args.force, **{d: getattr(args, d) for d in mine})
 
 
 def _add_list_info_convert(sub) -> None:
@@ -260,97 +184,58 @@ def _add_list_info_convert(sub) -> None:
     p.set_defaults(func=_cmd_convert)
 
 
-def _add_train_eval_predict(sub) -> None:
-    from .export import BACKENDS
+def _add_task(sub, spec, top_level: bool = False) -> None:
+    """`convnext NAME train|eval|predict` from the task's spec (classification's also as top-level commands)."""
+    from functools import partial
+
     from .train.config import add_arguments
 
-    p = sub.add_parser("train", help="train with the ConvNeXt recipe on an image folder")
-    add_arguments(p)
+    if top_level:
+        actions, prefix = sub, ""
+    else:
+        top = sub.add_parser(spec.name, help=spec.help)
+        actions, prefix = top.add_subparsers(dest="action", required=True, metavar="ACTION"), f"{spec.name} "
+    p = actions.add_parser("train", help=f"train: {spec.help}")
+    add_arguments(p, spec.config)
     p.add_argument("--nproc", type=int, default=1,
                    help="processes on this machine: launches torchrun --standalone for you (default: 1)")
     p.add_argument("--max-restarts", type=int, default=0,
                    help="with --nproc: restarts after a failure, each resuming from the last checkpoint")
-    p.set_defaults(func=_cmd_train)
+    p.set_defaults(func=partial(_cmd_train, spec), prog=f"convnext {prefix}train")
 
-    p = sub.add_parser("eval", help="top-1/top-5, loss, per-class accuracy and confusion matrix of a checkpoint")
+    if spec.evaluate is not None:
+        _add_eval(actions, spec, prefix)
+    if spec.predictor is not None:
+        _add_predict(actions, spec, prefix)
+
+
+def _add_eval(actions, spec, prefix: str) -> None:
+    from functools import partial
+
+    p = actions.add_parser("eval", help=f"evaluate a {spec.name} checkpoint")
     p.add_argument("--checkpoint", required=True, help="best.safetensors, last.pt or any supported checkpoint")
-    p.add_argument("--data", required=True, help="folder of <class>/<image> (or a root holding val/)")
-    p.add_argument("--key", help="state dict key, e.g. model_ema for a training checkpoint's EMA weights")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--data", required=True, help="the data to evaluate on")
+    p.add_argument("--batch-size", type=int, default=spec.eval_batch_size)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--output", help="folder for confusion_matrix.png (default: beside the checkpoint)")
-    p.add_argument("--no-optimize", action="store_true",
-                   help="run the model as it is (default: optimize_for_inference: fused, compiled when it pays)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
-    p.set_defaults(func=_cmd_eval)
+    for o in spec.eval_options:
+        o.add_to(p)
+    p.set_defaults(func=partial(_cmd_eval, spec), prog=f"convnext {prefix}eval")
 
-    p = sub.add_parser("predict", help="top-k classes of images with a trained checkpoint")
+
+def _add_predict(actions, spec, prefix: str) -> None:
+    from functools import partial
+
+    p = actions.add_parser("predict", help=f"predict images with a {spec.name} checkpoint")
     p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--key", help="state dict key, e.g. model_ema")
-    p.add_argument("--topk", type=int, help="classes per image, 1 .. the model's classes (default: 5, or all if fewer)")
-    p.add_argument("--backend", default="torch", choices=["torch", *BACKENDS],
-                   help="torch: a checkpoint; others: a file from `convnext export` (default: torch)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                   help="bf16: a bf16 model (LayerNorm/GRN statistics in fp32); OpenVINO's precision hint")
-    p.add_argument("--no-optimize", action="store_true",
-                   help="run the model as it is (default: optimize_for_inference: fused, compiled when it pays)")
-    fmt = p.add_mutually_exclusive_group()
-    fmt.add_argument("--json", action="store_true")
-    fmt.add_argument("--csv", action="store_true")
-    p.set_defaults(func=_cmd_predict)
-
-
-def _add_dense(sub) -> None:
-    from .train.config import add_arguments
-
-    for command, what in (("detect", "object detection and instance segmentation (Mask/Faster R-CNN, RetinaNet, "
-                                     "FCOS) on COCO-format data"),
-                          ("segment", "semantic segmentation (UperNet) on ADE20K-layout data")):
-        config_cls, _ = _task_classes(command)
-        top = sub.add_parser(command, help=what)
-        actions = top.add_subparsers(dest="action", required=True, metavar="ACTION")
-        p = actions.add_parser("train", help=f"train a {command} model on the shared engine")
-        add_arguments(p, config_cls)
-        p.add_argument("--nproc", type=int, default=1, help="processes on this machine (launches torchrun)")
-        p.add_argument("--max-restarts", type=int, default=0)
-        p.set_defaults(func=_cmd_dense_train)
-
-        p = actions.add_parser("eval", help="COCO box/mask AP" if command == "detect" else "mIoU, mAcc, aAcc")
-        p.add_argument("--checkpoint", required=True, help="best.safetensors or last.pt of a training run")
-        p.add_argument("--data", required=True)
-        if command == "detect":
-            p.add_argument("--val-ann", help="annotation file (default: DATA/annotations/instances_val.json)")
-            p.add_argument("--val-images", help="image folder (default: DATA/val)")
-        p.add_argument("--ema", action="store_true", help="the EMA weights of a last.pt")
-        p.add_argument("--batch-size", type=int, default=4)
-        p.add_argument("--workers", type=int, default=0)
-        p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-        p.add_argument("--json", action="store_true")
-        p.set_defaults(func=_cmd_dense_eval)
-
-        p = actions.add_parser("predict", help="draw predictions into images, with "
-                               + ("COCO-results JSON" if command == "detect" else "class-index mask PNGs"))
-        p.add_argument("images", nargs="+", help="image files or folders")
-        p.add_argument("--checkpoint", required=True)
-        p.add_argument("--output", required=True, help="folder for the drawn images and results")
-        p.add_argument("--score-threshold", type=float, default=0.5, help="detections below are not kept")
-        p.add_argument("--ema", action="store_true")
-        p.add_argument("--force", action="store_true", help="overwrite existing files in --output")
-        p.add_argument("--json", action="store_true")
-        p.set_defaults(func=_cmd_dense_predict)
-
-
-def _add_pretrain(sub) -> None:
-    from .train.config import add_arguments
-
-    config_cls, _ = _task_classes("pretrain")
-    p = sub.add_parser("pretrain", help="FCMAE self-supervised pre-training (ConvNeXt V2) on a folder of images")
-    add_arguments(p, config_cls)
-    p.add_argument("--nproc", type=int, default=1, help="processes on this machine (launches torchrun)")
-    p.add_argument("--max-restarts", type=int, default=0)
-    p.set_defaults(func=_cmd_dense_train)
+    styles = p.add_mutually_exclusive_group()
+    for style in spec.predict_styles[1:]:
+        styles.add_argument(f"--{style}", action="store_true", help=f"print the results as {style.upper()}")
+    for o in spec.predict_options:
+        o.add_to(p)
+    p.set_defaults(func=partial(_cmd_predict, spec), prog=f"convnext {prefix}predict")
 
 
 def _add_export_bench_demo(sub) -> None:
@@ -392,39 +277,67 @@ def _add_export_bench_demo(sub) -> None:
     p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     p.set_defaults(func=_cmd_bench)
 
+    _add_demo(sub)
+
+
+def _add_demo(sub) -> None:
+    from .tasks import demo_names, demo_task
+
+    names = demo_names()
     p = sub.add_parser("demo", help="the main job: train on embedded Fashion-MNIST, evaluate, predict")
-    p.add_argument("--task", choices=["classify", "detect", "segment", "fcmae"], default="classify",
+    p.add_argument("--task", choices=names, default="classify",
                    help="classify (default), detect / segment on generated scenes of garments on photographs, or "
                         "fcmae: FCMAE pre-training, then fine-tuning on 10%% of the labels vs from scratch")
-    p.add_argument("--output", help="default: runs/demo (classify), runs/demo-detect, runs/demo-segment, runs/demo-fcmae")
-    p.add_argument("--backbone", help="detect/segment: initialise the backbone from this checkpoint "
-                                      "(e.g. runs/demo/train/best.safetensors)")
-    p.add_argument("--scenes", type=int, help="detect/segment: number of training scenes to generate")
+    p.add_argument("--output", help="default: runs/demo (classify), runs/demo-<task> for the others")
     p.add_argument("--epochs", type=int, help="override the demo recipe's epochs (fcmae: of the labelled runs)")
-    p.add_argument("--pretrain-epochs", type=int, help="fcmae: override the pre-training epochs")
-    p.add_argument("--per-class", type=int, help="use only the first N images of each class (a quick check)")
     p.add_argument("--force", action="store_true", help="start over in an --output that holds an earlier demo")
-    p.set_defaults(func=_cmd_demo)
+    dests: list[str] = []
+    for name in names:
+        for o in demo_task(name).demo_options:
+            if o.dest not in dests:
+                dests.append(o.dest)
+                o.add_to(p.add_argument_group(f"--task {name}"))
+    p.set_defaults(func=_cmd_demo, demo_dests=dests)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .tasks import get_task, list_tasks
 
     parser = argparse.ArgumentParser(prog="convnext", description="ConvNeXt V1/V2 models, weights and training.")
     parser.add_argument("--version", action="version", version=f"convnext {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_list_info_convert(sub)
-    _add_train_eval_predict(sub)
-    _add_dense(sub)
-    _add_pretrain(sub)
+    for name in list_tasks():
+        spec = get_task(name)
+        if spec.top_level:
+            _add_task(sub, spec, top_level=True)
+        _add_task(sub, spec)
     _add_export_bench_demo(sub)
     return parser
 
 
+def _with_default_action(argv: list[str]) -> list[str]:
+    """`convnext pretrain --data ...` = `convnext pretrain train --data ...` (a task's `default_action`)."""
+    from .tasks import get_task
+
+    i = next((k for k, a in enumerate(argv) if not a.startswith("-")), None)  # the command
+    if i is None:
+        return argv
+    try:
+        action = get_task(argv[i]).default_action
+    except ValueError:  # not a task's command
+        return argv
+    rest = argv[i + 1:]
+    if action and not (rest and rest[0] in ("train", "eval", "predict", "-h", "--help")):
+        return [*argv[:i + 1], action, *rest]
+    return argv
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_with_default_action(list(sys.argv[1:] if argv is None else argv)))
     args.argv = None if argv is None else list(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s")
     func: Callable[[argparse.Namespace], int | None] = args.func

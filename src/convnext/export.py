@@ -25,7 +25,7 @@ from torch import nn
 from .utils import atomic_write, check_output, file_mode, temp_file
 
 if TYPE_CHECKING:
-    from .eval.predict import InferenceInfo
+    from .factory import InferenceInfo
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "torch-export": ".pt2", "openvino": ".xml"}
 BACKENDS = {"onnxruntime": "onnx", "torchscript": "torchscript", "torch-export": "torch-export", "openvino": "openvino"}
@@ -147,7 +147,7 @@ def read_export_metadata(path: str | os.PathLike) -> tuple[str, InferenceInfo]:
             raw = z.read(names[0]).decode() if names else None
     if raw is None:
         raise ValueError(f"{path}: no convnext metadata; export the model with `convnext export`")
-    from .eval.predict import InferenceInfo
+    from .factory import InferenceInfo
 
     meta = json.loads(raw)
     return meta["format"], InferenceInfo.from_dict(meta)
@@ -167,7 +167,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, fmt: str, output: str | os.
 
     Never writes over the checkpoint; an existing output only with `force`.
     """
-    from .eval.predict import load_for_inference
+    from .factory import load_for_inference
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")

@@ -1,4 +1,4 @@
-"""`create_model`, `list_models`, `list_pretrained`: the front door of the library."""
+"""`create_model`, `list_models`, `list_pretrained`, `load_for_inference`: the front door of the library."""
 
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ import torch
 from torch import nn
 
 from .models import MODELS
-from .weights import (PRETRAINED, CheckpointError, PretrainedWeights, checkpoint_config, download, infer_config,
-                      load_state_dict_into, read_state_dict)
+from .preprocess import Preprocess
+from .weights import (PRETRAINED, CheckpointError, PretrainedWeights, download, infer_config, load_state_dict_into,
+                      ModelFile, read_model_file, to_ours)
+from .weights.convert import _match_arch, infer_model_name
 
 logger = logging.getLogger(__name__)
 
@@ -42,18 +44,6 @@ def check_model_name(name: str) -> str:
     return name
 
 
-def _match_arch(cls_name: str, cfg: dict[str, Any]) -> str | None:
-    """Registered name whose architecture equals the inferred config (ignoring head/drop path).
-
-    The family must match too (GRN or not); LayerScale breaks ties (isotropic S/B have none, L has it).
-    """
-    keys = ("depths", "dims", "depth", "dim", "use_grn")
-    same = [name for name, (cls, base) in MODELS.items()
-            if cls.__name__ == cls_name and all(getattr(base, k) == cfg[k] for k in keys if k in cfg)]
-    has_ls = cfg.get("ls_init_value") is not None
-    return next((n for n in same if bool(MODELS[n][1].ls_init_value) == has_ls), same[0] if same else None)
-
-
 def _check_family(arch: str, want: dict[str, Any], inferred: dict[str, Any], saved_name: str | None,
                   where: object) -> None:
     """A checkpoint of another family (V1 vs V2, LayerScale or not) than the requested model is an error."""
@@ -69,15 +59,6 @@ def _check_family(arch: str, want: dict[str, Any], inferred: dict[str, Any], sav
         fix = "ls_init_value=1e-6 to build it with LayerScale" if has_ls else "ls_init_value=None to build it without"
         raise ValueError(f"{where} {'has' if has_ls else 'has no'} LayerScale (gamma) but {arch} "
                          f"{'has none' if has_ls else 'has it'}; if this is the model you mean, pass {fix}")
-
-
-def infer_model_name(state_dict: Mapping[str, Any], source: object = "checkpoint") -> str:
-    """The registered architecture of a state dict in our layout, or CheckpointError naming `source`."""
-    cls_name, cfg = infer_config(state_dict)
-    name = _match_arch(cls_name, cfg)
-    if name is None:
-        raise CheckpointError(f"{source}: architecture {cfg} matches no registered model; name the model explicitly")
-    return name
 
 
 def _resolve_pretrained(arch: str, tag: str, pretrained: Any
@@ -138,8 +119,9 @@ def create_model(name: str, *, pretrained: bool | str | os.PathLike = False, num
     fields: dict[str, Any] = dataclasses.asdict(base)
     sd, fmt = None, None
     if path is not None:
-        fmt, sd, metadata = read_state_dict(path, key=info.key if info else None)
-        saved_name, saved = checkpoint_config(metadata)
+        file = read_model_file(path)
+        fmt, sd = to_ours(file.state_dict(info.key if info else None))
+        saved_name, saved = (file.model_name, file.spec.get("model_config")) if file.version else (None, None)
         cls_name, inferred = infer_config(sd)
         found = _match_arch(cls_name, inferred)
         where = path if isinstance(path, Path) else "the checkpoint"
@@ -164,6 +146,49 @@ def create_model(name: str, *, pretrained: bool | str | os.PathLike = False, num
         load_state_dict_into(model, sd, adapt=True, allow_missing_head=fmt == "fcmae")
         logger.debug("loaded %s weights from %s", fmt, path if isinstance(path, Path) else "state dict")
     return model
+
+
+@dataclasses.dataclass
+class InferenceInfo:
+    """What a trained classifier needs besides its weights: its name, class names and preprocessing."""
+
+    model_name: str
+    classes: list[str]
+    preprocess: Preprocess = dataclasses.field(default_factory=Preprocess)
+
+    def transform(self):
+        from .data import eval_transform
+
+        return eval_transform(self.preprocess)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat JSON (what exported files embed): model_name, classes and the preprocessing fields."""
+        return {"model_name": self.model_name, "classes": list(self.classes), **self.preprocess.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> InferenceInfo:
+        return cls(d["model_name"], list(d["classes"]), Preprocess.from_dict(d))
+
+
+def load_for_inference(src: str | os.PathLike | ModelFile, *, key: str | None = None
+                       ) -> tuple[nn.Module, InferenceInfo]:
+    """A classifier in eval mode and what it needs: class names and eval preprocessing.
+
+    Reads any model file through the one reader (`weights.read_model_file`): ours (the header's spec
+    holds the name, classes and preprocessing), or any other supported layout (class names are then the
+    indices, preprocessing the defaults). A file of another task is an error naming its command.
+    """
+    file = read_model_file(src)
+    if file.task != "classify":
+        raise CheckpointError(f"{file.path} holds a {file.task} model, not a classifier: "
+                              f"use `convnext {file.task} eval|predict`")
+    _, ours = to_ours(file.state_dict(key))
+    name = file.model_name or infer_model_name(ours, file.path)
+    model = create_model(name, pretrained=ours).eval()
+    classes = list(file.spec.get("classes") or [str(i) for i in range(model.num_classes)])
+    if len(classes) != model.num_classes:
+        raise CheckpointError(f"{file.path}: {len(classes)} class names for a {model.num_classes}-class model")
+    return model, InferenceInfo(name, classes, Preprocess.from_dict(file.spec.get("preprocess") or {}))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,26 +221,27 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, to: st
     Never writes over `src`; an existing `dst` only with `force`; `dst` must end in .safetensors.
     """
     from .utils import check_output
-    from .weights import read_checkpoint, save_checkpoint, to_ours, unwrap
+    from .weights import save_checkpoint
 
     check_output(dst, inputs=(src,), force=force, suffixes=(".pt", ".pth", ".safetensors") if to == "fcmae"
                  else (".safetensors",))
-    obj, _ = read_checkpoint(src)
-    state_dict = unwrap(obj, key)
+    file = read_model_file(src)
+    state_dict = file.state_dict(key)
     if to == "fcmae":
         return _convert_to_fcmae(src, dst, state_dict)
     fmt, ours = to_ours(state_dict)
-    name = check_model_name(model) if model else infer_model_name(ours, src)
+    name = check_model_name(model) if model else file.model_name or infer_model_name(ours, src)
     save_checkpoint(create_model(name, pretrained=state_dict), dst, fmt=to)
     return fmt, name
 
 
 def _convert_to_fcmae(src: str | os.PathLike, dst: str | os.PathLike, sd: Mapping[str, Any]) -> tuple[str, str]:
     """A full FCMAE pre-training model (ours or official) -> the official FCMAE layout, `{"model": ...}` in a
-    .pt file as the official `main_pretrain.py` saves it (or safetensors)."""
+    .pt file as the official `main_pretrain.py` saves it (or safetensors); both with our header beside."""
     from .utils import atomic_write
-    from .weights import CheckpointError, write_safetensors
+    from .weights import write_model_file
     from .weights.convert import fcmae_from_official, fcmae_to_official
+    from .weights.header import header
 
     if "mask_token" not in sd:
         raise CheckpointError(f"{src} holds no FCMAE pre-training model (no mask_token): --to fcmae converts the "
@@ -224,7 +250,8 @@ def _convert_to_fcmae(src: str | os.PathLike, dst: str | os.PathLike, sd: Mappin
     official = fcmae_to_official(ours)
     name = infer_model_name({k[len("encoder."):]: v for k, v in ours.items() if k.startswith("encoder.")}, src)
     if str(dst).endswith(".safetensors"):
-        write_safetensors(dst, official, {"format": "fcmae", "model": name})
+        write_model_file(dst, "pretrain", {"model_name": name}, official, layout="fcmae_official")
     else:
-        atomic_write(dst, lambda tmp: torch.save({"model": official}, tmp))
+        atomic_write(dst, lambda tmp: torch.save({"model": official, **header("pretrain", {"model_name": name},
+                                                                              "fcmae_official")}, tmp))
     return "fcmae", name

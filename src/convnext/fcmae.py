@@ -37,7 +37,6 @@ from .models.convnext import Block, ConvNeXt, _init_weights
 
 logger = logging.getLogger(__name__)
 
-FORMAT_TAG = "convnext-fcmae"  # safetensors metadata "format" of a full pre-training model
 INITS = ("default", "official")
 
 
@@ -124,7 +123,7 @@ class FCMAE(nn.Module):
 
     def spec(self) -> dict:
         """What rebuilds this model (saved with its checkpoints)."""
-        return {"model": self.model_name, "mask_ratio": self.mask_ratio, "mask_patch_size": self.patch_size,
+        return {"model_name": self.model_name, "mask_ratio": self.mask_ratio, "mask_patch_size": self.patch_size,
                 "decoder_dim": self.decoder_dim, "decoder_depth": self.decoder_depth,
                 "norm_pix_loss": self.norm_pix_loss, "in_chans": self.in_chans}
 
@@ -269,13 +268,15 @@ def create_fcmae(name: str, *, mask_ratio: float = 0.6, mask_patch_size: int = 3
 
 def load_fcmae(model: FCMAE, src: str | os.PathLike | Mapping) -> str:
     """Load a full pre-training model (ours or official, strictly) or, from any other checkpoint, the encoder."""
-    from .weights import CheckpointError, read_checkpoint
-    from .weights.convert import fcmae_from_official, unwrap
+    from .weights import CheckpointError, read_model_file, to_ours, unwrap
+    from .weights.convert import fcmae_from_official
     from .weights.loading import load_state_dict_into
 
-    obj = src if isinstance(src, Mapping) else read_checkpoint(src)[0]
-    sd = unwrap(obj)
-    where = src if not isinstance(src, Mapping) else "the state dict"
+    if isinstance(src, Mapping):
+        sd, where = unwrap(src), "the state dict"
+    else:
+        file = read_model_file(src)
+        sd, where = file.state_dict(), file.path
     if "mask_token" in sd:
         full = sd if "encoder.stem.conv.weight" in sd else fcmae_from_official(sd)
         target = model.state_dict()
@@ -290,13 +291,40 @@ def load_fcmae(model: FCMAE, src: str | os.PathLike | Mapping) -> str:
                                                ("unexpected", unexpected)) if keys))
         model.load_state_dict(full)
         return "fcmae"
-    from .weights import read_state_dict
-
-    fmt, enc, _ = read_state_dict(obj)
+    fmt, enc = to_ours(sd)
     load_state_dict_into(model.encoder, enc)
     logger.info("%s: %s weights loaded into the encoder; the decoder starts fresh", where, fmt)
     return fmt
 
 
-__all__ = ["FCMAE", "create_fcmae", "init_official", "load_fcmae", "masked_block", "patchify", "random_mask",
+SPEC_KEYS = ("mask_ratio", "mask_patch_size", "decoder_dim", "decoder_depth", "norm_pix_loss", "in_chans")
+
+
+def load_fcmae_file(src, *, key: str | None = None) -> FCMAE:
+    """The pre-training model a file's spec describes (ours: `convnext pretrain`'s last.pt / best.safetensors;
+    an official FCMAE file: its encoder's name and the official decoder), weights loaded, in eval mode."""
+    from .weights import CheckpointError, read_model_file
+
+    file = read_model_file(src)
+    if file.task != "pretrain":
+        raise CheckpointError(f"{file.path} holds a {file.task} model, not an FCMAE pre-training model: "
+                              f"use `convnext {file.task} eval|predict`")
+    if not file.model_name:
+        raise CheckpointError(f"{file.path}: cannot tell which encoder this FCMAE model has")
+    sd = file.state_dict(key)
+    settings = _decoder_of(sd) | {k: file.spec[k] for k in SPEC_KEYS if k in file.spec}
+    model = create_fcmae(file.model_name, **settings)
+    load_fcmae(model, sd)
+    return model.eval()
+
+
+def _decoder_of(sd: Mapping) -> dict:
+    """The decoder's width and depth as a state dict holds them (files without our spec: the official ones)."""
+    if "proj.weight" not in sd:
+        return {}
+    blocks = {k.split(".")[1] for k in sd if k.startswith("decoder.")}
+    return {"decoder_dim": sd["proj.weight"].shape[0], "decoder_depth": len(blocks)}
+
+
+__all__ = ["FCMAE", "create_fcmae", "init_official", "load_fcmae", "load_fcmae_file", "masked_block", "patchify", "random_mask",
            "visible_at"]

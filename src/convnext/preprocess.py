@@ -9,6 +9,7 @@ from typing import Any
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
+IGNORE_INDEX = 255  # the label of pixels that count in no loss and no metric (segmentation masks, mmseg's)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Small helpers every part may import: atomic file writes, autocast by precision name, CPU facts."""
+"""Small helpers every part may import: atomic file writes, autocast by precision name, CPU facts, and the
+reductions across processes that exact metrics need (no-ops outside a process group)."""
 
 from __future__ import annotations
 
@@ -104,6 +105,11 @@ def cpu_name() -> str:
     return _cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
+def machine_line() -> str:
+    """"on N CPU cores (CPU name), torch X": how results name the machine they were measured on."""
+    return f"on {os.cpu_count()} CPU cores ({cpu_name()}), torch {torch.__version__}"
+
+
 def cpu_flags() -> set[str]:
     """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
     return set((_cpuinfo_field("flags") or "").split())
@@ -118,3 +124,34 @@ def cpu_class() -> str:
     if capability.startswith("AVX512") and cpu_flags() & {"avx512_bf16", "amx_bf16"}:
         return "avx512"
     return "avx2" if capability.startswith(("AVX2", "AVX512")) else "other"
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def process_rank() -> int:
+    """This process's rank in the process group (0 without one)."""
+    return torch.distributed.get_rank() if _distributed() else 0
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """`t` summed over every process, in place (the tensor must be on the process group's device)."""
+    if _distributed():
+        torch.distributed.all_reduce(t)
+    return t
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if _distributed():
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t
+
+
+def all_gather_list(items: list) -> list:
+    """Every process's `items`, concatenated in rank order (picklable items)."""
+    if not _distributed():
+        return items
+    out: list[list] = [None] * torch.distributed.get_world_size()  # type: ignore[list-item]
+    torch.distributed.all_gather_object(out, items)
+    return [x for part in out for x in part]

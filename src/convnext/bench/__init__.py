@@ -80,7 +80,16 @@ def count_flops(model_name: str, batch_size: int, input_size: int, mode: str) ->
 
 
 def run(opts: BenchOptions) -> dict:
-    """Benchmark ours and the installed peers; returns a dict (see `report.format_table`)."""
+    """Benchmark ours and the installed peers; returns a dict (see `report.format_table`). The torch threads
+    it runs at are given back when it returns."""
+    before = torch.get_num_threads()
+    try:
+        return _run(opts)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(opts: BenchOptions) -> dict:
     device = opts.device if opts.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     threads = opts.threads or torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -100,7 +100,7 @@ def build(spec: Spec, state_dict: dict[str, torch.Tensor] | None, workdir: str) 
     if spec.library == "convnext" and spec.precision == "bf16" and device.type == "cpu":
         from ..models.fast import use_fused_depthwise_backward
 
-        use_fused_depthwise_backward(True)  # as the engine runs a long bf16 run (compiled in the warm-up)
+        use_fused_depthwise_backward(model, True)  # as the engine runs a long bf16 run (compiled in the warm-up)
     if spec.variant == "compile":
         model = torch.compile(model)
     # AdamW as each library's training runs it: ours fused (our engine), the peers' default (foreach)

@@ -236,6 +236,21 @@ class Batch:
     def __len__(self) -> int:
         return len(self.indices)
 
+    def to(self, device: torch.device, *, channels_last: bool = False) -> Batch:
+        """The batch on `device` (tensors, lists of tensors, lists of dicts of tensors), image batches in
+        channels-last memory when asked: what the engine hands a task's loss and evaluation."""
+        def move(x: Any, images: bool) -> Any:
+            if isinstance(x, torch.Tensor):
+                x = x.to(device, non_blocking=True)
+                return x.contiguous(memory_format=torch.channels_last) if images and channels_last and x.ndim == 4 else x
+            if isinstance(x, (list, tuple)):
+                return type(x)(move(v, images) for v in x)
+            if isinstance(x, dict):
+                return {k: move(v, False) for k, v in x.items()}
+            return x
+
+        return Batch(move(self.inputs, True), move(self.targets, False), self.indices, self.bad)
+
 
 def collate(items: list[tuple[Any, int, int]]) -> Batch:
     """Stack the good (image, class, index) samples; the indices of unreadable ones go to `bad`."""

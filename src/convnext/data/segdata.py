@@ -18,10 +18,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..preprocess import IGNORE_INDEX
 from .folder import Batch, DataError, _sample_seed, seeded
 from .images import IMG_EXTENSIONS, load_rgb
 
-IGNORE_INDEX = 255
 SPLITS = {"train": "training", "val": "validation"}
 
 

@@ -2,8 +2,7 @@
 
 from .backbone import ConvNeXtBackbone, ConvNeXtFPN, official_state_dict
 from .detection import ARCHS, create_detector, head_defaults
-from .optim import dense_param_groups
 from .segmentation import HEADS, Segmenter, create_segmenter
 
 __all__ = ["ARCHS", "HEADS", "ConvNeXtBackbone", "ConvNeXtFPN", "Segmenter", "create_detector", "create_segmenter",
-           "dense_param_groups", "head_defaults", "official_state_dict"]
+           "head_defaults", "official_state_dict"]

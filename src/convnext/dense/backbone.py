@@ -23,11 +23,6 @@ from ..models.layers import LayerNorm2d
 
 logger = logging.getLogger(__name__)
 
-# Official det/seg stochastic depth per size (ImageNet-1K backbones; reference.md, "Det/Seg")
-DET_DROP_PATH = {"tiny": 0.4, "small": 0.6, "base": 0.7, "large": 0.7, "xlarge": 0.8}
-SEG_DROP_PATH = {"tiny": 0.4, "small": 0.3, "base": 0.4, "large": 0.4, "xlarge": 0.4}
-
-
 class ConvNeXtBackbone(nn.Module):
     """ConvNeXt stages -> [LayerNorm2d(stage output) for each level]: strides 4, 8, 16, 32.
 

@@ -93,6 +93,14 @@ def create_detector(name: str, num_classes: int, *, arch: str = "maskrcnn",
     return model
 
 
+def detector_from_spec(spec: dict[str, Any], **backbone: Any) -> nn.Module:
+    """The detector a file's spec describes (`DetectionTask.spec`); `backbone`: pretrained, drop_path_rate,
+    frozen_stages (training)."""
+    min_size = spec["train_sizes"] if spec.get("train_sizes") else spec["min_size"]
+    return create_detector(spec["model_name"], len(spec["classes"]), arch=spec["arch"], min_size=min_size,
+                           max_size=spec["max_size"], **backbone, **spec.get("options", {}))
+
+
 def _fix_roi_scales(model: nn.Module, strides: list[int]) -> None:
     """Give the RoI poolers their feature strides instead of letting them guess.
 

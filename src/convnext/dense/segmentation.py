@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..preprocess import IGNORE_INDEX
 from .backbone import ConvNeXtBackbone
 
 HEADS = ("upernet", "fpn")
-IGNORE_INDEX = 255
 
 
 def conv_bn_relu(cin: int, cout: int, k: int = 1) -> nn.Sequential:
@@ -137,3 +137,10 @@ def create_segmenter(name: str, num_classes: int, *, head: str = "upernet",
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     backbone = ConvNeXtBackbone(name, pretrained=pretrained, drop_path_rate=drop_path_rate, frozen_stages=frozen_stages)
     return Segmenter(backbone, num_classes, head=head, aux_head=aux_head, **kw)
+
+
+def segmenter_from_spec(spec: dict[str, Any], **backbone: Any) -> Segmenter:
+    """The segmenter a file's spec describes (`SegmentationTask.spec`); `backbone`: pretrained, drop_path_rate,
+    frozen_stages (training)."""
+    return create_segmenter(spec["model_name"], len(spec["classes"]), head=spec["head"], aux_head=spec["aux_head"],
+                            channels=spec.get("channels"), **backbone)

@@ -1,9 +1,10 @@
 """Evaluation (top-1/top-5, loss, per-class accuracy, confusion matrix) and prediction."""
 
 from .metrics import evaluate, evaluate_checkpoint, format_results
-from .predict import InferenceInfo, format_predictions, load_for_inference, predict, predict_files
+from .predict import (ClassifierPredictor, InferenceInfo, format_predictions, load_for_inference, predict,
+                      predict_files, predict_images, run_predictor)
 
 __all__ = [
-    "InferenceInfo", "evaluate", "evaluate_checkpoint", "format_predictions", "format_results", "load_for_inference",
-    "predict", "predict_files",
+    "ClassifierPredictor", "InferenceInfo", "evaluate", "evaluate_checkpoint", "format_predictions", "format_results",
+    "load_for_inference", "predict", "predict_files", "predict_images", "run_predictor",
 ]

@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from ..utils import autocast
+from ..preprocess import IGNORE_INDEX
+from ..utils import all_gather_list, all_reduce_sum, autocast
 
 AP_NAMES = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l")  # COCOeval.stats[0:6]
-IGNORE_INDEX = 255
 
 
 def detections_to_coco(output: dict[str, torch.Tensor], image_id: int, cat_ids: list[int],
@@ -66,14 +66,6 @@ def coco_ap(coco_gt, results: list[dict[str, Any]], iou_type: str) -> dict[str, 
     return {f"{prefix}_{n}": float(v) for n, v in zip(AP_NAMES, ev.stats[:6])}
 
 
-def _gather(items: list) -> list:
-    if not (dist.is_available() and dist.is_initialized()):
-        return items
-    out: list[list] = [None] * dist.get_world_size()  # type: ignore[list-item]
-    dist.all_gather_object(out, items)
-    return [x for part in out for x in part]
-
-
 @torch.no_grad()
 def evaluate_detection(model: nn.Module, loader, device: torch.device, dataset, *, precision: str = "fp32",
                        masks: bool = False, progress: bool = False, desc: str = "eval") -> dict[str, float]:
@@ -88,12 +80,12 @@ def evaluate_detection(model: nn.Module, loader, device: torch.device, dataset, 
             outputs = model([im.to(device) for im in batch.inputs])
         for out, target in zip(outputs, batch.targets):
             results += detections_to_coco(out, target["image_id"], dataset.cat_ids)
-    results = _gather(results)
+    results = all_gather_list(results)
     gt = dataset.coco_gt()  # built once for both evaluations
     metrics = coco_ap(gt, results, "bbox")
     if masks:
         metrics |= coco_ap(gt, [r for r in results if "segmentation" in r], "segm")
-    metrics["bad_images"] = float(sum(_gather([bad])))
+    metrics["bad_images"] = float(sum(all_gather_list([bad])))
     return metrics
 
 
@@ -137,125 +129,210 @@ def evaluate_segmentation(model: nn.Module, loader, device: torch.device, num_cl
                                  f"{num_classes} classes (0..{num_classes - 1}; 255 = ignore)")
             confusion += torch.bincount(target[keep] * num_classes + pred[keep],
                                         minlength=num_classes ** 2).view(num_classes, num_classes)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(confusion)
-        dist.all_reduce(bad)
+    all_reduce_sum(confusion)
+    all_reduce_sum(bad)
     return segmentation_scores(confusion.cpu(), classes) | {"bad_images": float(bad.item()),
                                                             "confusion": confusion.cpu()}
 
 
-def evaluate_dense_checkpoint(checkpoint, data: str, *, batch_size: int = 4, workers: int = 0,
-                              precision: str = "fp32", ema: bool = False, ann: str | None = None,
-                              images: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """`convnext detect|segment eval`: a trained detector or segmenter on the validation split of `data`
-    (COCO: DATA/annotations/instances_val.json + DATA/val/, or `ann` + `images`; ADE20K: DATA/*/validation)."""
+def load_detector(checkpoint, key: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """A trained detector (eval mode) and its spec, from any detection file of ours."""
+    from ..dense.detection import detector_from_spec
+    from ..dense.io import load_model
+
+    return load_model(checkpoint, "detect", detector_from_spec, key=key)
+
+
+def load_segmenter(checkpoint, key: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """A trained segmenter (eval mode) and its spec, from any segmentation file of ours."""
+    from ..dense.io import load_model
+    from ..dense.segmentation import segmenter_from_spec
+
+    return load_model(checkpoint, "segment", segmenter_from_spec, key=key)
+
+
+def evaluate_detection_checkpoint(checkpoint, data: str, *, batch_size: int = 4, workers: int = 0,
+                                  precision: str = "fp32", key: str | None = None, val_ann: str | None = None,
+                                  val_images: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """`convnext detect eval`: box (and Mask R-CNN's mask) AP of a trained detector on the COCO-format
+    validation split of `data` (DATA/annotations/instances_val.json + DATA/val/, or `val_ann` + `val_images`)."""
     from pathlib import Path
 
     from torch.utils.data import DataLoader
 
-    from ..dense.io import load_dense
+    from ..data.coco import CocoDetection, collate_detection, detection_transform
 
-    model, spec = load_dense(checkpoint, ema=ema)
-    device = torch.device("cpu")
-    if spec["task"] == "detect":
-        from ..data.coco import CocoDetection, collate_detection, detection_transform
+    model, spec = load_detector(checkpoint, key)
+    masks = spec["arch"] == "maskrcnn"
+    ds = CocoDetection(val_ann or Path(data) / "annotations" / "instances_val.json", val_images or Path(data) / "val",
+                       detection_transform(False), masks=masks)
+    if ds.cat_ids != spec["cat_ids"]:
+        raise ValueError(f"the categories of {ds.ann_file} ({ds.cat_ids}) are not the model's ({spec['cat_ids']})")
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_detection)
+    res = evaluate_detection(model, loader, torch.device("cpu"), ds, precision=precision, masks=masks,
+                             progress=progress)
+    return res | {"count": len(ds)}
 
-        ds = CocoDetection(ann or Path(data) / "annotations" / "instances_val.json", images or Path(data) / "val",
-                           detection_transform(False), masks=spec["arch"] == "maskrcnn")
-        if ds.cat_ids != spec["cat_ids"]:
-            raise ValueError(f"the categories of {ds.ann_file} ({ds.cat_ids}) are not the model's ({spec['cat_ids']})")
-        loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_detection)
-        res = evaluate_detection(model, loader, device, ds, precision=precision, masks=spec["arch"] == "maskrcnn",
-                                 progress=progress)
-        return res | {"count": len(ds), "task": "detect"}
+
+def evaluate_segmentation_checkpoint(checkpoint, data: str, *, batch_size: int = 4, workers: int = 0,
+                                     precision: str = "fp32", key: str | None = None,
+                                     progress: bool = True) -> dict[str, Any]:
+    """`convnext segment eval`: mIoU, mAcc, aAcc and per-class IoU of a trained segmenter on the ADE20K-layout
+    validation split of `data` (DATA/images/validation, DATA/annotations/validation)."""
+    from torch.utils.data import DataLoader
+
     from ..data.segdata import SegmentationFolder, collate_segmentation, segmentation_transform
 
+    model, spec = load_segmenter(checkpoint, key)
     ds = SegmentationFolder(data, "val", segmentation_transform(False, spec["input_size"], spec["mean"], spec["std"]),
                             reduce_zero_label=spec["reduce_zero_label"])
     loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_segmentation)
-    res = evaluate_segmentation(model, loader, device, len(spec["classes"]), precision=precision,
+    res = evaluate_segmentation(model, loader, torch.device("cpu"), len(spec["classes"]), precision=precision,
                                 classes=spec["classes"], progress=progress)
     res.pop("confusion")
-    return res | {"count": len(ds), "task": "segment"}
+    return res | {"count": len(ds)}
 
 
-def format_dense_results(res: dict[str, Any]) -> str:
-    if res["task"] == "detect":
-        lines = [f"{res['count']} images: " + "  ".join(f"{k} {v:.4f}" for k, v in res.items() if "_mAP" in k)]
-    else:
-        lines = [f"{res['count']} images: mIoU {res['mIoU']:.4f}  mAcc {res['mAcc']:.4f}  aAcc {res['aAcc']:.4f}",
-                 "per-class IoU: " + ", ".join(f"{k} {'-' if v is None else f'{v:.3f}'}"
-                                              for k, v in res["per_class_iou"].items())]
-    if res.get("bad_images"):
-        lines.append(f"{int(res['bad_images'])} unreadable images left out")
-    return "\n".join(lines)
+def _bad_line(res: dict[str, Any]) -> list[str]:
+    return [f"{int(res['bad_images'])} unreadable images left out"] if res.get("bad_images") else []
 
 
-@torch.no_grad()
-def predict_dense(checkpoint, inputs: list, output, *, score_threshold: float = 0.5, ema: bool = False,
-                  force: bool = False) -> list[dict[str, Any]]:
-    """`convnext detect|segment predict`: draw each image's boxes and masks (or class map) into `output`
-    (`<stem>.png`), with `detections.json` (COCO results, `file_name` beside `image_id`) or `<stem>_mask.png`
-    (class index per pixel). Existing files are never overwritten without `force`."""
-    import json
-    from pathlib import Path
+def format_detection_results(res: dict[str, Any], style: str = "text") -> str:
+    if style == "json":
+        return json.dumps(res)
+    return "\n".join([f"{res['count']} images: " + "  ".join(f"{k} {v:.4f}" for k, v in res.items() if "_mAP" in k),
+                      *_bad_line(res)])
 
-    from PIL import Image
-    from torchvision.transforms.v2 import functional as TF
-    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-    from ..data import load_rgb
-    from ..dense.io import load_dense
-    from ..utils import atomic_write, check_output
-    from .predict import expand_images
+def format_segmentation_results(res: dict[str, Any], style: str = "text") -> str:
+    if style == "json":
+        return json.dumps(res)
+    return "\n".join([f"{res['count']} images: mIoU {res['mIoU']:.4f}  mAcc {res['mAcc']:.4f}  aAcc {res['aAcc']:.4f}",
+                      "per-class IoU: " + ", ".join(f"{k} {'-' if v is None else f'{v:.3f}'}"
+                                                   for k, v in res["per_class_iou"].items()), *_bad_line(res)])
 
-    model, spec = load_dense(checkpoint, ema=ema)
-    files = expand_images(inputs)
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    detect = spec["task"] == "detect"
-    targets = [out / f"{p.stem}.png" for p in files] + ([out / "detections.json"] if detect else
-                                                         [out / f"{p.stem}_mask.png" for p in files])
-    for t in targets:
-        check_output(t, inputs=tuple(files) + (checkpoint,), force=force)
-    palette = [tuple(int(c) for c in (np.random.default_rng(i).integers(40, 256, 3))) for i in range(256)]
-    results, report = [], []
-    for i, path in enumerate(files):
-        try:
-            img = load_rgb(path)
-        except Exception as e:  # noqa: BLE001
-            report.append({"path": str(path), "error": f"{type(e).__name__}: {e}"})
-            continue
-        pixels = TF.pil_to_tensor(img)
-        if detect:
-            det = model([pixels.float() / 255])[0]
-            keep = det["scores"] >= score_threshold
-            det = {k: v[keep] for k, v in det.items()}
-            names = [f"{spec['classes'][label - 1]} {s:.2f}" for label, s in zip(det["labels"].tolist(),
-                                                                                  det["scores"].tolist())]
-            drawn = pixels
-            if "masks" in det and len(det["masks"]):
-                drawn = draw_segmentation_masks(drawn, det["masks"][:, 0] > 0.5, alpha=0.45,
-                                                colors=[palette[label] for label in det["labels"].tolist()])
-            drawn = draw_bounding_boxes(drawn, det["boxes"], labels=names, width=2,
-                                        colors=[palette[label] for label in det["labels"].tolist()])
-            for r in detections_to_coco(det, i + 1, spec["cat_ids"]):
-                results.append(r | {"file_name": str(path)})
-            report.append({"path": str(path), "objects": len(names), "labels": names})
-        else:
-            x = TF.normalize(TF.resize(pixels.float() / 255, spec["input_size"]), spec["mean"], spec["std"])
-            pad_h, pad_w = -x.shape[-2] % 32, -x.shape[-1] % 32
-            logits = model(torch.nn.functional.pad(x, (0, pad_w, 0, pad_h))[None])[..., :x.shape[-2], :x.shape[-1]]
-            classes = torch.nn.functional.interpolate(logits, size=pixels.shape[-2:], mode="bilinear",
-                                                      align_corners=False).argmax(1)[0]
-            present = classes.unique().tolist()
-            drawn = draw_segmentation_masks(pixels, torch.stack([classes == c for c in present]), alpha=0.5,
-                                            colors=[palette[c] for c in present])
-            atomic_write(out / f"{path.stem}_mask.png",
-                         lambda tmp, c=classes: Image.fromarray(c.numpy().astype(np.uint8)).save(tmp, format="PNG"))
-            report.append({"path": str(path), "classes": [spec["classes"][c] for c in present]})
-        atomic_write(out / f"{path.stem}.png",
-                     lambda tmp, d=drawn: Image.fromarray(d.permute(1, 2, 0).numpy()).save(tmp, format="PNG"))
-    if detect:
-        atomic_write(out / "detections.json", lambda tmp: Path(tmp).write_text(json.dumps(results)))
-    return report
+
+def format_dense_predictions(results: list[dict[str, Any]], style: str = "text") -> str:
+    """`convnext detect|segment predict`'s lines: one per readable image (JSON lines with `style` "json")."""
+    ok = [r for r in results if "error" not in r]
+    if style == "json":
+        return "\n".join(json.dumps(r) for r in ok)
+    return "\n".join(f"{r['path']}: {', '.join(r.get('labels', r.get('classes', []))) or 'nothing found'}" for r in ok)
+
+
+PALETTE = [tuple(int(c) for c in (np.random.default_rng(i).integers(40, 256, 3))) for i in range(256)]
+
+
+class DensePredictor:
+    """Draws each image's predictions into `output/<stem>.png` (and what the task writes beside); the
+    outputs are checked before any work: none over an existing file without `force`, none over an input."""
+
+    batch_size = 1
+
+    def __init__(self, model: nn.Module, spec: dict[str, Any], checkpoint, paths: list, output, *,
+                 extra: tuple[str, ...] = (), force: bool = False) -> None:
+        from pathlib import Path
+
+        from ..utils import check_output
+
+        self.model, self.spec, self.out, self.index = model, spec, Path(output), 0
+        if self.out.exists() and not self.out.is_dir():
+            raise ValueError(f"--output {self.out} is a file; it must be a folder (created if missing)")
+        self.out.mkdir(parents=True, exist_ok=True)
+        targets = [self.out / f"{p.stem}.png" for p in paths] + [self.out / name.format(stem=p.stem) for name in extra
+                                                                 for p in (paths if "{stem}" in name else paths[:1])]
+        for t in targets:
+            check_output(t, inputs=(*paths, checkpoint), force=force)
+
+    def __call__(self, paths: list) -> list[dict[str, Any]]:
+        from ..data import load_rgb
+
+        report = []
+        for path in paths:
+            self.index += 1  # 1-based position of the image among all inputs (COCO image_id)
+            try:
+                img = load_rgb(path)
+            except Exception as e:  # noqa: BLE001 - reported per image; the others go on
+                report.append({"path": str(path), "error": f"{type(e).__name__}: {e}"})
+                continue
+            from torchvision.transforms.v2 import functional as TF
+
+            with torch.no_grad():
+                row, drawn = self.predict_one(path, TF.pil_to_tensor(img))
+            self.write_png(self.out / f"{path.stem}.png", drawn.permute(1, 2, 0).numpy())
+            report.append(row)
+        return report
+
+    @staticmethod
+    def write_png(path, array: np.ndarray) -> None:
+        from PIL import Image
+
+        from ..utils import atomic_write
+
+        atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+
+    def predict_one(self, path, pixels: torch.Tensor) -> tuple[dict[str, Any], torch.Tensor]:
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        pass
+
+
+class DetectionPredictor(DensePredictor):
+    """Boxes (and masks) drawn into `<stem>.png`; every kept detection in `detections.json` (COCO results
+    with `file_name` beside `image_id`)."""
+
+    def __init__(self, checkpoint, paths: list, output, *, score_threshold: float = 0.5, key: str | None = None,
+                 force: bool = False) -> None:
+        model, spec = load_detector(checkpoint, key)
+        super().__init__(model, spec, checkpoint, paths, output, extra=("detections.json",), force=force)
+        self.score_threshold, self.results = score_threshold, []
+
+    def predict_one(self, path, pixels: torch.Tensor) -> tuple[dict[str, Any], torch.Tensor]:
+        from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+
+        det = self.model([pixels.float() / 255])[0]
+        keep = det["scores"] >= self.score_threshold
+        det = {k: v[keep] for k, v in det.items()}
+        labels = det["labels"].tolist()
+        names = [f"{self.spec['classes'][label - 1]} {s:.2f}" for label, s in zip(labels, det["scores"].tolist())]
+        drawn = pixels
+        if "masks" in det and len(det["masks"]):
+            drawn = draw_segmentation_masks(drawn, det["masks"][:, 0] > 0.5, alpha=0.45,
+                                            colors=[PALETTE[label] for label in labels])
+        drawn = draw_bounding_boxes(drawn, det["boxes"], labels=names, width=2, colors=[PALETTE[x] for x in labels])
+        self.results += [r | {"file_name": str(path)} for r in detections_to_coco(det, self.index,
+                                                                                  self.spec["cat_ids"])]
+        return {"path": str(path), "objects": len(names), "labels": names}, drawn
+
+    def finish(self) -> None:
+        from pathlib import Path
+
+        from ..utils import atomic_write
+
+        text = json.dumps(self.results)
+        atomic_write(self.out / "detections.json", lambda tmp: Path(tmp).write_text(text))
+
+
+class SegmentationPredictor(DensePredictor):
+    """The class map drawn over the image into `<stem>.png`, and `<stem>_mask.png` (class index per pixel)."""
+
+    def __init__(self, checkpoint, paths: list, output, *, key: str | None = None, force: bool = False) -> None:
+        model, spec = load_segmenter(checkpoint, key)
+        super().__init__(model, spec, checkpoint, paths, output, extra=("{stem}_mask.png",), force=force)
+
+    def predict_one(self, path, pixels: torch.Tensor) -> tuple[dict[str, Any], torch.Tensor]:
+        from torchvision.transforms.v2 import functional as TF
+        from torchvision.utils import draw_segmentation_masks
+
+        spec = self.spec
+        x = TF.normalize(TF.resize(pixels.float() / 255, spec["input_size"]), spec["mean"], spec["std"])
+        pad_h, pad_w = -x.shape[-2] % 32, -x.shape[-1] % 32
+        logits = self.model(torch.nn.functional.pad(x, (0, pad_w, 0, pad_h))[None])[..., :x.shape[-2], :x.shape[-1]]
+        classes = torch.nn.functional.interpolate(logits, size=pixels.shape[-2:], mode="bilinear",
+                                                  align_corners=False).argmax(1)[0]
+        present = classes.unique().tolist()
+        drawn = draw_segmentation_masks(pixels, torch.stack([classes == c for c in present]), alpha=0.5,
+                                        colors=[PALETTE[c] for c in present])
+        self.write_png(self.out / f"{path.stem}_mask.png", classes.numpy().astype(np.uint8))
+        return {"path": str(path), "classes": [spec["classes"][c] for c in present]}, drawn

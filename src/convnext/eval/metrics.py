@@ -7,12 +7,11 @@ import os
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ..utils import autocast
+from ..utils import all_reduce_max, all_reduce_sum, autocast
 
 logger = logging.getLogger(__name__)
 
@@ -31,10 +30,9 @@ def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int, *
     k = min(5, num_classes)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top1, topk, bad images
-    distributed = dist.is_available() and dist.is_initialized()
     n_batches = torch.tensor([len(loader)], device=device)
-    if lockstep and distributed:
-        dist.all_reduce(n_batches, op=dist.ReduceOp.MAX)
+    if lockstep:
+        all_reduce_max(n_batches)
     shape = None
     for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
         images, targets = batch.inputs, batch.targets
@@ -56,13 +54,12 @@ def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int, *
         sums[2] += (top == targets[:, None]).any(dim=1).sum()
         confusion += torch.bincount(targets * num_classes + top[:, 0], minlength=num_classes ** 2).view(
             num_classes, num_classes)
-    if lockstep and distributed:
+    if lockstep and int(n_batches.item()) > len(loader):
         dummy = torch.zeros((1, *(shape or loader.dataset[0][0].shape)), device=device)
         for _ in range(int(n_batches.item()) - len(loader)):
             model(dummy)
-    if distributed:
-        dist.all_reduce(sums)
-        dist.all_reduce(confusion)
+    all_reduce_sum(sums)
+    all_reduce_sum(confusion)
     n = int(confusion.sum())
     per_class_n = confusion.sum(1).clamp(min=1)
     return {
@@ -78,7 +75,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int, *
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike, *, key: str | None = None,
                         batch_size: int = 64, workers: int = 0, precision: str = "fp32",
-                        output: str | os.PathLike | None = None, optimize: bool = True) -> dict:
+                        output: str | os.PathLike | None = None, optimize: bool = True,
+                        progress: bool = True) -> dict:
     """`convnext eval`: a checkpoint on an image folder (`<class>/*`, or a root holding `val/`).
 
     With `optimize` the model runs through `optimize_for_inference` (fused kernels; compiled when
@@ -91,7 +89,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike, 
 
     from ..data import ImageFolder, collate
     from ..plots import plot_confusion
-    from .predict import load_for_inference
+    from ..factory import load_for_inference
 
     root = Path(data)
     if not root.is_dir():
@@ -107,7 +105,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike, 
         example = next(b.inputs for b in loader if b.inputs is not None)
         model = optimize_for_inference(model, precision=precision, example_input=example, expected_calls=len(loader))
         how, precision = model.how, "fp32"  # the optimized model takes fp32 images whatever its own precision
-    res = evaluate(model, loader, torch.device("cpu"), len(info.classes), precision=precision, progress=True)
+    res = evaluate(model, loader, torch.device("cpu"), len(info.classes), precision=precision, progress=progress)
     png = Path(output or Path(checkpoint).resolve().parent) / "confusion_matrix.png"
     plot_confusion(res["confusion"], info.classes, png,
                    title=f"{info.model_name}: top-1 {res['acc1']:.2f}% on {res['count']} images")

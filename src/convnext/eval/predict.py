@@ -1,66 +1,21 @@
-"""Load a trained checkpoint for inference (model + classes + preprocessing) and classify images."""
+"""Prediction: the one loop over images that every task's predictor runs in, and the classifier's predictor.
+
+A predictor (`tasks.TaskSpec.predictor`) is built for a checkpoint and the images it will see, and called
+on lists of at most `batch_size` image paths, one result dict per image (`error` for an unreadable one);
+`finish()` writes what needs all of them (detection's detections.json).
+"""
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from ..data import IMG_EXTENSIONS, eval_transform, load_rgb
-from ..factory import create_model, infer_model_name
-from ..preprocess import Preprocess
-from ..weights import FORMAT_TAG, CheckpointError, read_checkpoint, to_ours, unwrap
-
-
-@dataclass
-class InferenceInfo:
-    """What a trained model needs besides its weights: its name, class names and preprocessing."""
-
-    model_name: str
-    classes: list[str]
-    preprocess: Preprocess = field(default_factory=Preprocess)
-
-    def transform(self):
-        return eval_transform(self.preprocess)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Flat JSON (what exported files embed): model_name, classes and the preprocessing fields."""
-        return {"model_name": self.model_name, "classes": list(self.classes), **self.preprocess.to_dict()}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> InferenceInfo:
-        return cls(d["model_name"], list(d["classes"]), Preprocess.from_dict(d))
-
-
-def load_for_inference(path: str | os.PathLike, *, key: str | None = None) -> tuple[nn.Module, InferenceInfo]:
-    """A model in eval mode and what it needs: class names and eval preprocessing.
-
-    Reads our `best.safetensors` (metadata), a training state `last.pt` (config + classes), or any
-    other supported checkpoint (class names are then the indices, preprocessing the defaults).
-    """
-    obj, metadata = read_checkpoint(path)
-    if metadata.get("format") == FORMAT_TAG:  # our best.safetensors / converted weights
-        name = metadata.get("model")
-        pre = json.loads(metadata.get("preprocess", "{}"))
-        classes = json.loads(metadata["classes"]) if "classes" in metadata else None
-    elif "config" in obj and "classes" in obj and "model" in obj:  # our training state (last.pt)
-        name, classes = obj["model_name"], list(obj["classes"])
-        pre = obj["config"]  # input_size, crop_pct (Preprocess takes its own keys)
-    else:
-        name, classes, pre = None, None, {}
-    sd = unwrap(obj, key)
-    _, ours = to_ours(sd)
-    name = name or infer_model_name(ours, path)
-    model = create_model(name, pretrained=ours).eval()
-    classes = classes or [str(i) for i in range(model.num_classes)]
-    if len(classes) != model.num_classes:
-        raise CheckpointError(f"{path}: {len(classes)} class names for a {model.num_classes}-class model")
-    return model, InferenceInfo(name, classes, Preprocess.from_dict(pre))
+from ..data import IMG_EXTENSIONS, load_rgb
+from ..factory import InferenceInfo, load_for_inference
 
 
 def expand_images(inputs: list[str | os.PathLike]) -> list[Path]:
@@ -117,34 +72,69 @@ def predict(model: nn.Module, info: InferenceInfo, paths: list[Path], *, topk: i
     return sorted(results, key=lambda r: order[r["path"]])
 
 
-def predict_files(checkpoint: str | os.PathLike, inputs: list[str | os.PathLike], *, backend: str = "torch",
-                  key: str | None = None, topk: int | None = None, precision: str = "fp32",
-                  optimize: bool = True, batch_size: int = 32) -> list[dict]:
-    """`convnext predict`: top-k classes of image files and folders with a checkpoint or an exported model.
+class ClassifierPredictor:
+    """Top-k classes of images, with a checkpoint or (`backend` other than torch) an exported model.
 
     With the torch backend and `optimize`, the model runs through `optimize_for_inference` in
     `precision` (compiled only when there are enough images to earn the compile back).
     """
+
+    batch_size = 32
+
+    def __init__(self, checkpoint: str | os.PathLike, paths: list[Path], *, backend: str = "torch",
+                 key: str | None = None, topk: int | None = None, precision: str = "fp32",
+                 optimize: bool = True) -> None:
+        if topk is not None and topk < 1:
+            raise ValueError(f"--topk must be >= 1, got {topk}")
+        if backend == "torch":
+            model, info = load_for_inference(checkpoint, key=key)
+            check_topk(topk, len(info.classes))  # before any optimizing
+            if optimize:
+                from ..models.optimize import optimize_for_inference
+
+                example = _first_batch(info, paths[:self.batch_size])
+                model = optimize_for_inference(model, precision=precision, example_input=example,
+                                               expected_calls=-(-len(paths) // self.batch_size))
+            elif precision != "fp32":
+                raise ValueError("--precision bf16 needs the optimized model (drop --no-optimize)")
+        else:
+            from ..export import ExportedModel
+
+            model = ExportedModel(checkpoint, backend, precision=precision)
+            info = model.info
+        self.model, self.info, self.topk = model, info, topk
+
+    def __call__(self, paths: list[Path]) -> list[dict]:
+        return predict(self.model, self.info, paths, topk=self.topk, batch_size=self.batch_size)
+
+    def finish(self) -> None:
+        pass
+
+
+def run_predictor(predictor, paths: list[Path]) -> list[dict]:
+    """`predictor` over `paths` in its batches, then `finish()`; the results in the order of `paths`."""
+    results: list[dict] = []
+    for start in range(0, len(paths), predictor.batch_size):
+        results += predictor(paths[start:start + predictor.batch_size])
+    predictor.finish()
+    return results
+
+
+def predict_images(make_predictor, checkpoint: str | os.PathLike, inputs: list[str | os.PathLike],
+                   **options) -> list[dict]:
+    """Image files and folders -> `make_predictor(checkpoint, paths, **options)` run over them (any task's)."""
+    paths = expand_images(inputs)
+    return run_predictor(make_predictor(checkpoint, paths, **options), paths)
+
+
+def predict_files(checkpoint: str | os.PathLike, inputs: list[str | os.PathLike], *, backend: str = "torch",
+                  key: str | None = None, topk: int | None = None, precision: str = "fp32",
+                  optimize: bool = True) -> list[dict]:
+    """`convnext predict`: top-k classes of image files and folders with a checkpoint or an exported model."""
     if topk is not None and topk < 1:
         raise ValueError(f"--topk must be >= 1, got {topk}")
-    paths = expand_images(inputs)
-    if backend == "torch":
-        model, info = load_for_inference(checkpoint, key=key)
-        check_topk(topk, len(info.classes))  # before any optimizing
-        if optimize:
-            from ..models.optimize import optimize_for_inference
-
-            example = _first_batch(info, paths[:batch_size])
-            model = optimize_for_inference(model, precision=precision, example_input=example,
-                                           expected_calls=-(-len(paths) // batch_size))
-        elif precision != "fp32":
-            raise ValueError("--precision bf16 needs the optimized model (drop --no-optimize)")
-    else:
-        from ..export import ExportedModel
-
-        model = ExportedModel(checkpoint, backend, precision=precision)
-        info = model.info
-    return predict(model, info, paths, topk=topk, batch_size=batch_size)
+    return predict_images(ClassifierPredictor, checkpoint, inputs, backend=backend, key=key, topk=topk,
+                          precision=precision, optimize=optimize)
 
 
 def _first_batch(info: InferenceInfo, paths: list[Path]) -> torch.Tensor | None:

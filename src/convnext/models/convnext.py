@@ -100,6 +100,7 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path)
         self.fast_path = True
         self.graph_form: str | None = None  # "conv_mlp": the MLP as 1x1 convs in graphs (fast.block_forward)
+        self.fused_dw_backward = False  # bf16 CPU training: the compiled depthwise backward (fast.depthwise_conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fast_path and (self.graph_form is not None or not fast.capturing_graph()):

@@ -33,6 +33,9 @@ from torch import nn
 from .layers import GRN, LayerNorm, autocast_active
 
 _HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# oneDNN's bf16 kernels need AVX-512 (or AMX): on an AVX2 CPU its bf16 Linear has no primitive at all, and a
+# bf16 model runs aten's kernels there
+_ONEDNN_BF16 = _HAS_ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def capturing_graph() -> bool:
@@ -43,7 +46,8 @@ def capturing_graph() -> bool:
 def _onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Eager fp32 or bf16 (a bf16 model, not autocast) on CPU: where oneDNN's fused Linear kernels
     (bias, GELU, residual add) apply."""
-    return (_HAS_ONEDNN and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+    return (_HAS_ONEDNN and x.device.type == "cpu" and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16
+                                                                                        and _ONEDNN_BF16))
             and weight.dtype == x.dtype and not autocast_active(x))
 
 
@@ -97,15 +101,17 @@ def _weight_grad(xp: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 
 _compiled_weight_grad: list = []  # [compiled function] once built, [None] if this machine cannot compile
-_fused_depthwise_backward = [False]
 
 
-def use_fused_depthwise_backward(on: bool = True) -> None:
-    """Switch the bf16 CPU-training depthwise backward (`_DepthwiseConvFn`) on or off for this process.
+def use_fused_depthwise_backward(model: nn.Module, on: bool = True) -> None:
+    """Switch the bf16 CPU-training depthwise backward (`_DepthwiseConvFn`) on or off in `model`'s blocks.
 
     Off by default: it compiles once per feature-map shape (~5-20 s in all), which pays back only on runs
-    of a few hundred steps or more; the training engine switches it on for such runs."""
-    _fused_depthwise_backward[0] = bool(on)
+    of a few hundred steps or more; the training engine switches it on for such runs. A setting of the
+    model, as `graph_form` is: nothing process-wide changes."""
+    for m in model.modules():
+        if hasattr(m, "fused_dw_backward"):
+            m.fused_dw_backward = bool(on)
 
 
 def _depthwise_weight_grad(x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, pad: tuple[int, int]) -> torch.Tensor:
@@ -151,7 +157,7 @@ class _DepthwiseConvFn(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
-def depthwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+def depthwise_conv(conv: nn.Conv2d, x: torch.Tensor, fused_backward: bool = False) -> torch.Tensor:
     """`conv(x)` for a depthwise conv (groups = channels, odd square kernel, "same" padding), cheapest way.
 
     - maps smaller than the kernel (H or W < k): the outer taps only ever meet zero padding, so a
@@ -160,7 +166,7 @@ def depthwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
       (H*W x H*W) Toeplitz matrix gathered from the kernel (a batched matmul; for H*W <= 4 a
       broadcast multiply-sum over channels-last data); CPU depthwise backward kernels spend 5-60x
       longer on such shapes than the arithmetic needs (convnext_atto at 32 px: 1.45x faster steps);
-    - bf16 training on CPU, once `use_fused_depthwise_backward()` is on, `_DepthwiseConvFn` (a faster
+    - bf16 training on CPU, once `use_fused_depthwise_backward(model)` is on, `_DepthwiseConvFn` (a faster
       backward; convnext_tiny b8 bf16 training steps 1.26x faster on an AVX-512 Zen 5, after ~20 s of
       compiling once per shape; in fp32 it measured only 1.03-1.08x, not worth the compile, so fp32
       keeps the aten kernels);
@@ -182,7 +188,7 @@ def depthwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     kh, kw = min(k, 2 * h - 1), min(k, 2 * w - 1)
     weight = conv.weight[:, :, c - kh // 2:c + kh // 2 + 1, c - kw // 2:c + kw // 2 + 1] if kh < k or kw < k else conv.weight
     bf16 = x.dtype == torch.bfloat16 or (autocast_active(x) and torch.get_autocast_dtype("cpu") == torch.bfloat16)
-    if (_fused_depthwise_backward[0] and torch.is_grad_enabled() and x.device.type == "cpu" and bf16
+    if (fused_backward and torch.is_grad_enabled() and x.device.type == "cpu" and bf16
             and (x.requires_grad or weight.requires_grad)):
         with torch.autocast("cpu", enabled=False):  # the same bf16 compute autocast would do, explicitly
             return _DepthwiseConvFn.apply(x.to(torch.bfloat16), weight.to(torch.bfloat16),
@@ -195,7 +201,7 @@ def block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if capturing_graph():
         return block_forward_conv_mlp(block, x)
     shortcut = x
-    x = depthwise_conv(block.dwconv, x).permute(0, 2, 3, 1)  # (N, H, W, C), a free view of channels-last memory
+    x = depthwise_conv(block.dwconv, x, block.fused_dw_backward).permute(0, 2, 3, 1)  # (N, H, W, C), a free view of channels-last memory
     x = linear(block.norm(x), block.pwconv1.weight, block.pwconv1.bias, gelu=True)
     if isinstance(block.grn, GRN):
         x = grn(block.grn, x)

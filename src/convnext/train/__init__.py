@@ -1,9 +1,10 @@
 """Training: one engine for every task (`engine.fit`), the classification task, config, optimizer, schedule."""
 
-from .config import EngineConfig, TrainConfig
+from .config import ClassifyConfig, DenseConfig, EngineConfig, TrainConfig
 from .task import Task
 
-__all__ = ["ClassificationTask", "EngineConfig", "NonFiniteLossError", "PeerLostError", "Task", "TrainConfig", "fit"]
+__all__ = ["ClassificationTask", "ClassifyConfig", "DenseConfig", "EngineConfig", "NonFiniteLossError", "PeerLostError",
+           "Task", "TrainConfig", "fit"]
 
 
 def __getattr__(name: str):

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from ..weights.io import CheckpointError, atomic_write, read_checkpoint
+from ..weights.header import ModelFile, read_model_file
+from ..weights.io import CheckpointError, atomic_write
 
 logger = logging.getLogger(__name__)
 _STEP_FILE = re.compile(r"step-(\d+)\.pt$")
@@ -47,14 +48,14 @@ def _step_files(output: Path) -> list[tuple[int, Path]]:
     return [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_FILE.search(p.name))]
 
 
-def load_state(path: str | os.PathLike) -> dict[str, Any]:
-    obj, _ = read_checkpoint(path)
-    if "model" not in obj or "step" not in obj:
-        raise CheckpointError(f"{path}: not a convnext training checkpoint (no model/step)")
-    return obj
+def load_state(path: str | os.PathLike) -> ModelFile:
+    """A training state (`last.pt`, a step file), read through the one reader: its header and its contents."""
+    file = read_model_file(path)
+    file.training_state()  # raises for a file that is not a training state
+    return file
 
 
-def find_resume(output: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:
+def find_resume(output: str | os.PathLike) -> tuple[Path, ModelFile] | None:
     """The newest complete training checkpoint under `output`, or None if there is none."""
     for _, path in sorted(_step_files(Path(output)), reverse=True):
         try:

@@ -2,32 +2,32 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
-from ..data import (Batch, DataError, ImageFolder, check_same_classes, collate, eval_transform, mixup_cutmix,
-                    train_transform, why_unreadable)
-from ..eval.metrics import evaluate
-from ..factory import create_model
 from ..preprocess import Preprocess
-from ..weights import save_checkpoint
-from .config import TrainConfig
+from ..tasks import TaskSpec, lazy, opt, register
+from .config import ClassifyConfig
 from .task import Task
+
+if TYPE_CHECKING:  # the task's module is imported by the CLI parser: data and eval (torchvision) load when used
+    from torch.utils.data import DataLoader
+
+    from ..data import Batch, ImageFolder
 
 
 class ClassificationTask(Task):
     """`DATA/train/<class>/*` and `DATA/val/<class>/*`; cross-entropy on (mixed, smoothed) targets; top-1."""
 
+    name = "classify"
     best_metric = "val_acc1"
     higher_is_better = True
     sample_kind = "image"
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: ClassifyConfig) -> None:
         super().__init__(cfg)
         self.classes: list[str] = []
         self.mix = None
@@ -36,7 +36,9 @@ class ClassificationTask(Task):
     def preprocess(self) -> Preprocess:
         return Preprocess(input_size=self.cfg.input_size, crop_pct=self.cfg.crop_pct)
 
-    def datasets(self, world_size: int) -> tuple[ImageFolder, ImageFolder]:
+    def datasets(self) -> tuple[ImageFolder, ImageFolder]:
+        from ..data import DataError, ImageFolder, check_same_classes, eval_transform, mixup_cutmix, train_transform
+
         cfg, root = self.cfg, Path(self.cfg.data)
         for split in ("train", "val"):
             if not (root / split).is_dir():
@@ -52,43 +54,136 @@ class ClassificationTask(Task):
         return train, val
 
     def collate(self, items: list[Any]) -> Batch:
+        from ..data import collate
+
         return collate(items)  # (image, class, index) items
 
     def build_model(self) -> nn.Module:
+        from ..factory import create_model
+
         cfg = self.cfg
         return create_model(cfg.model, pretrained=cfg.finetune or False, num_classes=len(self.classes),
                             drop_path_rate=cfg.drop_path_rate, head_init_scale=cfg.head_init_scale)
 
     def loss(self, model: nn.Module, batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
-        images = batch.inputs.to(device, non_blocking=True)
-        targets = batch.targets.to(device, non_blocking=True)
+        images, targets = batch.inputs, batch.targets
         if self.mix is not None:
             images, targets = self.mix(images, targets)
-        if self.cfg.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
         return {"loss": self.criterion(model(images).float(), targets)}
 
     def evaluate(self, model: nn.Module, loader: DataLoader, device: torch.device, *, progress: bool,
                  lockstep: bool) -> dict[str, float]:
-        res = evaluate(model, loader, device, len(self.classes), precision=self.cfg.precision,
-                       channels_last=self.cfg.channels_last, progress=progress, lockstep=lockstep)
+        from ..eval.metrics import evaluate
+
+        res = evaluate(model, loader, device, len(self.classes), precision=self.cfg.precision, progress=progress,
+                       lockstep=lockstep)
         return {"val_loss": res["loss"], "val_acc1": res["acc1"], "val_acc5": res["acc5"]}
 
-    def identity(self) -> dict[str, Any]:
-        return {"model_name": self.cfg.model, "classes": self.classes}
+    def spec(self) -> dict[str, Any]:
+        return {"model_name": self.cfg.model, "classes": self.classes, "preprocess": self.preprocess().to_dict()}
 
     def summary(self, train: ImageFolder, val: ImageFolder | None) -> str:
         return f"{self.cfg.model}: {len(train)} train / {len(val)} val images, {len(self.classes)} classes"
 
     def save_best(self, model: nn.Module, state_dict: dict[str, torch.Tensor], output: Path, epoch: int,
                   metrics: dict[str, float]) -> None:
-        save_checkpoint(model, output / "best.safetensors", state_dict=state_dict, extra_metadata={
-            "classes": json.dumps(self.classes), "epoch": str(epoch), "val_acc1": f"{metrics['val_acc1']:.4f}",
-            "preprocess": json.dumps(self.preprocess().to_dict()),
-        })
+        from ..weights import save_checkpoint
+
+        save_checkpoint(model, output / "best.safetensors", state_dict=state_dict, classes=self.classes,
+                        preprocess=self.preprocess().to_dict(),
+                        extra_metadata={"epoch": str(epoch), "val_acc1": f"{metrics['val_acc1']:.4f}"})
 
     def sample_name(self, dataset: ImageFolder, index: int) -> str:
         return dataset.samples[index][0]
 
     def unreadable_reason(self, dataset: ImageFolder, index: int) -> str:
+        from ..data import why_unreadable
+
         return why_unreadable(dataset.samples[index][0])
+
+
+def summarize(s: dict[str, Any]) -> str:
+    if "val_acc1" not in s:
+        return f"done: {s['model']} epoch {s.get('epoch', 0)}  -> {s['output']}"
+    return (f"done: {s['model']} epoch {s['epoch']}  val top-1 {s['val_acc1']:.2f}%  top-5 {s['val_acc5']:.2f}%  "
+            f"best top-1 {s['best']:.2f}%  -> {s['output']}")
+
+
+def demo(output: str | None = None, epochs: int | None = None, per_class: int | None = None,
+         force: bool = False) -> dict:
+    """`convnext demo`: prepare the embedded Fashion-MNIST, train convnext_atto with the packaged demo recipe,
+    evaluate the best weights, predict five images, summarise. `epochs` overrides the recipe's (the warm-up
+    as `train.config.set_epochs` says); `per_class` trains and evaluates on the first N images of each
+    class only (a quick check); `force` starts over in an output folder that holds an earlier demo."""
+    import time
+
+    from ..data.fashion_mnist import prepare
+    from ..eval import evaluate_checkpoint, format_predictions, format_results, predict_files
+    from ..utils import machine_line
+    from .config import recipe
+    from .engine import fit
+
+    t0 = time.perf_counter()
+    out = Path(output or "runs/demo")
+    data = prepare(out / "data", per_class={"train": per_class, "val": per_class} if per_class else None)
+    cfg = recipe("demo", ClassifyConfig, epochs=epochs, data=str(data), output=str(out / "train"), force=force)
+    print(f"demo: training {cfg.model} on Fashion-MNIST ({data}) with the demo recipe, {cfg.epochs} epochs")
+    summary = fit(ClassificationTask(cfg))
+    minutes = (time.perf_counter() - t0) / 60
+    best = out / "train" / "best.safetensors"
+    print(f"\n== evaluate {best}")
+    print(format_results(evaluate_checkpoint(best, data, batch_size=256, output=out / "train")))
+    print("\n== predict")
+    samples = sorted((data / "val").glob("*/*.png"))[::1000][:5]
+    print(format_predictions(predict_files(best, samples, topk=3)))
+    print(f"\ndemo result: {cfg.model} reached {summary['val_acc1']:.2f}% top-1 (best {summary['best']:.2f}%) on "
+          f"the 10,000 Fashion-MNIST test images in {minutes:.1f} min (data + training) {machine_line()}. Outputs: "
+          f"{out / 'train'} (metrics.jsonl, curves.png, confusion_matrix.png, best.safetensors, last.pt)")
+    return summary | {"minutes": minutes}
+
+
+def _format_results(res: dict[str, Any], style: str) -> str:
+    from ..eval import format_results
+
+    if style != "json":
+        return format_results(res)
+    import json
+
+    keep = ("loss", "acc1", "acc5", "count", "bad_images", "per_class_acc", "classes")
+    return json.dumps({k: res[k] for k in keep} | {"confusion": res["confusion"].tolist()})
+
+
+def _format_predictions(results: list[dict], style: str) -> str:
+    from ..eval import format_predictions
+
+    return format_predictions([r for r in results if "top" in r or style != "text"], style)
+
+
+_NO_OPTIMIZE = opt("--no-optimize", dest="optimize", action="store_false",
+                   help="run the model as it is (default: optimize_for_inference: fused, compiled when it pays)")
+_KEY = opt("--key", help="state dict key, e.g. model_ema for a training checkpoint's EMA weights")
+
+
+def _predict_options() -> tuple:
+    from ..export import BACKENDS
+
+    return (_KEY, opt("--topk", type=int, help="classes per image, 1 .. the model's classes (default: 5, or all if fewer)"),
+            opt("--backend", default="torch", choices=["torch", *BACKENDS],
+                help="torch: a checkpoint; others: a file from `convnext export` (default: torch)"),
+            opt("--precision", choices=["fp32", "bf16"], default="fp32",
+                help="bf16: a bf16 model (LayerNorm/GRN statistics in fp32); OpenVINO's precision hint"),
+            _NO_OPTIMIZE)
+
+
+SPEC = register(TaskSpec(
+    name="classify", help="image classification with the ConvNeXt recipe on an image folder",
+    config=ClassifyConfig, task=ClassificationTask, load=lazy("convnext.factory:load_for_inference"),
+    evaluate=lazy("convnext.eval.metrics:evaluate_checkpoint"), format_results=_format_results,
+    predictor=lazy("convnext.eval.predict:ClassifierPredictor"), format_predictions=_format_predictions,
+    summarize=summarize, demo=demo,
+    eval_options=(_KEY, opt("--output", help="folder for confusion_matrix.png (default: beside the checkpoint)"),
+                  _NO_OPTIMIZE),
+    predict_options=_predict_options(), predict_styles=("text", "json", "csv"),
+    demo_options=(opt("--per-class", type=int, help="use only the first N images of each class (a quick check)"),),
+    top_level=True,
+))

@@ -1,7 +1,8 @@
 """Training configuration: frozen dataclasses; defaults < YAML (`--config`) < command-line flags.
 
 `EngineConfig` holds what every task shares (optimisation, schedule, runtime, checkpoints);
-each task extends it with its own fields (`TrainConfig` for classification). Field names are
+each task extends it with its own fields (`ClassifyConfig` for classification, `DenseConfig` for what
+detection and segmentation share). Field names are
 the YAML keys; flags are the same names with dashes (`batch_size` -> `--batch-size`), following
 timm's spelling. Defaults are the official ConvNeXt `main.py` ones.
 """
@@ -141,7 +142,7 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig(EngineConfig):
+class ClassifyConfig(EngineConfig):
     """Image classification: the ConvNeXt ImageNet recipe (data: DATA/train/<class>/*, DATA/val/<class>/*)."""
 
     finetune: str | None = None  # checkpoint (any supported format) to start from; head re-initialised if classes differ
@@ -179,6 +180,35 @@ class TrainConfig(EngineConfig):
         if not 0 < self.crop_pct <= 1:
             _fail(f"--crop-pct must be in (0, 1], got {self.crop_pct}")
         self._check_choices({"train_interpolation": INTERPOLATIONS})
+
+
+TrainConfig = ClassifyConfig  # the name before the task registry (kept for existing code)
+
+
+@dataclass(frozen=True)
+class DenseConfig(EngineConfig):
+    """What detection and segmentation share: a backbone (from `pretrained`), flips and photometric
+    distortion, the official det/seg AdamW (lr at batch 16, no min lr) with layer-wise decay."""
+
+    model: str = "convnext_tiny"
+    pretrained: str | None = None  # backbone weights: any checkpoint create_model loads, or an official det/seg file
+    frozen_stages: int = -1
+    hflip: float = 0.5
+    photometric: float = 0.5
+    lr_base_batch: int = 16
+    min_lr: float = 0.0
+    num_layers: int | None = None  # the layer decay's num_layers; None: the official configs' (see train.optim)
+
+    def __post_init__(self) -> None:
+        from ..factory import check_model_name
+
+        check_model_name(self.model)
+        super().__post_init__()
+        for name in ("hflip", "photometric"):
+            if not 0 <= getattr(self, name) <= 1:
+                _fail(f"{_flag(name)} must be in [0, 1], got {getattr(self, name)}")
+        if self.fsdp:
+            _fail("--fsdp is for classification; detectors and segmenters train with DDP (--nproc)")
 
 
 def _coerce(cls: type, name: str, value: Any) -> Any:
@@ -227,7 +257,7 @@ def find_recipe(name: str | os.PathLike) -> Path | resources.abc.Traversable:
     raise FileNotFoundError(f"config file not found: {name} (packaged recipes: {', '.join(list_recipes())})")
 
 
-def load_yaml(path: str | os.PathLike, cls: type = TrainConfig) -> dict[str, Any]:
+def load_yaml(path: str | os.PathLike, cls: type = ClassifyConfig) -> dict[str, Any]:
     """A recipe (a file or a packaged recipe's name) as {field: value} for `cls`, each value converted to the field's type."""
     path = find_recipe(path)
     data = yaml.safe_load(path.read_text()) or {}
@@ -244,7 +274,7 @@ def load_yaml(path: str | os.PathLike, cls: type = TrainConfig) -> dict[str, Any
     return out
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type = TrainConfig) -> None:
+def add_arguments(parser: argparse.ArgumentParser, cls: type = ClassifyConfig) -> None:
     """One flag per config field, default None so that only given flags override YAML."""
     parser.add_argument("--config", help="YAML recipe: a file, or a packaged recipe's name (e.g. in1k_convnext_tiny); "
                                          "flags override it")
@@ -262,31 +292,44 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type = TrainConfig) -> N
             parser.add_argument(*flags, dest=f.name, default=None, help=f"(default: {f.default})")
 
 
-def scale_warmup(warmup_epochs: float, recipe_epochs: int, epochs: int) -> float:
-    """The recipe's warm-up share of the schedule, for a run of `epochs` instead of `recipe_epochs`."""
-    return warmup_epochs * epochs / recipe_epochs
-
-
-def from_args(args: argparse.Namespace, cls: type = TrainConfig) -> EngineConfig:
-    """The config of `cls`: its defaults, then `--config` YAML, then the flags given.
-
-    `--epochs N` alone (the natural way to smoke-test a recipe) keeps the recipe's warm-up share
-    of the schedule when the recipe's warm-up does not fit in N epochs, and says so; a warm-up
-    given on the command line is taken as it is.
-    """
-    values: dict[str, Any] = load_yaml(args.config, cls) if getattr(args, "config", None) else {}
-    flags = {f.name: _coerce(cls, f.name, getattr(args, f.name)) for f in dataclasses.fields(cls)
-             if getattr(args, f.name, None) is not None}
+def set_epochs(values: dict[str, Any], epochs: int, cls: type) -> dict[str, Any]:
+    """`values` (a recipe) for a run of `epochs`: the recipe's warm-up as it is when it fits, else its share
+    of the recipe's schedule (said in the log). The one place where `--epochs` moves the warm-up."""
     defaults = {f.name: f.default for f in dataclasses.fields(cls)}
     recipe_epochs = values.get("epochs", defaults["epochs"])
     recipe_warmup = values.get("warmup_epochs", defaults["warmup_epochs"])
-    if "epochs" in flags and "warmup_epochs" not in flags and recipe_warmup >= flags["epochs"] >= 1:
-        values["warmup_epochs"] = scale_warmup(recipe_warmup, recipe_epochs, flags["epochs"])
+    out = values | {"epochs": epochs}
+    if recipe_warmup >= epochs >= 1:
+        out["warmup_epochs"] = recipe_warmup * epochs / recipe_epochs
         logger.info("--epochs %d: the recipe's %g warm-up epochs do not fit; keeping its warm-up share "
-                    "(%g of %d epochs) -> --warmup-epochs %.3g", flags["epochs"], recipe_warmup, recipe_warmup,
-                    recipe_epochs, values["warmup_epochs"])
-    merged = values | flags
-    return cls(**(finetune_defaults(merged) if issubclass(cls, TrainConfig) else merged))
+                    "(%g of %d epochs) -> --warmup-epochs %.3g", epochs, recipe_warmup, recipe_warmup,
+                    recipe_epochs, out["warmup_epochs"])
+    return out
+
+
+def from_args(args: argparse.Namespace, cls: type = ClassifyConfig) -> EngineConfig:
+    """The config of `cls`: its defaults, then `--config` YAML, then the flags given (`--epochs` alone moves
+    the warm-up as `set_epochs` says; a warm-up given on the command line is taken as it is)."""
+    values: dict[str, Any] = load_yaml(args.config, cls) if getattr(args, "config", None) else {}
+    flags = {f.name: _coerce(cls, f.name, getattr(args, f.name)) for f in dataclasses.fields(cls)
+             if getattr(args, f.name, None) is not None}
+    if "epochs" in flags and "warmup_epochs" not in flags:
+        values = set_epochs(values, flags["epochs"], cls)
+    return make_config(cls, values | flags)
+
+
+def recipe(name: str | os.PathLike, cls: type = ClassifyConfig, *, epochs: int | None = None,
+           **overrides: Any) -> EngineConfig:
+    """A packaged recipe (or a YAML file) as a config of `cls`, for `epochs` (`set_epochs`) and with `overrides`."""
+    values = load_yaml(name, cls)
+    if epochs:
+        values = set_epochs(values, epochs, cls)
+    return make_config(cls, values | overrides)
+
+
+def make_config(cls: type, values: dict[str, Any]) -> EngineConfig:
+    """`cls(**values)`, with the V2 fine-tuning defaults where a classification run fine-tunes a V2 model."""
+    return cls(**(finetune_defaults(values) if issubclass(cls, ClassifyConfig) else values))
 
 
 # ConvNeXt V2 fine-tuning from FCMAE (official TRAINING.md, atto..tiny): the classifier starts near zero and
@@ -311,4 +354,5 @@ def save_yaml(cfg: EngineConfig, path: str | os.PathLike) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
-__all__ = ["EngineConfig", "TrainConfig", "add_arguments", "from_args", "load_yaml", "save_yaml"]
+__all__ = ["ClassifyConfig", "DenseConfig", "EngineConfig", "TrainConfig", "add_arguments", "from_args", "load_yaml",
+           "recipe", "save_yaml", "set_epochs"]

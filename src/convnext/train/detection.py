@@ -17,19 +17,19 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .config import EngineConfig, _fail
+from ..tasks import TaskSpec, lazy, opt, register
+from .config import DenseConfig, _fail
 from .task import Task
 
 
 @dataclass(frozen=True)
-class DetectConfig(EngineConfig):
+class DetectConfig(DenseConfig):
     """Detection: the official ConvNeXt COCO recipe's optimiser (AdamW lr 2e-4 at batch 16, wd 0.05,
     layer-wise decay) with multi-scale training; `input_size` is the shorter image side (torchvision's
     `min_size`)."""
 
     LAYER_DECAY_TYPES = ("layer_wise",)
 
-    model: str = "convnext_tiny"
     arch: str = "maskrcnn"  # maskrcnn | fasterrcnn | retinanet | fcos
     input_size: int = 800  # shorter side at evaluation (and the largest in multi-scale training)
     max_size: int | None = None  # longer side limit; None: input_size * 1333 / 800 (torchvision's ratio)
@@ -38,40 +38,28 @@ class DetectConfig(EngineConfig):
     train_images: str | None = None  # default DATA/train
     val_ann: str | None = None
     val_images: str | None = None
-    pretrained: str | None = None  # backbone weights: any checkpoint create_model loads, or an official det file
-    frozen_stages: int = -1
     # head sizes (None: chosen from input_size, see dense.head_defaults)
     proposals: int | None = None  # RPN proposals kept per image in training
     rois_per_image: int | None = None  # RoIs sampled per image for the box head
     box_head_width: int | None = None
     fpn_channels: int = 256  # 128 halves a CPU training step on small images
-    hflip: float = 0.5
     crop: float = 0.5  # probability of an IoU-constrained random crop
-    photometric: float = 0.5
     # optimisation: official COCO 3x recipe's AdamW
     epochs: int = 36
     batch_size: int = 2
     lr_base: float = 2e-4
-    lr_base_batch: int = 16
     warmup_epochs: float = 0.25
-    min_lr: float = 0.0
-    layer_decay_type: str = "layer_wise"
-    num_layers: int | None = None  # layer_wise decay's num_layers; None: 6 for T, 12 for S/B/L/XL (official)
+    layer_decay_type: str = "layer_wise"  # num_layers None: 6 for T, 12 for S/B/L/XL (official)
 
     def __post_init__(self) -> None:
         from ..dense.detection import ARCHS
-        from ..factory import check_model_name
 
-        check_model_name(self.model)
         super().__post_init__()
         self._check_choices({"arch": ARCHS})
         if not 0 < self.ms_scale[0] <= self.ms_scale[1] <= 1:
             _fail(f"--ms-scale must be two numbers 0 < min <= max <= 1, got {self.ms_scale}")
-        for name in ("hflip", "crop", "photometric"):
-            if not 0 <= getattr(self, name) <= 1:
-                _fail(f"--{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.fsdp:
-            _fail("--fsdp is for classification; detectors train with DDP (--nproc)")
+        if not 0 <= self.crop <= 1:
+            _fail(f"--crop must be in [0, 1], got {self.crop}")
 
     def files(self) -> dict[str, Path]:
         root = Path(self.data)
@@ -89,6 +77,7 @@ def train_sizes(input_size: int, ms_scale: tuple[float, float], n: int = 5) -> t
 
 
 class DetectionTask(Task):
+    name = "detect"
     best_metric = "bbox_mAP"
     higher_is_better = True
     sample_kind = "image"
@@ -110,12 +99,12 @@ class DetectionTask(Task):
                                      ("representation_size", cfg.box_head_width)) if v is not None}
         if cfg.fpn_channels != 256:
             options["fpn_channels"] = cfg.fpn_channels
-        return {"task": "detect", "model": cfg.model, "arch": cfg.arch, "classes": self.classes,
+        return {"model_name": cfg.model, "arch": cfg.arch, "classes": self.classes,
                 "cat_ids": self.cat_ids, "min_size": cfg.input_size,
                 "train_sizes": list(train_sizes(cfg.input_size, cfg.ms_scale)),
                 "max_size": cfg.max_size or math.ceil(cfg.input_size * 1333 / 800), "options": options}
 
-    def datasets(self, world_size: int):
+    def datasets(self):
         from ..data.coco import CocoDetection, detection_transform
 
         cfg, f = self.cfg, self.cfg.files()
@@ -133,14 +122,14 @@ class DetectionTask(Task):
         return collate_detection(items)
 
     def build_model(self) -> nn.Module:
-        from ..dense.io import build_from_spec
+        from ..dense.detection import detector_from_spec
 
-        return build_from_spec(self.spec(), pretrained=self.cfg.pretrained, drop_path_rate=self.cfg.drop_path_rate,
-                               frozen_stages=self.cfg.frozen_stages)
+        return detector_from_spec(self.spec(), pretrained=self.cfg.pretrained, drop_path_rate=self.cfg.drop_path_rate,
+                                  frozen_stages=self.cfg.frozen_stages)
 
     def param_groups(self, model: nn.Module) -> list[dict]:
-        from ..dense.optim import dense_param_groups
         from ..factory import create_model
+        from .optim import dense_param_groups
 
         with torch.device("meta"):
             depths = create_model(self.cfg.model).cfg.depths
@@ -148,10 +137,7 @@ class DetectionTask(Task):
                                   self.cfg.num_layers, depths)
 
     def loss(self, model: nn.Module, batch, device: torch.device) -> dict[str, torch.Tensor]:
-        images = [im.to(device, non_blocking=True) for im in batch.inputs]
-        targets = [{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in t.items()}
-                   for t in batch.targets]
-        losses = model(images, targets)
+        losses = model(list(batch.inputs), list(batch.targets))
         return {k: losses[k].float() for k in self.loss_names}
 
     def evaluate(self, model: nn.Module, loader: DataLoader, device: torch.device, *, progress: bool,
@@ -162,19 +148,9 @@ class DetectionTask(Task):
                                  masks=self.cfg.arch == "maskrcnn", progress=progress)
         return {k: v for k, v in res.items() if k != "bad_images"}
 
-    def identity(self) -> dict[str, Any]:
-        return {"model_name": self.cfg.model, "classes": self.classes, "dense_spec": self.spec()}
-
     def summary(self, train, val) -> str:
         return (f"{self.cfg.arch} on {self.cfg.model}: {len(train)} train / {len(val)} val images, "
                 f"{len(self.classes)} classes")
-
-    def save_best(self, model: nn.Module, state_dict: dict[str, torch.Tensor], output: Path, epoch: int,
-                  metrics: dict[str, float]) -> None:
-        from ..dense.io import save_dense
-
-        save_dense(output / "best.safetensors", self.spec(), state_dict,
-                   {"epoch": str(epoch), self.best_metric: f"{metrics[self.best_metric]:.4f}"})
 
     def sample_name(self, dataset, index: int) -> str:
         return dataset.sample_name(index)
@@ -190,3 +166,43 @@ class DetectionTask(Task):
         if (img.height, img.width) != (im["height"], im["width"]):
             return f"the image is {img.width}x{img.height}, the annotations say {im['width']}x{im['height']}"
         return "failed to decode in a worker"
+
+
+def _summarize(s: dict[str, Any]) -> str:
+    shown = "  ".join(f"{k} {s[k]:.4f}" for k in ("bbox_mAP", "bbox_mAP_50", "segm_mAP", "segm_mAP_50", "train_loss")
+                      if k in s)
+    return f"done: {s['model']} epoch {s.get('epoch', 0)}  {shown}  best {s['best_metric']} {s['best']:.4f}  -> {s['output']}"
+
+
+def demo(output: str | None = None, epochs: int | None = None, backbone: str | None = None,
+         scenes: int | None = None, force: bool = False) -> dict:
+    """`convnext demo --task detect`: Mask R-CNN on convnext_atto, trained on generated scenes (Fashion-MNIST
+    garments on photographs); see `train.scenes_demo.run`."""
+    from .scenes_demo import run
+
+    return run(SPEC, "demo_detect", output=output, epochs=epochs, backbone=backbone, scenes=scenes, force=force,
+               metric="bbox_mAP_50", what=lambda cfg: f"{cfg.arch} (Mask R-CNN)" if cfg.arch == "maskrcnn" else cfg.arch,
+               samples="val", predict_options={"score_threshold": 0.3})
+
+
+DENSE_EVAL = (opt("--key", help="state dict key: model_ema for the EMA weights of a last.pt"),
+              opt("--ema", dest="key", action="store_const", const="model_ema", help="the EMA weights of a last.pt"))
+DENSE_PREDICT = (opt("--output", required=True, help="folder for the drawn images and results"),
+                 opt("--force", action="store_true", help="overwrite existing files in --output"), *DENSE_EVAL)
+DENSE_DEMO = (opt("--backbone", help="initialise the backbone from this checkpoint (e.g. runs/demo/train/best.safetensors)"),
+              opt("--scenes", type=int, help="number of training scenes to generate"))
+
+SPEC = register(TaskSpec(
+    name="detect", help="object detection and instance segmentation (Mask/Faster R-CNN, RetinaNet, FCOS) on "
+                        "COCO-format data",
+    config=DetectConfig, task=DetectionTask, load=lazy("convnext.eval.dense:load_detector"),
+    evaluate=lazy("convnext.eval.dense:evaluate_detection_checkpoint"),
+    format_results=lazy("convnext.eval.dense:format_detection_results"),
+    predictor=lazy("convnext.eval.dense:DetectionPredictor"),
+    format_predictions=lazy("convnext.eval.dense:format_dense_predictions"), summarize=_summarize, demo=demo,
+    eval_options=(opt("--val-ann", help="annotation file (default: DATA/annotations/instances_val.json)"),
+                  opt("--val-images", help="image folder (default: DATA/val)"), *DENSE_EVAL),
+    predict_options=(*DENSE_PREDICT, opt("--score-threshold", type=float, default=0.5,
+                                         help="detections below are not kept")),
+    demo_options=DENSE_DEMO, eval_batch_size=4,
+))

@@ -15,6 +15,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..utils import all_gather_list, all_reduce_max, all_reduce_sum, process_rank
+
+__all__ = ["DistEnv", "PeerLostError", "all_gather_list", "all_reduce_max", "all_reduce_sum", "barrier", "cleanup",
+           "process_rank", "setup", "sum_all"]
+
 HEARTBEAT_S = 1.0  # how often each process tells the store it is alive
 
 
@@ -143,9 +148,7 @@ def sum_all(values: list[float], env: DistEnv) -> list[float]:
     """Element-wise sum of `values` over all ranks (float64: exact for counts and loss sums)."""
     if not env.distributed:
         return values
-    t = torch.tensor(values, dtype=torch.float64, device=env.device)
-    dist.all_reduce(t)
-    return t.tolist()
+    return all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=env.device)).tolist()
 
 
 def cleanup(env: DistEnv) -> None:

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from ..data import Batch, DataError, EpochSampler, ShardSampler
 from ..models import fast
 from ..utils import atomic_write, autocast
+from ..weights.header import ModelFile, header
 from . import distributed as D
 from .checkpoint import find_resume, load_state, save_state
 from .config import save_yaml
@@ -37,7 +38,6 @@ from .schedule import lr_at
 from .task import Task
 
 logger = logging.getLogger(__name__)
-STATE_VERSION = 2
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # unsharded, name-keyed: any world size loads it
 
 
@@ -112,7 +112,12 @@ FUSED_DEPTHWISE_MIN_STEPS = 500
 
 
 def fit(task: Task) -> dict[str, Any]:
-    """Train `task` as its config says; returns the last metrics line, the best metric and the output folder."""
+    """Train `task` as its config says; returns the last metrics line, the best metric and the output folder.
+
+    What it changes for the run (torch threads, the library's log level on ranks other than 0) is
+    restored when it returns, also on error."""
+    threads, log = torch.get_num_threads(), logging.getLogger("convnext")
+    level = log.level
     env = D.setup(task.cfg.device)
     try:
         trainer = Trainer(task, env)
@@ -128,10 +133,25 @@ def fit(task: Task) -> dict[str, Any]:
         raise
     finally:
         D.cleanup(env)
+        torch.set_num_threads(threads)
+        log.setLevel(level)
 
 
 def _step_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
     return (((seed * 7_919 + epoch) * 1_000_003 + batch) * 65_537 + rank) % (2**63 - 1)
+
+
+class DeviceLoader:
+    """A loader whose batches arrive on the device (what the engine hands `Task.evaluate`)."""
+
+    def __init__(self, loader: DataLoader, to_device) -> None:
+        self.loader, self.to_device, self.dataset = loader, to_device, loader.dataset
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        return (self.to_device(b) for b in self.loader)
 
 
 def _worker_init(_: int) -> None:
@@ -161,14 +181,14 @@ class Trainer:
         self.warmup_steps = round(self.cfg.warmup_epochs * self.steps_per_epoch)
         # bf16 on CPU: the compiled depthwise backward pays its ~20 s of compiling back over a long run only
         # (decided from the plan, not from timings, so that a resumed run computes exactly as before)
-        fast.use_fused_depthwise_backward(self.cfg.precision == "bf16" and env.device.type == "cpu"
-                                          and self.total_steps >= FUSED_DEPTHWISE_MIN_STEPS)
+        fast.use_fused_depthwise_backward(self.state.model, self.cfg.precision == "bf16"
+                                          and env.device.type == "cpu" and self.total_steps >= FUSED_DEPTHWISE_MIN_STEPS)
         self.seen_bad: set[int] = set()
 
     # --- set-up -------------------------------------------------------------------------------
     def _build_data(self) -> None:
         cfg, env = self.cfg, self.env
-        self.train_ds, self.val_ds = self.task.datasets(env.world_size)
+        self.train_ds, self.val_ds = self.task.datasets()
         if len(self.train_ds) < cfg.batch_size * env.world_size:
             raise DataError(f"{len(self.train_ds)} training samples are fewer than one batch ({cfg.batch_size} x "
                             f"{env.world_size} processes); lower --batch-size")
@@ -228,7 +248,7 @@ class Trainer:
         return torch.compile(model) if self.cfg.compile else model
 
     # --- resume -------------------------------------------------------------------------------
-    def _find_checkpoint(self) -> tuple[Path, dict[str, Any]] | None:
+    def _find_checkpoint(self) -> tuple[Path, ModelFile] | None:
         """The checkpoint to resume from (--resume FILE, or auto: the newest complete one), else None.
 
         Starting a new run in an --output that holds an earlier one is refused unless --force,
@@ -258,9 +278,9 @@ class Trainer:
         """Load the checkpoint found at set-up (if any); then write config.yaml and log the run."""
         cfg = self.cfg
         if self.found is not None:
-            path, state = self.found
-            self._check_identity(path, state)
-            self.state.load_state_dict(state)
+            path, file = self.found
+            self._check_identity(path, file)
+            self.state.load_state_dict(file.training_state())
             p = self.state.progress
             logger.info("resumed from %s (epoch %d, batch %d, step %d)", path, p.epoch + 1, p.batch, p.step)
             self.found = None  # the state is in the model now; free the copy
@@ -273,12 +293,15 @@ class Trainer:
                         self.env.world_size, self.peak_lr, self.total_steps, self.warmup_steps, cfg.precision,
                         self.env.device)
 
-    def _check_identity(self, path: Path, state: dict[str, Any]) -> None:
-        ours = self.task.identity()
-        theirs = {k: state.get(k) for k in ours}
+    def _check_identity(self, path: Path, file: ModelFile) -> None:
+        ours, theirs = self.task.identity(), {"task": file.task, "spec": file.spec}
         if theirs != ours:
             def show(d: dict) -> str:
-                return ", ".join(f"{k} {len(v) if isinstance(v, list) else v}" for k, v in d.items())
+                flat = {"task": d.get("task"), **(d.get("spec") or {})}
+                return ", ".join(f"{k} {len(v) if isinstance(v, list) else v}" for k, v in flat.items()
+                                 if k in diff)
+            flat_ours, flat_theirs = {"task": ours["task"], **ours["spec"]}, {"task": file.task, **file.spec}
+            diff = [k for k in {**flat_ours, **flat_theirs} if flat_ours.get(k) != flat_theirs.get(k)]
             raise ValueError(f"{path} belongs to another run ({show(theirs)}); this run has {show(ours)}: "
                              f"use another --output")
 
@@ -321,8 +344,8 @@ class Trainer:
 
     def _loss_names(self) -> list[str]:
         """"loss" (the total that is optimised) and, when the task has several, each named loss."""
-        names = list(getattr(self.task, "loss_names", ("loss",)))
-        return ["loss"] if names == ["loss"] else ["loss", *names]
+        names = list(self.task.loss_names)
+        return ["loss"] if len(names) == 1 else ["loss", *names]
 
     # --- one micro-batch and one optimisation step ----------------------------------------------
     def train_batch(self, batch: Batch) -> None:
@@ -340,8 +363,7 @@ class Trainer:
         losses = None
         if len(batch):
             with autocast(self.env.device, cfg.precision):
-                losses = self.task.loss(self.model, batch, self.env.device)
-            losses = {"loss": losses["loss"] if len(losses) == 1 else sum(losses.values()), **losses}
+                losses = self._named_losses(self.task.loss(self.model, self._to_device(batch), self.env.device))
         # One reduction per step: every rank learns whether any rank saw a non-finite loss (so all take
         # the same branch, no hang) and the global loss sums (so every rank's progress, and the checkpoint
         # rank 0 writes, hold the same numbers).
@@ -361,6 +383,18 @@ class Trainer:
             self.n_images += int(stats[2])
         p.batch += 1
 
+    def _to_device(self, batch: Batch) -> Batch:
+        return batch.to(self.env.device, channels_last=self.cfg.channels_last)
+
+    def _named_losses(self, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """{"loss": the sum that is optimised, **the task's named losses} (the names the task declares)."""
+        if "loss" in losses and len(losses) > 1:
+            raise TypeError(f"{type(self.task).__name__}.loss: 'loss' names the sum of the losses; name yours otherwise")
+        if set(losses) != set(self.task.loss_names):
+            raise TypeError(f"{type(self.task).__name__}.loss returned {sorted(losses)}; its loss_names declare "
+                            f"{sorted(self.task.loss_names)}")
+        return {"loss": sum(losses.values()), **losses}
+
     def _non_finite(self, batch: Batch, here: bool) -> None:
         p = self.state.progress
         names = [self.task.sample_name(self.train_ds, i) for i in batch.indices]
@@ -373,7 +407,7 @@ class Trainer:
         self.step_ok = False
 
     def _report_bad(self, indices: list[int]) -> None:
-        kind = getattr(self.task, "sample_kind", "sample")
+        kind = self.task.sample_kind
         for i in indices:
             name, reason = self.task.sample_name(self.train_ds, i), self.task.unreadable_reason(self.train_ds, i)
             if self.cfg.bad_images == "error":
@@ -405,11 +439,13 @@ class Trainer:
         if self.val_loader is None or not (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
             return {}
         model = self.state.model if self.env.distributed else self.model
-        metrics = self.task.evaluate(model, self.val_loader, self.env.device, progress=cfg.progress and self.env.is_main,
+        loader = DeviceLoader(self.val_loader, self._to_device)
+        metrics = self.task.evaluate(model, loader, self.env.device, progress=cfg.progress and self.env.is_main,
                                      lockstep=cfg.fsdp)
+        if self.env.is_main:
+            self.task.plot(model, self.val_ds, self.env.device)
         if self.state.ema is not None:
-            ema = self.task.evaluate(self.state.ema.module, self.val_loader, self.env.device, progress=False,
-                                     lockstep=False)
+            ema = self.task.evaluate(self.state.ema.module, loader, self.env.device, progress=False, lockstep=False)
             metrics[f"{self.task.best_metric}_ema"] = ema[self.task.best_metric]
         return metrics
 
@@ -448,13 +484,14 @@ class Trainer:
             raise NonFiniteLossError(f"parameters are not finite at step {p.step}; no checkpoint written")
         state = self.state.state_dict()
         if self.env.is_main:
-            save_state(self.out, {"version": STATE_VERSION, **self.task.identity(), "config": self.cfg.to_dict(),
-                                  **state}, p.step, keep=self.cfg.keep_checkpoints)
+            save_state(self.out, {**header(self.task.name, self.task.spec()), "config": self.cfg.to_dict(), **state},
+                       p.step, keep=self.cfg.keep_checkpoints)
         D.barrier(self.env)
 
     def summary(self) -> dict[str, Any]:
         last = dict(self.state.history[-1]) if self.state.history else {}
-        return last | {"best": self.state.progress.best, "best_metric": self.task.best_metric, "output": str(self.out)}
+        return last | {"best": self.state.progress.best, "best_metric": self.task.best_metric, "output": str(self.out),
+                       "model": self.cfg.model}
 
 
 __all__ = ["NonFiniteLossError", "PeerLostError", "Progress", "TrainState", "Trainer", "fit"]

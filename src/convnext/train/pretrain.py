@@ -9,20 +9,24 @@ that does not move with the random masks), and `reconstructions.png` of them eac
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..data import Batch, ImageFiles, train_transform, why_unreadable
-from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS
+from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, Preprocess
+from ..tasks import TaskSpec, opt, register
+from ..utils import all_reduce_sum, autocast
 from .config import EngineConfig, _fail
 from .task import Task
+
+if TYPE_CHECKING:
+    from ..data import Batch, ImageFiles
 
 logger = logging.getLogger(__name__)
 
@@ -94,20 +98,45 @@ class MaskedSample:
         return x, random_mask(1, (self.grid, self.grid), self.ratio)[0]
 
 
+def probe_transform(input_size: int) -> Any:
+    """The fixed view of an image that evaluation reconstructs: resized to the square, no crop."""
+    from ..data import eval_transform
+
+    return eval_transform(Preprocess(input_size=input_size, crop_pct=1.0, interpolation="bicubic"))
+
+
+@torch.no_grad()
+def masked_loss(model: nn.Module, loader, device: torch.device, precision: str = "fp32") -> dict[str, float]:
+    """The reconstruction loss over the masked patches of every image of `loader` (exact across processes)."""
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, masked patches, images
+    for batch in loader:
+        if not len(batch):
+            continue
+        images, masks = batch.inputs.to(device), batch.targets.to(device)
+        with autocast(device, precision):
+            _, pred, _ = model(images, masks)
+        m = masks.flatten(1).float()
+        sums += torch.stack([(model.patch_losses(images, pred) * m).sum().double(), m.sum().double(),
+                             torch.tensor(float(len(batch)), dtype=torch.float64, device=device)])
+    all_reduce_sum(sums)
+    return {"loss": float(sums[0] / sums[1].clamp(min=1)), "count": int(sums[2])}
+
+
 class PretrainTask(Task):
+    name = "pretrain"
     best_metric = "probe_loss"
     higher_is_better = False
     sample_kind = "image"
 
     def spec(self) -> dict[str, Any]:
         cfg = self.cfg
-        return {"model": cfg.model, "mask_ratio": cfg.mask_ratio, "mask_patch_size": cfg.mask_patch_size,
+        return {"model_name": cfg.model, "mask_ratio": cfg.mask_ratio, "mask_patch_size": cfg.mask_patch_size,
                 "decoder_dim": cfg.decoder_dim, "decoder_depth": cfg.decoder_depth,
                 "norm_pix_loss": cfg.norm_pix_loss, "in_chans": 3}
 
-    def datasets(self, world_size: int) -> tuple[ImageFiles, ImageFiles]:
-        from ..data.transforms import eval_transform
-        from ..preprocess import Preprocess
+    def datasets(self) -> tuple[ImageFiles, ImageFiles]:
+        from ..data import ImageFiles, train_transform
 
         cfg = self.cfg
         grid = cfg.input_size // cfg.mask_patch_size
@@ -115,16 +144,13 @@ class PretrainTask(Task):
             cfg.input_size, scale=cfg.scale, hflip=cfg.hflip, aa="none", color_jitter=0.0, reprob=0.0,
             interpolation_name=cfg.train_interpolation), grid, cfg.mask_ratio))
         k = min(cfg.probe_images, len(train))
-        probe_tf = eval_transform(Preprocess(input_size=cfg.input_size, crop_pct=1.0, interpolation="bicubic"))
-        probe = train.subset([i * len(train) // k for i in range(k)], MaskedSample(probe_tf, grid, cfg.mask_ratio))
+        probe = train.subset([i * len(train) // k for i in range(k)],
+                             MaskedSample(probe_transform(cfg.input_size), grid, cfg.mask_ratio))
         probe.seed = cfg.seed + 1  # fixed masks, not the training ones
         return train, probe
 
     def collate(self, items: list[Any]) -> Batch:
-        good = [b for b in items if b[0] is not None]
-        images = torch.stack([b[0][0] for b in good]) if good else None
-        masks = torch.stack([b[0][1] for b in good]) if good else None
-        return Batch(images, masks, [b[2] for b in good], [b[2] for b in items if b[0] is None])
+        return collate_masked(items)
 
     def build_model(self) -> nn.Module:
         from ..fcmae import create_fcmae
@@ -138,92 +164,265 @@ class PretrainTask(Task):
     def param_groups(self, model: nn.Module) -> list[dict]:
         """As the official `add_weight_decay`: no decay on biases and norms (1-D there); GRN's (1, C) parameters
         and the mask token are decayed."""
-        decay, no_decay = [], []
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                (no_decay if name.endswith(".bias") or (p.ndim <= 1 and ".grn." not in name) else decay).append(p)
-        return [{"params": decay, "weight_decay": self.cfg.weight_decay, "lr_scale": 1.0},
-                {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
+        from .optim import build_param_groups
+
+        return build_param_groups(model, self.cfg.weight_decay, skip_decay=lambda name, p: name.endswith(".bias")
+                                  or (p.ndim <= 1 and ".grn." not in name))
 
     def loss(self, model: nn.Module, batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
-        images = batch.inputs.to(device, non_blocking=True)
-        if self.cfg.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        loss, _, _ = model(images, batch.targets.to(device, non_blocking=True))
+        loss, _, _ = model(batch.inputs, batch.targets)
         return {"loss": loss}
 
-    @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: DataLoader, device: torch.device, *, progress: bool,
                  lockstep: bool) -> dict[str, float]:
-        from ..utils import autocast
+        return {"probe_loss": masked_loss(model, loader, device, self.cfg.precision)["loss"]}
 
-        model.eval()
-        sums = torch.zeros(2, dtype=torch.float64)
-        for batch in loader:
-            if not len(batch):
-                continue
-            images, masks = batch.inputs.to(device), batch.targets.to(device)
-            with autocast(device, self.cfg.precision):
-                _, pred, _ = model(images, masks)
-            m = masks.flatten(1).float()
-            sums += torch.stack([(model.patch_losses(images, pred) * m).sum(), m.sum()]).double().cpu()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            sums = sums.to(device)
-            torch.distributed.all_reduce(sums)
-            rank = torch.distributed.get_rank()
-        else:
-            rank = 0
-        if rank == 0:
-            self.plot(model, loader.dataset, device)
-        return {"probe_loss": float(sums[0] / sums[1].clamp(min=1))}
-
+    @torch.no_grad()
     def plot(self, model: nn.Module, probe: ImageFiles, device: torch.device) -> None:
         """reconstructions.png: input / masked / reconstruction / reconstruction + visible pixels, per probe image."""
-        from ..plots import plot_reconstructions
-        from ..utils import autocast
-
         good = [probe[i] for i in range(len(probe))]
         good = [g for g in good if g[0] is not None]
-        if not good:
-            return
-        images = torch.stack([g[0][0] for g in good]).to(device)
-        masks = torch.stack([g[0][1] for g in good]).to(device)
-        with autocast(device, self.cfg.precision):
-            _, pred, _ = model(images, masks)
-        rec = model.reconstruct(images, pred)
-        p = self.cfg.mask_patch_size
-        hidden = masks.repeat_interleave(p, 1).repeat_interleave(p, 2)[:, None].to(images.dtype)
-        mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-
-        def show(x: torch.Tensor) -> torch.Tensor:
-            return (x.float() * std + mean).clamp(0, 1).cpu()
-
-        plot_reconstructions({"input": show(images), "masked": show(images) * (1 - hidden.cpu()) + 0.5 * hidden.cpu(),
-                              "reconstruction": show(rec),
-                              "rec. + visible": show(images * (1 - hidden) + rec * hidden)},
-                             Path(self.cfg.output) / "reconstructions.png",
-                             title=f"{self.cfg.model}, mask ratio {self.cfg.mask_ratio}, {p}-px patches")
-
-    def identity(self) -> dict[str, Any]:
-        return {"model_name": self.cfg.model, "fcmae": self.spec()}
+        if good:
+            plot_masked(model, torch.stack([g[0][0] for g in good]).to(device),
+                        torch.stack([g[0][1] for g in good]).to(device), Path(self.cfg.output) / "reconstructions.png",
+                        precision=self.cfg.precision,
+                        title=f"{self.cfg.model}, mask ratio {self.cfg.mask_ratio}, {self.cfg.mask_patch_size}-px patches")
 
     def summary(self, train: ImageFiles, val: ImageFiles | None) -> str:
         cfg = self.cfg
         return (f"FCMAE on {cfg.model}: {len(train)} unlabelled images at {cfg.input_size} px, mask ratio "
                 f"{cfg.mask_ratio} of {cfg.mask_patch_size}-px patches, decoder {cfg.decoder_depth} x {cfg.decoder_dim}")
 
-    def save_best(self, model: nn.Module, state_dict: dict[str, torch.Tensor], output: Path, epoch: int,
-                  metrics: dict[str, float]) -> None:
-        from ..fcmae import FORMAT_TAG
-        from ..weights import write_safetensors
-
-        write_safetensors(output / "best.safetensors", state_dict, {
-            "format": FORMAT_TAG, "fcmae": json.dumps(self.spec()), "epoch": str(epoch),
-            "probe_loss": f"{metrics['probe_loss']:.6g}"})
-
     def sample_name(self, dataset: ImageFiles, index: int) -> str:
         return dataset.samples[index][0]
 
     def unreadable_reason(self, dataset: ImageFiles, index: int) -> str:
+        from ..data import why_unreadable
+
         return why_unreadable(dataset.samples[index][0])
+
+
+def collate_masked(items: list[Any]) -> Batch:
+    """(image, mask) items -> Batch(images, masks): the pre-training batch."""
+    from ..data import Batch
+
+    good = [b for b in items if b[0] is not None]
+    images = torch.stack([b[0][0] for b in good]) if good else None
+    masks = torch.stack([b[0][1] for b in good]) if good else None
+    return Batch(images, masks, [b[2] for b in good], [b[2] for b in items if b[0] is None])
+
+
+def plot_masked(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, path: Path, *, precision: str = "fp32",
+                title: str = "") -> None:
+    """Input / masked / reconstruction / reconstruction + visible pixels of each image, as one PNG."""
+    from ..plots import plot_reconstructions
+
+    device = images.device
+    with autocast(device, precision):
+        _, pred, _ = model(images, masks)
+    rec = model.reconstruct(images, pred)
+    p = model.patch_size
+    hidden = masks.repeat_interleave(p, 1).repeat_interleave(p, 2)[:, None].to(images.dtype)
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+
+    def show(x: torch.Tensor) -> torch.Tensor:
+        return (x.float() * std + mean).clamp(0, 1).cpu()
+
+    plot_reconstructions({"input": show(images), "masked": show(images) * (1 - hidden.cpu()) + 0.5 * hidden.cpu(),
+                          "reconstruction": show(rec), "rec. + visible": show(images * (1 - hidden) + rec * hidden)},
+                         path, title=title)
+
+
+def _dataset(model, data, input_size: int, seed: int):
+    from ..data import ImageFiles
+
+    if input_size % model.stride:
+        raise ValueError(f"--input-size must be a multiple of {model.stride} (the encoder's stride), got {input_size}")
+    return ImageFiles(data, seed=seed, transform=MaskedSample(probe_transform(input_size),
+                                                              input_size // model.patch_size, model.mask_ratio))
+
+
+def evaluate_checkpoint(checkpoint, data, *, batch_size: int = 64, workers: int = 0, precision: str = "fp32",
+                        key: str | None = None, input_size: int = 224, seed: int = 0,
+                        progress: bool = True) -> dict[str, Any]:
+    """`convnext pretrain eval`: the reconstruction loss over the masked patches of every image under `data`
+    (resized to `input_size`, masks drawn from `seed`: the same masks on every run)."""
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    from ..fcmae import load_fcmae_file
+
+    model = load_fcmae_file(checkpoint, key=key)
+    ds = _dataset(model, data, input_size, seed)
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_masked)
+    batches = tqdm(loader, desc="eval", disable=not progress, leave=False)
+    return masked_loss(model, batches, torch.device("cpu"), precision) | {"model_name": model.model_name,
+                                                                          "mask_ratio": model.mask_ratio}
+
+
+class Predictor:
+    """`convnext pretrain predict`: each image's reconstruction (`output/<stem>.png`: input / masked /
+    reconstruction / reconstruction + visible) and its masked-patch loss."""
+
+    batch_size = 1
+
+    def __init__(self, checkpoint, paths: list, output, *, key: str | None = None, input_size: int = 224,
+                 seed: int = 0, force: bool = False) -> None:
+        from ..fcmae import load_fcmae_file
+        from ..utils import check_output
+
+        self.model = load_fcmae_file(checkpoint, key=key)
+        self.out, self.input_size, self.seed = Path(output), input_size, seed
+        if self.out.exists() and not self.out.is_dir():
+            raise ValueError(f"--output {self.out} is a file; it must be a folder (created if missing)")
+        self.out.mkdir(parents=True, exist_ok=True)
+        for p in paths:
+            check_output(self.out / f"{Path(p).stem}.png", inputs=(*paths, checkpoint), force=force)
+        self.sample = MaskedSample(probe_transform(input_size), input_size // self.model.patch_size,
+                                   self.model.mask_ratio)
+
+    @torch.no_grad()
+    def __call__(self, paths: list) -> list[dict[str, Any]]:
+        from ..data import load_rgb
+        from ..data.folder import seeded
+
+        report = []
+        for path in paths:
+            try:
+                x, mask = seeded(self.sample, self.seed, load_rgb(path))
+            except Exception as e:  # noqa: BLE001 - reported per image; the others go on
+                report.append({"path": str(path), "error": f"{type(e).__name__}: {e}"})
+                continue
+            images, masks = x[None], mask[None]
+            _, pred, _ = self.model(images, masks)
+            loss = float((self.model.patch_losses(images, pred) * masks.flatten(1)).sum() / masks.sum().clamp(min=1))
+            plot_masked(self.model, images, masks, self.out / f"{Path(path).stem}.png", title=f"loss {loss:.4f}")
+            report.append({"path": str(path), "loss": loss})
+        return report
+
+    def finish(self) -> None:
+        pass
+
+
+def _format_results(res: dict[str, Any], style: str) -> str:
+    import json
+
+    if style == "json":
+        return json.dumps(res)
+    return (f"{res['model_name']} FCMAE: {res['count']} images, masked-patch reconstruction loss {res['loss']:.4f} "
+            f"(mask ratio {res['mask_ratio']})")
+
+
+def _format_predictions(results: list[dict[str, Any]], style: str) -> str:
+    import json
+
+    ok = [r for r in results if "error" not in r]
+    if style == "json":
+        return "\n".join(json.dumps(r) for r in ok)
+    return "\n".join(f"{r['path']}: reconstruction loss {r['loss']:.4f}" for r in ok)
+
+
+def _summarize(s: dict[str, Any]) -> str:
+    shown = "  ".join(f"{k} {s[k]:.4f}" for k in ("train_loss", "probe_loss") if k in s)
+    return f"done: {s['model']} epoch {s.get('epoch', 0)}  {shown}  best {s['best_metric']} {s['best']:.4f}  -> {s['output']}"
+
+
+def labelled_subset(data: Path, out: Path, fraction: float = 0.1, seed: int = 0) -> Path:
+    """`out/{train,val}`: a class-balanced `fraction` of data/train (fixed seed) and all of data/val, as hard links."""
+    import shutil
+
+    from ..data.folder import write_once
+
+    def build(tmp: Path) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        for split in ("train", "val"):
+            for cls in sorted(p for p in (data / split).iterdir() if p.is_dir()):
+                files = sorted(cls.iterdir())
+                if split == "train":
+                    pick = torch.randperm(len(files), generator=gen)[:round(len(files) * fraction)].tolist()
+                    files = [files[i] for i in sorted(pick)]
+                (tmp / split / cls.name).mkdir(parents=True)
+                for f in files:
+                    try:
+                        os.link(f, tmp / split / cls.name / f.name)
+                    except OSError:  # no hard links here: copy
+                        shutil.copyfile(f, tmp / split / cls.name / f.name)
+
+    return write_once(out, f"{fraction} {seed}", build)
+
+
+def demo(output: str | os.PathLike | None = None, epochs: int | None = None, pretrain_epochs: int | None = None,
+         force: bool = False) -> dict:
+    """`convnext demo --task fcmae`: FCMAE pre-training of convnextv2_atto on the 60,000 Fashion-MNIST training
+    images without labels, then fine-tuning on 10% of the labels vs training from scratch on the same 6,000
+    images for the same epochs; top-1 on the 10,000 test images, curves in fcmae_vs_scratch.png."""
+    import json
+    import time
+
+    from ..data.fashion_mnist import prepare
+    from ..plots import plot_comparison
+    from ..utils import machine_line
+    from .classification import ClassificationTask
+    from .config import ClassifyConfig, recipe
+    from .engine import fit
+
+    t0 = time.perf_counter()
+    out = Path(output or "runs/demo-fcmae")
+    data = prepare(out / "data")
+    labelled = labelled_subset(data, out / "data-10pct")
+    pre_cfg = recipe("demo_fcmae_pretrain", PretrainConfig, epochs=pretrain_epochs, data=str(data / "train"),
+                     output=str(out / "pretrain"), force=force)
+    print(f"demo: FCMAE pre-training of {pre_cfg.model} on {data / 'train'} (labels unused), {pre_cfg.epochs} epochs")
+    pre_summary = fit(PretrainTask(pre_cfg))
+    runs = {}
+    for name, extra in (("scratch", {}), ("fcmae", {"finetune": str(out / "pretrain" / "last.pt")})):
+        cfg = recipe("demo_fcmae_finetune", ClassifyConfig, epochs=epochs, data=str(labelled), force=force,
+                     output=str(out / name), **extra)
+        print(f"\ndemo: {name}: {cfg.model} on 10% of the labels ({labelled}), {cfg.epochs} epochs")
+        runs[name] = fit(ClassificationTask(cfg))
+    minutes = (time.perf_counter() - t0) / 60
+
+    def history(run: str) -> list[dict]:
+        return [json.loads(x) for x in (out / run / "metrics.jsonl").read_text().splitlines()]
+
+    plot_comparison({"from scratch": history("scratch"), "FCMAE pre-trained, fine-tuned": history("fcmae")},
+                    "val_acc1", out / "fcmae_vs_scratch.png",
+                    title=f"{pre_cfg.model}, 10% of Fashion-MNIST labels: test top-1",
+                    extra=("FCMAE pre-training (60k images, no labels)", history("pretrain"), "train_loss"))
+    result = {"scratch_acc1": runs["scratch"]["val_acc1"], "fcmae_acc1": runs["fcmae"]["val_acc1"],
+              "scratch_best": runs["scratch"]["best"], "fcmae_best": runs["fcmae"]["best"],
+              "pretrain_loss": pre_summary["train_loss"], "minutes": minutes}
+    (out / "summary.json").write_text(json.dumps(result, indent=1) + "\n")
+    verdict = "helps" if result["fcmae_acc1"] > result["scratch_acc1"] else "does NOT help at this budget"
+    print(f"\ndemo result: with 10% of the labels, {pre_cfg.model} reached {result['fcmae_acc1']:.2f}% top-1 fine-tuned "
+          f"from FCMAE ({pre_cfg.epochs} pre-training epochs) vs {result['scratch_acc1']:.2f}% from scratch (best "
+          f"{result['fcmae_best']:.2f}% vs {result['scratch_best']:.2f}%) on the 10,000 test images: pre-training "
+          f"{verdict}. {minutes:.1f} min {machine_line()}. "
+          f"Outputs: {out} (fcmae_vs_scratch.png; pretrain/ with reconstructions.png; scratch/, fcmae/)")
+    return result
+
+
+def _load(checkpoint, key: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    from ..fcmae import load_fcmae_file
+
+    model = load_fcmae_file(checkpoint, key=key)
+    return model, model.spec()
+
+
+_FCMAE_OPTIONS = (opt("--key", help="state dict key: model_ema for the EMA weights of a last.pt"),
+                  opt("--input-size", type=int, default=224, help="images are resized to this square (default 224)"),
+                  opt("--seed", type=int, default=0, help="seed of the masks (default 0)"))
+
+SPEC = register(TaskSpec(
+    name="pretrain", help="FCMAE self-supervised pre-training (ConvNeXt V2) on a folder of images",
+    config=PretrainConfig, task=PretrainTask, load=_load, evaluate=evaluate_checkpoint,
+    format_results=_format_results, predictor=Predictor, format_predictions=_format_predictions,
+    summarize=_summarize, demo=demo, demo_name="fcmae",
+    eval_options=_FCMAE_OPTIONS,
+    predict_options=(opt("--output", required=True, help="folder for the reconstructions"),
+                     opt("--force", action="store_true", help="overwrite existing files in --output"),
+                     *_FCMAE_OPTIONS),
+    demo_options=(opt("--pretrain-epochs", type=int, help="override the pre-training epochs"),),
+    default_action="train",
+))

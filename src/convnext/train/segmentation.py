@@ -7,7 +7,6 @@ evaluation: mIoU, mAcc and aAcc over every validation pixel, across processes.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,20 +15,20 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..data import DataError
-from ..preprocess import IMAGENET_MEAN, IMAGENET_STD
-from .config import EngineConfig, _fail
+from ..preprocess import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
+from ..tasks import TaskSpec, lazy, register
+from .config import DenseConfig, _fail
+from .detection import DENSE_DEMO, DENSE_EVAL, DENSE_PREDICT
 from .task import Task
 
 
 @dataclass(frozen=True)
-class SegmentConfig(EngineConfig):
+class SegmentConfig(DenseConfig):
     """Segmentation: the official ConvNeXt ADE20K recipe's optimiser (AdamW lr 1e-4 at batch 16, wd 0.05,
     stage-wise decay 0.9 when fine-tuning: pass --layer-decay 0.9); `input_size` is the crop size."""
 
     LAYER_DECAY_TYPES = ("stage_wise",)
 
-    model: str = "convnext_tiny"
     head: str = "upernet"  # upernet | fpn
     aux_head: bool = True
     channels: int | None = None  # decode head width; None: UperNet 512 (official), FPN head 128
@@ -37,38 +36,25 @@ class SegmentConfig(EngineConfig):
     scale: tuple[float, float] = (0.5, 2.0)  # random resize of the shorter side, x input_size
     reduce_zero_label: bool = False  # ADE20K: label 0 ("other") -> ignore, the rest shifted down
     num_classes: int | None = None  # None: classes.txt, else the largest label found + 1
-    pretrained: str | None = None
-    frozen_stages: int = -1
-    hflip: float = 0.5
-    photometric: float = 0.5
     epochs: int = 50
     batch_size: int = 4
     lr_base: float = 1e-4
-    lr_base_batch: int = 16
     warmup_epochs: float = 1.0
-    min_lr: float = 0.0
-    layer_decay_type: str = "stage_wise"
-    num_layers: int | None = None  # stage_wise decay's num_layers; None: 12 (official)
+    layer_decay_type: str = "stage_wise"  # num_layers None: 12 (official)
 
     def __post_init__(self) -> None:
         from ..dense.segmentation import HEADS
-        from ..factory import check_model_name
 
-        check_model_name(self.model)
         super().__post_init__()
         self._check_choices({"head": HEADS})
         if not 0 < self.scale[0] <= self.scale[1]:
             _fail(f"--scale must be two numbers 0 < min <= max, got {self.scale}")
-        for name in ("hflip", "photometric"):
-            if not 0 <= getattr(self, name) <= 1:
-                _fail(f"--{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.num_classes is not None and not 1 <= self.num_classes <= 255:
-            _fail(f"--num-classes must be in 1..255, got {self.num_classes}")
-        if self.fsdp:
-            _fail("--fsdp is for classification; segmenters train with DDP (--nproc)")
+        if self.num_classes is not None and not 1 <= self.num_classes <= IGNORE_INDEX:
+            _fail(f"--num-classes must be in 1..{IGNORE_INDEX}, got {self.num_classes}")
 
 
 class SegmentationTask(Task):
+    name = "segment"
     best_metric = "mIoU"
     higher_is_better = True
     sample_kind = "image"
@@ -82,12 +68,13 @@ class SegmentationTask(Task):
 
     def spec(self) -> dict[str, Any]:
         cfg = self.cfg
-        return {"task": "segment", "model": cfg.model, "head": cfg.head, "aux_head": cfg.aux_head,
+        return {"model_name": cfg.model, "head": cfg.head, "aux_head": cfg.aux_head,
                 "channels": cfg.channels, "classes": self.classes, "input_size": cfg.input_size,
                 "reduce_zero_label": cfg.reduce_zero_label,
                 "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
 
-    def datasets(self, world_size: int):
+    def datasets(self):
+        from ..data import DataError
         from ..data.segdata import SegmentationFolder, read_classes, segmentation_transform
 
         cfg = self.cfg
@@ -110,28 +97,26 @@ class SegmentationTask(Task):
         return collate_segmentation(items)
 
     def build_model(self) -> nn.Module:
-        from ..dense.io import build_from_spec
+        from ..dense.segmentation import segmenter_from_spec
 
-        return build_from_spec(self.spec(), pretrained=self.cfg.pretrained, drop_path_rate=self.cfg.drop_path_rate,
-                               frozen_stages=self.cfg.frozen_stages)
+        return segmenter_from_spec(self.spec(), pretrained=self.cfg.pretrained, drop_path_rate=self.cfg.drop_path_rate,
+                                   frozen_stages=self.cfg.frozen_stages)
 
     def param_groups(self, model: nn.Module) -> list[dict]:
-        from ..dense.optim import dense_param_groups
+        from .optim import dense_param_groups
 
         return dense_param_groups(model, self.cfg.weight_decay, self.cfg.layer_decay, self.cfg.layer_decay_type,
                                   self.cfg.num_layers)
 
     def loss(self, model: nn.Module, batch, device: torch.device) -> dict[str, torch.Tensor]:
-        images = batch.inputs.to(device, non_blocking=True)
-        targets = batch.targets.to(device, non_blocking=True)
-        labelled = targets[targets != 255]
+        from ..data import DataError
+
+        labelled = batch.targets[batch.targets != IGNORE_INDEX]
         if labelled.numel() and int(labelled.max()) >= len(self.classes):
             raise DataError(f"label {int(labelled.max())} in a training annotation, but there are "
-                            f"{len(self.classes)} classes (0..{len(self.classes) - 1}; 255 = ignore); "
+                            f"{len(self.classes)} classes (0..{len(self.classes) - 1}; {IGNORE_INDEX} = ignore); "
                             f"set --num-classes or classes.txt")
-        if self.cfg.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return model(images, targets)
+        return model(batch.inputs, batch.targets)
 
     def evaluate(self, model: nn.Module, loader: DataLoader, device: torch.device, *, progress: bool,
                  lockstep: bool) -> dict[str, float]:
@@ -141,22 +126,38 @@ class SegmentationTask(Task):
                                     classes=self.classes, progress=progress)
         return {k: res[k] for k in ("mIoU", "mAcc", "aAcc")}
 
-    def identity(self) -> dict[str, Any]:
-        return {"model_name": self.cfg.model, "classes": self.classes, "dense_spec": self.spec()}
-
     def summary(self, train, val) -> str:
         return (f"{self.cfg.head} on {self.cfg.model}: {len(train)} train / {len(val)} val images, "
                 f"{len(self.classes)} classes")
-
-    def save_best(self, model: nn.Module, state_dict: dict[str, torch.Tensor], output: Path, epoch: int,
-                  metrics: dict[str, float]) -> None:
-        from ..dense.io import save_dense
-
-        save_dense(output / "best.safetensors", self.spec(), state_dict,
-                   {"epoch": str(epoch), "mIoU": f"{metrics['mIoU']:.4f}", "classes": json.dumps(self.classes)})
 
     def sample_name(self, dataset, index: int) -> str:
         return dataset.sample_name(index)
 
     def unreadable_reason(self, dataset, index: int) -> str:
         return dataset.unreadable_reason(index)
+
+
+def _summarize(s: dict[str, Any]) -> str:
+    shown = "  ".join(f"{k} {s[k]:.4f}" for k in ("mIoU", "mAcc", "train_loss") if k in s)
+    return f"done: {s['model']} epoch {s.get('epoch', 0)}  {shown}  best {s['best_metric']} {s['best']:.4f}  -> {s['output']}"
+
+
+def demo(output: str | None = None, epochs: int | None = None, backbone: str | None = None,
+         scenes: int | None = None, force: bool = False) -> dict:
+    """`convnext demo --task segment`: UperNet on convnext_atto, trained on generated scenes (Fashion-MNIST
+    garments on photographs); see `train.scenes_demo.run`."""
+    from .scenes_demo import run
+
+    return run(SPEC, "demo_segment", output=output, epochs=epochs, backbone=backbone, scenes=scenes, force=force,
+               metric="mIoU", what=lambda cfg: cfg.head, samples="images/validation")
+
+
+SPEC = register(TaskSpec(
+    name="segment", help="semantic segmentation (UperNet) on ADE20K-layout data",
+    config=SegmentConfig, task=SegmentationTask, load=lazy("convnext.eval.dense:load_segmenter"),
+    evaluate=lazy("convnext.eval.dense:evaluate_segmentation_checkpoint"),
+    format_results=lazy("convnext.eval.dense:format_segmentation_results"),
+    predictor=lazy("convnext.eval.dense:SegmentationPredictor"),
+    format_predictions=lazy("convnext.eval.dense:format_dense_predictions"), summarize=_summarize, demo=demo,
+    eval_options=DENSE_EVAL, predict_options=DENSE_PREDICT, demo_options=DENSE_DEMO, eval_batch_size=4,
+))

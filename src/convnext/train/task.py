@@ -1,11 +1,11 @@
-"""What a task is: the few things that differ between classification, detection, segmentation and
-pre-training. Everything else (resume, DDP/FSDP, AMP, EMA, accumulation, clipping, NaN policy,
-checkpoints, metrics.jsonl, plots, progress bars) is the engine's (`train.engine.fit`).
+"""What a task is to the engine: the few things that differ between classification, detection,
+segmentation and pre-training. Everything else (moving batches to the device and its memory format,
+summing the named losses, resume, DDP/FSDP, AMP, EMA, accumulation, clipping, NaN policy, checkpoints,
+metrics.jsonl, plots, progress bars) is the engine's (`train.engine.fit`). Everything outside training
+(rebuilding a model from a file, eval and predict commands, the demo) is the task's `tasks.TaskSpec`.
 
-A task says how to build its datasets and model, how a batch becomes named losses (torchvision's
-detection models return such a dict in train mode; classification and segmentation return one
-cross-entropy; FCMAE one reconstruction loss and no labels), how to evaluate, and which metric
-is "best".
+`Task` declares every attribute and method the engine reads, with its default; the engine reads nothing
+else.
 """
 
 from __future__ import annotations
@@ -31,14 +31,17 @@ class Task:
     loader workers), or None for an unreadable one; `val[index]` likewise without the epoch.
     """
 
+    name: str = "task"  # the registry name (`tasks.TaskSpec.name`): the `task` in the header of its files
+    loss_names: tuple[str, ...] = ("loss",)  # the keys `loss` returns; metrics.jsonl: train_<name> when several
     best_metric: str = "val_loss"  # key of `evaluate`'s result that decides best.safetensors
     higher_is_better: bool = False
+    sample_kind: str = "sample"  # how messages call one item of the data ("image")
 
     def __init__(self, cfg: EngineConfig) -> None:
         self.cfg = cfg
 
-    def datasets(self, world_size: int) -> tuple[Dataset, Dataset | None]:
-        """(train, val); val None for tasks without evaluation (e.g. pre-training)."""
+    def datasets(self) -> tuple[Dataset, Dataset | None]:
+        """(train, val); val None for tasks without evaluation."""
         raise NotImplementedError
 
     def collate(self, items: list[Any]) -> Batch:
@@ -56,21 +59,27 @@ class Task:
         return param_groups(model, self.cfg.weight_decay, self.cfg.layer_decay, self.cfg.layer_decay_type)
 
     def loss(self, model: nn.Module, batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
-        """Named losses of one batch (their sum is optimised); runs under the engine's autocast."""
+        """The named losses of one batch (keys: `loss_names`); the engine optimises their sum. Runs under
+        the engine's autocast; the batch is on `device` already, images in the run's memory format."""
         raise NotImplementedError
 
     def evaluate(self, model: nn.Module, loader: DataLoader, device: torch.device, *, progress: bool,
                  lockstep: bool) -> dict[str, float]:
-        """Metrics on the validation loader (exact across processes: sums all-reduced).
+        """Metrics on the validation loader (batches arrive on `device`); exact across processes: reduce
+        sums with `train.distributed.all_reduce_sum`.
 
         `lockstep`: the model is sharded (FSDP), so its forward is collective and every rank must
         run the same number of forwards.
         """
         raise NotImplementedError
 
-    def identity(self) -> dict[str, Any]:
-        """What a checkpoint of this run must match to be resumed (e.g. model name and classes)."""
+    def spec(self) -> dict[str, Any]:
+        """What rebuilds the model (the `spec` of the header of every file the run writes)."""
         return {"model_name": self.cfg.model}
+
+    def identity(self) -> dict[str, Any]:
+        """What a checkpoint of this run must match to be resumed: the task and its spec."""
+        return {"task": self.name, "spec": self.spec()}
 
     def summary(self, train: Dataset, val: Dataset | None) -> str:
         """One line for the log: the model and the data."""
@@ -79,10 +88,10 @@ class Task:
     def save_best(self, model: nn.Module, state_dict: dict[str, torch.Tensor], output: Path, epoch: int,
                   metrics: dict[str, float]) -> None:
         """Write the best weights so far (rank 0 only; `state_dict` holds the full, unsharded weights)."""
-        from ..weights import save_checkpoint
+        from ..weights import write_model_file
 
-        save_checkpoint(model, output / "best.safetensors", state_dict=state_dict,
-                        extra_metadata={"epoch": str(epoch), self.best_metric: f"{metrics[self.best_metric]:.6g}"})
+        write_model_file(output / "best.safetensors", self.name, self.spec(), state_dict,
+                         metadata={"epoch": str(epoch), self.best_metric: f"{metrics[self.best_metric]:.6g}"})
 
     def sample_name(self, dataset: Dataset, index: int) -> str:
         """How messages name a sample (a file path where there is one)."""
@@ -92,3 +101,5 @@ class Task:
         """Why a sample came back as None (decoded again here, in the main process, to say why)."""
         return "could not be read"
 
+    def plot(self, model: nn.Module, val: Dataset | None, device: torch.device) -> None:
+        """Task pictures after an evaluation (rank 0; e.g. FCMAE's reconstructions.png); default none."""

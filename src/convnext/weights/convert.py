@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..models import MODELS
 from .io import CheckpointError
 
 Rule = tuple  # (theirs, ours) or (theirs, ours, their_shape)
@@ -379,3 +380,25 @@ def infer_config(sd: Mapping[str, torch.Tensor]) -> tuple[str, dict[str, Any]]:
     elif "head.norm.weight" in sd:
         cfg["num_classes"] = 0
     return arch, cfg
+
+
+def _match_arch(cls_name: str, cfg: dict[str, Any]) -> str | None:
+    """Registered name whose architecture equals the inferred config (ignoring head/drop path).
+
+    The family must match too (GRN or not); LayerScale breaks ties (isotropic S/B have none, L has it).
+    """
+    keys = ("depths", "dims", "depth", "dim", "use_grn")
+    same = [name for name, (cls, base) in MODELS.items()
+            if cls.__name__ == cls_name and all(getattr(base, k) == cfg[k] for k in keys if k in cfg)]
+    has_ls = cfg.get("ls_init_value") is not None
+    return next((n for n in same if bool(MODELS[n][1].ls_init_value) == has_ls), same[0] if same else None)
+
+
+def infer_model_name(state_dict: Mapping[str, Any], source: object = "checkpoint") -> str:
+    """The registered architecture of a state dict in our layout, or CheckpointError naming `source`."""
+    cls_name, cfg = infer_config(state_dict)
+    name = _match_arch(cls_name, cfg)
+    if name is None:
+        raise CheckpointError(f"{source}: architecture {cfg} matches no registered model; name the model explicitly")
+    return name
+

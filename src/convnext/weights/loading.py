@@ -13,24 +13,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from .convert import from_ours, to_ours, unwrap
-from .io import CheckpointError, read_checkpoint, write_safetensors
+from .convert import from_ours, to_ours
+from .header import read_model_file, write_model_file
+from .io import CheckpointError
 
 logger = logging.getLogger(__name__)
 
-FORMAT_TAG = "convnext"  # safetensors metadata "format" of files written by save_checkpoint
-
-
 def read_state_dict(src: str | os.PathLike | Mapping[str, Any], *, key: str | None = None
-                    ) -> tuple[str, dict[str, torch.Tensor], dict[str, str]]:
-    """Any supported checkpoint (path or already-loaded dict) -> (format, our state dict, metadata)."""
-    metadata: dict[str, str] = {}
-    if isinstance(src, Mapping):
-        obj = src
-    else:
-        obj, metadata = read_checkpoint(src)
-    fmt, sd = to_ours(unwrap(obj, key))
-    return fmt, sd, metadata
+                    ) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
+    """Any supported checkpoint (path or already-loaded dict) -> (layout, our state dict, free metadata)."""
+    file = read_model_file(src)
+    fmt, sd = to_ours(file.state_dict(key))
+    return fmt, sd, file.metadata
 
 
 def _adapt_in_chans(w: torch.Tensor, in_chans: int) -> torch.Tensor:
@@ -135,29 +129,29 @@ def load_checkpoint(model: nn.Module, src: str | os.PathLike | Mapping[str, Any]
 
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, fmt: str = "ours",
                     extra_metadata: Mapping[str, Any] | None = None,
-                    state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
-    """Write the model's weights as safetensors (atomically) with its name and config as metadata.
+                    state_dict: Mapping[str, torch.Tensor] | None = None,
+                    classes: list[str] | None = None, preprocess: Mapping[str, Any] | None = None) -> None:
+    """Write the model's weights as safetensors (atomically) with the header (`weights.header`): task
+    "classify", spec = its name and config (and `classes`, `preprocess` when given).
 
-    `fmt="official"` (or timm, torchvision, hf, official_isotropic) writes that layout instead, so
+    `fmt="official"` (or timm, torchvision, hf, official_isotropic) writes that key layout instead, so
     weights trained here can go back to other tools. `state_dict` replaces `model.state_dict()`
-    (e.g. the gathered full weights of a sharded model).
+    (e.g. the gathered full weights of a sharded model); `extra_metadata`: free keys (epoch, metrics).
     """
+    extra = dict(extra_metadata or {})
+
+    def given(key: str, value: Any) -> Any:  # classes/preprocess passed as metadata (as before version 3)
+        raw = extra.pop(key, None)
+        return value if raw is None else json.loads(raw) if isinstance(raw, str) else raw
+
+    classes, preprocess = given("classes", classes), given("preprocess", preprocess)
+    spec: dict[str, Any] = {"model_name": getattr(model, "model_name", None)}
     cfg = getattr(model, "cfg", None)
-    name = getattr(model, "model_name", None)
-    metadata: dict[str, Any] = {"format": FORMAT_TAG if fmt == "ours" else fmt}
-    if name:
-        metadata["model"] = name
     if cfg is not None:
-        metadata["arch"] = type(model).__name__
-        metadata["config"] = json.dumps(asdict(cfg))
-    metadata.update(extra_metadata or {})
+        spec["model_config"] = asdict(cfg)
+    if classes is not None:
+        spec["classes"] = list(classes)
+    if preprocess is not None:
+        spec["preprocess"] = dict(preprocess)
     sd = from_ours(model.state_dict() if state_dict is None else state_dict, fmt)
-    write_safetensors(path, sd, metadata)
-
-
-def checkpoint_config(metadata: Mapping[str, str]) -> tuple[str | None, dict[str, Any] | None]:
-    """(model name, config dict) stored by `save_checkpoint`, or (None, None) for other files."""
-    if metadata.get("format") != FORMAT_TAG:
-        return None, None
-    cfg = json.loads(metadata["config"]) if "config" in metadata else None
-    return metadata.get("model"), cfg
+    write_model_file(path, "classify", spec, sd, layout=fmt, metadata=extra)
