@@ -40,3 +40,20 @@ def assert_same_run(a: dict, b: dict) -> None:
         return [{k: v for k, v in e.items() if k not in ("train_time_s", "train_img_s")} for e in history]
 
     assert strip(a["history"]) == strip(b["history"])
+
+
+def run_main(capsys, *args) -> tuple[int, str, str]:
+    """`convnext ARGS` in this process (as fast as a library call): (exit code, stdout, stderr)."""
+    from convnext.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def one_line(err: str) -> str:
+    """The one non-empty line an error printed (anything else fails the test)."""
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]

@@ -270,7 +270,7 @@ def test_bad_annotations_are_clear_errors_or_reported_skips(tmp_path, caplog):
     # through the command line: one line, exit 2, no traceback
     ann, img = _coco(tmp_path, [{**good, "category_id": 5}])
     r = cli("detect", "train", "--data", tmp_path, "--train-ann", ann, "--train-images", img, "--val-ann", ann,
-            "--val-images", img, "--output", tmp_path / "run", "--model", "convnext_atto")
+            "--val-images", img, "--output", tmp_path.with_name(tmp_path.name + "-run"), "--model", "convnext_atto")
     assert r.returncode == 2 and "not among the categories" in r.stderr and "Traceback" not in r.stderr
 
 

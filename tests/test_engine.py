@@ -170,7 +170,8 @@ def test_a_registered_task_trains_and_evaluates_through_the_cli(tmp_path, capsys
         want = best if name == "best.safetensors" else history[-1]["val_mse"]
         assert res["val_count"] == 40 and res["val_mse"] == pytest.approx(want, rel=1e-6)
     # another task's command refuses this task's file, naming the command for it
-    assert main(["eval", "--checkpoint", str(out / "best.safetensors"), "--data", str(tmp_path)]) == 2
+    (tmp_path / "images").mkdir()
+    assert main(["eval", "--checkpoint", str(out / "best.safetensors"), "--data", str(tmp_path / "images")]) == 2
     assert "holds a regress model" in capsys.readouterr().err
 
 

@@ -97,7 +97,7 @@ def test_training_learns_and_eval_predict_agree(fmnist, tmp_path):
     assert res["acc1"] == pytest.approx(summary["best"], abs=1e-6)
     assert res["count"] == 100 and len(res["per_class_acc"]) == 10 and res["classes"][0] == "Ankle_boot"
     assert (out / "confusion_matrix.png").is_file()
-    r = cli("eval", "--checkpoint", out / "last.pt", "--data", fmnist / "val", "--json")
+    r = cli("eval", "--checkpoint", out / "last.pt", "--data", fmnist / "val", "--json", "--force")
     assert json.loads(r.stdout)["acc1"] == pytest.approx(history[-1]["val_acc1"], abs=1e-6)
 
     # `convnext predict` gives the class the model's logits give.

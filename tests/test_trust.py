@@ -38,10 +38,10 @@ def ema_run(fmnist, tmp_path_factory):  # noqa: F811
 
 def test_eval_and_predict_use_the_ema_weights_of_our_last_pt(fmnist, ema_run):  # noqa: F811
     history = [json.loads(x) for x in (ema_run / "metrics.jsonl").read_text().splitlines()]
-    r = cli("eval", "--checkpoint", ema_run / "last.pt", "--data", fmnist, "--key", "model_ema", "--json")
+    r = cli("eval", "--checkpoint", ema_run / "last.pt", "--data", fmnist, "--key", "model_ema", "--json", "--force")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["acc1"] == pytest.approx(history[-1]["val_acc1_ema"], abs=1e-6)
-    r = cli("eval", "--checkpoint", ema_run / "last.pt", "--data", fmnist, "--json")  # default: the plain weights
+    r = cli("eval", "--checkpoint", ema_run / "last.pt", "--data", fmnist, "--json", "--force")  # the plain weights
     assert json.loads(r.stdout)["acc1"] == pytest.approx(history[-1]["val_acc1"], abs=1e-6)
     image = next((fmnist / "val" / "Bag").glob("*.png"))
     r = cli("predict", image, "--checkpoint", ema_run / "last.pt", "--key", "model_ema", "--topk", "2")

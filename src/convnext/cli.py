@@ -304,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .tasks import get_task, list_tasks
 
-    parser = argparse.ArgumentParser(prog="convnext", description="ConvNeXt V1/V2 models, weights and training.")
+    parser = OneLineParser(prog="convnext", description="ConvNeXt V1/V2 models, weights and training.")
     parser.add_argument("--version", action="version", version=f"convnext {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -335,31 +335,80 @@ def _with_default_action(argv: list[str]) -> list[str]:
     return argv
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with its usage errors as one line (and exit code 2) like every other error here."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` shows the usage)\n")
+
+
+def _environment_error(e: OSError) -> str:
+    """An OSError of the machine (disk full, read-only, I/O), as one line."""
+    import errno
+
+    where = f" writing {e.filename}" if e.filename else ""
+    words = {errno.ENOSPC: "no space left on device", errno.EFBIG: "file too large", errno.EROFS:
+             "read-only file system", errno.EDQUOT: "disk quota exceeded", errno.EIO: "input/output error"}
+    return words.get(e.errno, (e.strerror or str(e) or type(e).__name__).lower()) + where
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)  # unwinds: temporary files are removed, the output's lock is released
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import signal
+
     parser = build_parser()
     args = parser.parse_args(_with_default_action(list(sys.argv[1:] if argv is None else argv)))
     args.argv = None if argv is None else list(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s")
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if threading_main() else None
+    try:
+        return _run(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
     func: Callable[[argparse.Namespace], int | None] = args.func
+    prog = getattr(args, "prog", f"convnext {args.command}")
     try:
         code = func(args) or 0
     except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
         if args.debug:
             raise
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"convnext {args.command}: error: {msg}", file=sys.stderr)
+        print(f"{prog}: error: {msg}", file=sys.stderr)
         return 2
-    except RuntimeError as e:  # a non-finite loss under --nan-policy abort, a lost node: the run failed
-        from .train.engine import NonFiniteLossError, PeerLostError
-
-        if args.debug or not isinstance(e, (NonFiniteLossError, PeerLostError)):
+    except OSError as e:  # the machine's: a full or read-only disk, an I/O error
+        if args.debug:
             raise
-        print(f"convnext {args.command}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {_environment_error(e)}", file=sys.stderr)
+        return 1
+    except FloatingPointError as e:  # a model whose outputs are NaN/inf: nothing it computed can be used
+        if args.debug:
+            raise
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:  # a non-finite loss, a lost node, an epoch of unreadable data: the run failed
+        from .train.engine import NonFiniteLossError, PeerLostError, TooManyBadSamplesError
+
+        if args.debug or not isinstance(e, (NonFiniteLossError, PeerLostError, TooManyBadSamplesError)):
+            raise
+        print(f"{prog}: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     return code
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

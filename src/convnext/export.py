@@ -174,7 +174,12 @@ def export_checkpoint(checkpoint: str | os.PathLike, fmt: str, output: str | os.
     out = check_output(output or default_output(checkpoint, fmt), inputs=(checkpoint,), force=force)
     if fmt == "openvino":  # its weights file too
         check_output(out.with_suffix(".bin"), inputs=(checkpoint,), force=force)
+    if input_size is not None and input_size < 32:
+        raise ValueError(f"--input-size must be >= 32 (the network downsamples 32x), got {input_size}")
     model, info = load_for_inference(checkpoint, key=key)
+    if not dynamic_size and info.preprocess.input_size < 32:
+        raise ValueError(f"--static-size: the input size {info.preprocess.input_size} is below 32 (the network "
+                         f"downsamples 32x); pass --input-size")
     if input_size:
         info = dataclasses.replace(info, preprocess=dataclasses.replace(info.preprocess, input_size=input_size))
     return export_model(model, info, out, fmt, dynamic_size=dynamic_size), info

@@ -188,7 +188,11 @@ def load_for_inference(src: str | os.PathLike | ModelFile, *, key: str | None = 
     classes = list(file.spec.get("classes") or [str(i) for i in range(model.num_classes)])
     if len(classes) != model.num_classes:
         raise CheckpointError(f"{file.path}: {len(classes)} class names for a {model.num_classes}-class model")
-    return model, InferenceInfo(name, classes, Preprocess.from_dict(file.spec.get("preprocess") or {}))
+    try:
+        pre = Preprocess.from_dict(file.spec.get("preprocess") or {})
+    except ValueError as e:
+        raise CheckpointError(f"{file.path}: the preprocessing in its header is damaged: {e}") from None
+    return model, InferenceInfo(name, classes, pre)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -313,7 +313,10 @@ def load_fcmae_file(src, *, key: str | None = None) -> FCMAE:
         raise CheckpointError(f"{file.path}: cannot tell which encoder this FCMAE model has")
     sd = file.state_dict(key)
     settings = _decoder_of(sd) | {k: file.spec[k] for k in SPEC_KEYS if k in file.spec}
-    model = create_fcmae(file.model_name, **settings)
+    try:
+        model = create_fcmae(file.model_name, **settings)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{file.path}: its header's spec does not describe an FCMAE model ({e})") from None
     load_fcmae(model, sd)
     return model.eval()
 

@@ -4,6 +4,7 @@ reductions across processes that exact metrics need (no-ops outside a process gr
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import platform
 import tempfile
@@ -48,8 +49,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object], suffix
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, Exception) and not isinstance(e, OSError) and _disk_full(e, path.parent):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path)) from e
         raise
     if hasattr(os, "O_DIRECTORY"):  # persist the rename itself
         dfd = os.open(path.parent, os.O_DIRECTORY)
@@ -57,6 +60,33 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object], suffix
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+def _disk_full(e: Exception, folder: Path) -> bool:
+    """Whether a writer's own error (torch.save: "unexpected pos"; safetensors: an I/O error) was a full disk."""
+    import shutil
+
+    text = str(e)
+    if any(s in text for s in ("No space left", "unexpected pos", "file write failed", "File too large")):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < (1 << 20)
+    except OSError:
+        return False
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """`a` and `b` are one file (the same path, or the same inode: a hard link), both existing."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
+    """`path` is `folder` or lies below it (symlinks resolved)."""
+    p, f = Path(path).resolve(), Path(folder).resolve()
+    return p == f or f in p.parents
 
 
 def check_output(path: str | os.PathLike, *, inputs: tuple[str | os.PathLike, ...] = (), force: bool = False,
@@ -80,7 +110,11 @@ def check_output(path: str | os.PathLike, *, inputs: tuple[str | os.PathLike, ..
 def cache_dir() -> Path:
     """Where downloads go: $CONVNEXT_CACHE, else <torch hub dir>/convnext."""
     env = os.environ.get("CONVNEXT_CACHE")
-    return Path(env) if env else Path(torch.hub.get_dir()) / "convnext"
+    path = Path(env) if env else Path(torch.hub.get_dir()) / "convnext"
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"the download cache {path} ({'$CONVNEXT_CACHE' if env else 'torch hub'}) is a file; "
+                         f"point CONVNEXT_CACHE at a folder")
+    return path
 
 
 def autocast(device: torch.device | str, precision: str):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections import Counter
 from pathlib import Path
@@ -49,12 +50,103 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_entries(path: Path, data: dict[str, Any]) -> None:
+    """Every image and category entry well formed, their ids unique: one line naming the entry otherwise."""
+    seen: set[int] = set()
+    for i, im in enumerate(data["images"]):
+        if not isinstance(im, dict) or not _is_int(im.get("id")):
+            raise DataError(f"{path}: images[{i}] has no integer 'id'")
+        for key in ("file_name", "width", "height"):
+            ok = isinstance(im.get(key), str) if key == "file_name" else _is_int(im.get(key)) and im[key] > 0
+            if not ok:
+                raise DataError(f"{path}: image {im['id']} has no valid {key!r} (got {im.get(key)!r}; "
+                                f"{'a file name' if key == 'file_name' else 'a positive integer'})")
+        if im["id"] in seen:
+            raise DataError(f"{path}: image id {im['id']} appears twice in 'images' (ids must be unique)")
+        seen.add(im["id"])
+    cat_ids: set[int] = set()
+    for i, cat in enumerate(data["categories"]):
+        if not isinstance(cat, dict) or not _is_int(cat.get("id")):
+            raise DataError(f"{path}: categories[{i}] has no integer 'id'")
+        if cat["id"] in cat_ids:
+            raise DataError(f"{path}: category id {cat['id']} appears twice in 'categories' (ids must be unique)")
+        cat_ids.add(cat["id"])
+    for i, a in enumerate(data["annotations"]):
+        if not isinstance(a, dict):
+            raise DataError(f"{path}: annotations[{i}] is not an object")
+        box = a.get("bbox")
+        if isinstance(box, list) and any(isinstance(v, float) and not math.isfinite(v) for v in box):
+            raise DataError(f"{path}: annotation {a.get('id', i)} (image {a.get('image_id')}) has a non-finite bbox "
+                            f"{box}")
+
+
+def _unusable(a: dict, im: dict, path: Path) -> str | None:
+    """Why an annotation cannot be used (None if it can): said in one warning line, the annotation skipped."""
+    box = a.get("bbox")
+    if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
+        return "without a [x, y, w, h] bbox"
+    x, y, w, h = box
+    if w <= 0 or h <= 0:
+        return "with a zero-area box"
+    if min(float(im["width"]), x + w) - max(0.0, x) <= 0 or min(float(im["height"]), y + h) - max(0.0, y) <= 0:
+        return "with a box outside the image"
+    seg = a.get("segmentation")
+    if isinstance(seg, list) and seg and not all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0
+                                                 and all(isinstance(v, (int, float)) for v in p) for p in seg):
+        return "with a polygon of fewer than 3 points"
+    if isinstance(seg, dict):
+        if list(seg.get("size", [])) != [im["height"], im["width"]]:
+            return "with a mask of the wrong size"
+        if not _rle_decodes(seg, im["height"], im["width"]):
+            return "with an unreadable RLE mask"
+    return None
+
+
+def _rle_counts(s: str) -> list[int] | None:
+    """The run lengths of a compressed COCO RLE string (pycocotools' `rleFrString`, transcribed), or None when
+    the string is not one (pycocotools decodes garbage without a word, into whatever memory holds)."""
+    counts: list[int] = []
+    p = 0
+    while p < len(s):
+        x, k, more = 0, 0, True
+        while more:
+            if p >= len(s):
+                return None
+            ch = ord(s[p]) - 48
+            if not 0 <= ch < 64:
+                return None
+            x |= (ch & 0x1F) << 5 * k
+            more = bool(ch & 0x20)
+            p, k = p + 1, k + 1
+            if not more and ch & 0x10:
+                x |= -1 << 5 * k
+        if len(counts) > 2:
+            x += counts[-2]
+        counts.append(x)
+    return counts
+
+
+def _rle_decodes(seg: dict, h: int, w: int) -> bool:
+    """An RLE mask whose run lengths are non-negative and cover exactly the h x w image."""
+    counts = seg.get("counts")
+    if isinstance(counts, str):
+        counts = _rle_counts(counts)
+    if not (isinstance(counts, list) and counts and all(_is_int(v) and v >= 0 for v in counts)):
+        return False
+    return sum(counts) == h * w
+
+
 class CocoDetection(Dataset):
     def __init__(self, ann_file: str | os.PathLike, image_dir: str | os.PathLike, transform: Callable | None = None,
                  seed: int = 0, masks: bool = True, cat_ids: list[int] | None = None) -> None:
         self.ann_file, self.image_dir = Path(ann_file), Path(image_dir)
         self.transform, self.seed, self.with_masks = transform, seed, masks
         data = _read_json(self.ann_file)
+        _check_entries(self.ann_file, data)
         cats = sorted(data["categories"], key=lambda c: c["id"])
         self.cat_ids = [int(c["id"]) for c in cats] if cat_ids is None else list(cat_ids)
         names = {int(c["id"]): str(c.get("name", c["id"])) for c in cats}
@@ -77,7 +169,7 @@ class CocoDetection(Dataset):
             if im is None:
                 raise DataError(f"{self.ann_file}: annotation {a.get('id')} refers to image_id {a.get('image_id')}, "
                                 f"which is not in 'images'")
-            why = self._check(a, im)
+            why = _unusable(a, im, self.ann_file)
             if why:
                 skipped[why] += 1
                 continue
@@ -89,22 +181,6 @@ class CocoDetection(Dataset):
         if skipped:
             logger.warning("%s: skipped %d annotation(s): %s", self.ann_file, sum(skipped.values()),
                            ", ".join(f"{n} {why}" for why, n in sorted(skipped.items())))
-
-    @staticmethod
-    def _check(a: dict, im: dict) -> str | None:
-        """Why an annotation cannot be used (None if it can)."""
-        box = a.get("bbox")
-        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
-            return "without a [x, y, w, h] bbox"
-        x, y, w, h = box
-        if w <= 0 or h <= 0:
-            return "with a zero-area box"
-        if min(float(im["width"]), x + w) - max(0.0, x) <= 0 or min(float(im["height"]), y + h) - max(0.0, y) <= 0:
-            return "with a box outside the image"
-        seg = a.get("segmentation")
-        if isinstance(seg, dict) and list(seg.get("size", [])) != [im["height"], im["width"]]:
-            return "with a mask of the wrong size"
-        return None
 
     def __len__(self) -> int:
         return len(self.images)

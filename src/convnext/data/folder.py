@@ -38,23 +38,43 @@ def find_classes(root: Path) -> list[str]:
 
 def scan_images(root: Path, classes: Sequence[str]) -> list[tuple[str, int]]:
     """(path, class index) for every image file under root/<class>/, sorted for determinism."""
-    samples, empty = [], []
+    samples, empty, skipped = [], [], []
     for ci, c in enumerate(classes):
         folder = root / c
         if not folder.is_dir():
             raise DataError(f"{root} is missing class folder {c!r}")
-        files = sorted(
-            str(Path(dirpath) / f)
-            for dirpath, _, names in os.walk(folder, followlinks=True)
-            for f in names if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith(".")
-        )
+        files = sorted(walk_images(folder, skipped))
         if not files:
             empty.append(c)
         samples.extend((f, ci) for f in files)
     if empty:
         raise DataError(f"{root}: class folder(s) with no images: {', '.join(empty[:10])}"
                         + (f" (+{len(empty) - 10} more)" if len(empty) > 10 else ""))
+    if skipped:
+        logger.warning("%s: not followed %d symlinked folder(s) (a loop, a folder seen already, or one outside its "
+                       "class folder): %s", root, len(skipped), ", ".join(skipped[:5]))
     return samples
+
+
+def walk_images(folder: Path, skipped: list[str] | None = None) -> list[str]:
+    """Image files under `folder` at any depth. Symlinks to files are followed; a symlinked folder only when
+    it leads to a folder inside `folder` not visited yet (never round a loop, never out of the class): what
+    is not followed goes to `skipped`."""
+    top = os.path.realpath(folder)
+    seen, files = {top}, []
+    for dirpath, dirs, names in os.walk(folder, followlinks=True):
+        keep = []
+        for d in sorted(dirs):
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if d.startswith(".") or real in seen or not real.startswith(top + os.sep):
+                if not d.startswith(".") and skipped is not None:
+                    skipped.append(os.path.join(dirpath, d))
+                continue
+            seen.add(real)
+            keep.append(d)
+        dirs[:] = keep
+        files += [os.path.join(dirpath, f) for f in names if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith(".")]
+    return files
 
 
 def _sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -75,24 +95,37 @@ def seeded(fn: Callable, seed: int, *args: Any) -> Any:
         gen.set_state(state)
 
 
+COMPLETE, PARTIAL = ".complete", ".convnext-partial"  # the markers of folders we generate
+
+
 def write_once(root: str | os.PathLike, marker: str, build: Callable[[Path], None]) -> Path:
     """A generated folder, written once: `build(tmp)` fills a `.partial` sibling, which replaces `root` whole
     once complete (marked with `marker`, what it holds); a folder already complete with the same marker is
-    kept as it is, and an interrupted write never passes for a complete one."""
+    kept as it is, and an interrupted write never passes for a complete one.
+
+    Only folders we wrote are ever removed: `root` (or its `.partial`) must be missing, empty, or carry our
+    marker; anything else is the user's and is a `DataError` that touches nothing.
+    """
     import shutil
 
     root = Path(root)
-    if (root / ".complete").is_file() and (root / ".complete").read_text() == marker:
+    if (root / COMPLETE).is_file() and (root / COMPLETE).read_text() == marker:
         return root
     tmp = root.with_name(root.name + ".partial")
+    for folder, ours in ((root, COMPLETE), (tmp, PARTIAL)):
+        if folder.exists() and not (folder.is_dir() and ((folder / ours).is_file() or not any(folder.iterdir()))):
+            raise DataError(f"{folder} exists and was not written by convnext (it has no {ours} marker): "
+                            f"move it away or choose another --output; nothing was removed")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    (tmp / PARTIAL).write_text(marker)
     try:
         build(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    (tmp / ".complete").write_text(marker)
+    (tmp / PARTIAL).unlink()
+    (tmp / COMPLETE).write_text(marker)
     shutil.rmtree(root, ignore_errors=True)
     os.replace(tmp, root)
     return root
@@ -160,10 +193,11 @@ class ImageFiles(ImageFolder):
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f"data folder not found: {self.root}")
-        files = []
-        for folder, dirs, names in os.walk(self.root):
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
-            files += [os.path.join(folder, f) for f in names if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith(".")]
+        skipped: list[str] = []
+        files = walk_images(self.root, skipped)
+        if skipped:
+            logger.warning("%s: not followed %d symlinked folder(s) (a loop, a folder seen already, or one outside "
+                           "it): %s", self.root, len(skipped), ", ".join(skipped[:5]))
         if not files:
             raise DataError(f"{self.root} holds no images ({', '.join(IMG_EXTENSIONS)}) at any depth")
         self.classes: list[str] = []

@@ -66,6 +66,10 @@ class SegmentationFolder(Dataset):
         if mask.ndim != 2:
             raise DataError(f"{self.samples[index][1]}: an annotation must be a one-channel PNG of class indices")
         mask = mask.astype(np.int64)
+        if mask.size and (mask.min() < 0 or mask.max() > IGNORE_INDEX):
+            bad = int(mask.max()) if mask.max() > IGNORE_INDEX else int(mask.min())
+            raise DataError(f"{self.samples[index][1]}: label {bad} (class indices are 0..{IGNORE_INDEX - 1}, "
+                            f"{IGNORE_INDEX} = ignore)")
         if self.reduce_zero_label:
             mask = np.where(mask == 0, IGNORE_INDEX, mask - 1)
             mask[mask == IGNORE_INDEX - 1] = IGNORE_INDEX

@@ -21,7 +21,11 @@ def load_model(src: str | os.PathLike, task: str, build: Callable[[dict[str, Any
     if file.task != task:
         raise CheckpointError(f"{file.path} holds a {file.task} model, not a {task} model: "
                               f"use `convnext {file.task} eval|predict`")
-    model = build(file.spec)
+    try:
+        model = build(file.spec)
+    except (KeyError, TypeError, ValueError) as e:  # a damaged or hand-edited spec
+        raise CheckpointError(f"{file.path}: its header's spec does not describe a {task} model "
+                              f"({type(e).__name__}: {e})") from None
     missing, unexpected = model.load_state_dict(file.state_dict(key), strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{file.path}: weights do not fit the {task} model they describe "

@@ -224,25 +224,29 @@ PALETTE = [tuple(int(c) for c in (np.random.default_rng(i).integers(40, 256, 3))
 
 
 class DensePredictor:
-    """Draws each image's predictions into `output/<stem>.png` (and what the task writes beside); the
-    outputs are checked before any work: none over an existing file without `force`, none over an input."""
+    """Draws each image's predictions into `output/<name>.png` (`eval.predict.output_names`: the input's path
+    relative to the inputs' folder, unique in the run) and what the task writes beside; the outputs are checked
+    before any work: none over an existing file without `force`, none over an input, no two the same."""
 
     batch_size = 1
 
-    def __init__(self, model: nn.Module, spec: dict[str, Any], checkpoint, paths: list, output, *,
-                 extra: tuple[str, ...] = (), force: bool = False) -> None:
+    def __init__(self, load, checkpoint, paths: list, output, *, per_image: tuple[str, ...] = (),
+                 once: tuple[str, ...] = (), force: bool = False) -> None:
         from pathlib import Path
 
         from ..utils import check_output
 
-        self.model, self.spec, self.out, self.index = model, spec, Path(output), 0
+        from .predict import output_names
+
+        self.out, self.index = Path(output), 0
         if self.out.exists() and not self.out.is_dir():
             raise ValueError(f"--output {self.out} is a file; it must be a folder (created if missing)")
-        self.out.mkdir(parents=True, exist_ok=True)
-        targets = [self.out / f"{p.stem}.png" for p in paths] + [self.out / name.format(stem=p.stem) for name in extra
-                                                                 for p in (paths if "{stem}" in name else paths[:1])]
+        self.names = {p: [self.out / n for n in names] for p, names in output_names(paths, ("{}.png", *per_image)).items()}
+        targets = [t for names in self.names.values() for t in names] + [self.out / name for name in once]
         for t in targets:
             check_output(t, inputs=(*paths, checkpoint), force=force)
+        self.model, self.spec = load()  # (once the outputs are known to be writable)
+        self.out.mkdir(parents=True, exist_ok=True)
 
     def __call__(self, paths: list) -> list[dict[str, Any]]:
         from ..data import load_rgb
@@ -259,8 +263,8 @@ class DensePredictor:
 
             with torch.no_grad():
                 row, drawn = self.predict_one(path, TF.pil_to_tensor(img))
-            self.write_png(self.out / f"{path.stem}.png", drawn.permute(1, 2, 0).numpy())
-            report.append(row)
+            self.write_png(self.names[path][0], drawn.permute(1, 2, 0).numpy())
+            report.append(row | {"output": str(self.names[path][0])})
         return report
 
     @staticmethod
@@ -269,6 +273,7 @@ class DensePredictor:
 
         from ..utils import atomic_write
 
+        path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
 
     def predict_one(self, path, pixels: torch.Tensor) -> tuple[dict[str, Any], torch.Tensor]:
@@ -284,8 +289,8 @@ class DetectionPredictor(DensePredictor):
 
     def __init__(self, checkpoint, paths: list, output, *, score_threshold: float = 0.5, key: str | None = None,
                  force: bool = False) -> None:
-        model, spec = load_detector(checkpoint, key)
-        super().__init__(model, spec, checkpoint, paths, output, extra=("detections.json",), force=force)
+        super().__init__(lambda: load_detector(checkpoint, key), checkpoint, paths, output, once=("detections.json",),
+                         force=force)
         self.score_threshold, self.results = score_threshold, []
 
     def predict_one(self, path, pixels: torch.Tensor) -> tuple[dict[str, Any], torch.Tensor]:
@@ -318,8 +323,8 @@ class SegmentationPredictor(DensePredictor):
     """The class map drawn over the image into `<stem>.png`, and `<stem>_mask.png` (class index per pixel)."""
 
     def __init__(self, checkpoint, paths: list, output, *, key: str | None = None, force: bool = False) -> None:
-        model, spec = load_segmenter(checkpoint, key)
-        super().__init__(model, spec, checkpoint, paths, output, extra=("{stem}_mask.png",), force=force)
+        super().__init__(lambda: load_segmenter(checkpoint, key), checkpoint, paths, output, per_image=("{}_mask.png",),
+                         force=force)
 
     def predict_one(self, path, pixels: torch.Tensor) -> tuple[dict[str, Any], torch.Tensor]:
         from torchvision.transforms.v2 import functional as TF
@@ -334,5 +339,5 @@ class SegmentationPredictor(DensePredictor):
         present = classes.unique().tolist()
         drawn = draw_segmentation_masks(pixels, torch.stack([classes == c for c in present]), alpha=0.5,
                                         colors=[PALETTE[c] for c in present])
-        self.write_png(self.out / f"{path.stem}_mask.png", classes.numpy().astype(np.uint8))
+        self.write_png(self.names[path][1], classes.numpy().astype(np.uint8))
         return {"path": str(path), "classes": [spec["classes"][c] for c in present]}, drawn

@@ -18,13 +18,15 @@ logger = logging.getLogger(__name__)
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int, *, precision: str = "fp32",
-             channels_last: bool = False, progress: bool = False, desc: str = "eval", lockstep: bool = False) -> dict:
+             channels_last: bool = False, progress: bool = False, desc: str = "eval", lockstep: bool = False,
+             require_finite: bool = True) -> dict:
     """Loss, top-1/top-5 accuracy (%), per-class accuracy and the confusion matrix (rows: truth).
 
     Works with a loader yielding `data.Batch`es of images and class indices (`data.collate`); unreadable
     images are counted in `bad_images`, never in the accuracy. `lockstep` (sharded models, whose
     forward is collective) makes ranks with fewer batches run discarded dummy forwards until all
-    ranks are done.
+    ranks are done. `require_finite`: non-finite outputs are an error (evaluating a checkpoint); a training
+    run (which may skip non-finite steps) reports their NaN loss instead.
     """
     model.eval()
     k = min(5, num_classes)
@@ -48,6 +50,9 @@ def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int, *
         with autocast(device, precision):
             logits = model(images)
         logits = logits.float()
+        if require_finite and not bool(torch.isfinite(logits).all()):
+            raise FloatingPointError("the model's outputs are not finite (NaN/inf) on this data: its results "
+                                     "would mean nothing")
         sums[0] += F.cross_entropy(logits, targets, reduction="sum").double()
         top = logits.topk(k, dim=1).indices
         sums[1] += (top[:, 0] == targets).sum()
@@ -76,14 +81,14 @@ def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int, *
 def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike, *, key: str | None = None,
                         batch_size: int = 64, workers: int = 0, precision: str = "fp32",
                         output: str | os.PathLike | None = None, optimize: bool = True,
-                        progress: bool = True) -> dict:
+                        progress: bool = True, force: bool = False) -> dict:
     """`convnext eval`: a checkpoint on an image folder (`<class>/*`, or a root holding `val/`).
 
     With `optimize` the model runs through `optimize_for_inference` (fused kernels; compiled when
     the evaluation is long enough to earn the compile back); `precision` "bf16" is then a bf16
     model, else autocast. Returns `evaluate`'s results plus `model_name`, `classes`, `root`,
     `how` and `confusion_png`, the confusion-matrix plot written to `output` (default: beside the
-    checkpoint).
+    checkpoint; an existing plot only with `force`; never inside `data`).
     """
     from torch.utils.data import DataLoader
 
@@ -91,11 +96,19 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike, 
     from ..plots import plot_confusion
     from ..factory import load_for_inference
 
+    from ..utils import check_output, inside
+
     root = Path(data)
     if not root.is_dir():
         raise FileNotFoundError(f"data folder not found: {root}")
+    folder = Path(output or Path(checkpoint).resolve().parent)
+    if inside(folder, root):
+        raise ValueError(f"--output {folder} is inside --data {root}: its plot would become an image of the data")
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--output {folder} is a file; it must be a folder")
     root = root / "val" if (root / "val").is_dir() else root
     model, info = load_for_inference(checkpoint, key=key)
+    png = check_output(folder / "confusion_matrix.png", inputs=(checkpoint,), force=force)
     dataset = ImageFolder(root, transform=info.transform(), classes=info.classes)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
     how = f"eager, autocast {precision}" if precision != "fp32" else "eager"
@@ -106,7 +119,6 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike, 
         model = optimize_for_inference(model, precision=precision, example_input=example, expected_calls=len(loader))
         how, precision = model.how, "fp32"  # the optimized model takes fp32 images whatever its own precision
     res = evaluate(model, loader, torch.device("cpu"), len(info.classes), precision=precision, progress=progress)
-    png = Path(output or Path(checkpoint).resolve().parent) / "confusion_matrix.png"
     plot_confusion(res["confusion"], info.classes, png,
                    title=f"{info.model_name}: top-1 {res['acc1']:.2f}% on {res['count']} images")
     return res | {"model_name": info.model_name, "classes": info.classes, "root": str(dataset.root),

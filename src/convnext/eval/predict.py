@@ -29,8 +29,34 @@ def expand_images(inputs: list[str | os.PathLike]) -> list[Path]:
             out.append(p)
         else:
             raise FileNotFoundError(f"image or folder not found: {p}")
+    seen: set[Path] = set()
+    out = [p for p in out if not (p.resolve() in seen or seen.add(p.resolve()))]  # each image once
     if not out:
         raise FileNotFoundError(f"no image files in {', '.join(map(str, inputs))}")
+    return out
+
+
+def output_names(paths: list[Path], patterns: tuple[str, ...] = ("{}.png",)) -> dict[Path, list[Path]]:
+    """Each input's output files (`patterns` formatted with its name): its path relative to the inputs' common
+    folder without the extension, made unique when two inputs would share one (`x.png` and `x.jpg`; `x.jpg`'s
+    `x_mask.png` and an input `x_mask.png`) by adding the extension, then a number. No two outputs of one run
+    are ever the same file."""
+    import itertools
+
+    if not paths:
+        return {}
+    common = Path(os.path.commonpath([p.resolve().parent for p in paths]))
+    used: set[Path] = set()
+    out: dict[Path, list[Path]] = {}
+    for p in paths:
+        rel = p.resolve().relative_to(common).with_suffix("")
+        ext = p.suffix.lstrip(".").lower() or "file"
+        for name in itertools.chain([rel.name, f"{rel.name}_{ext}"], (f"{rel.name}_{ext}{i}" for i in itertools.count(2))):
+            names = [rel.with_name(pattern.format(name)) for pattern in patterns]
+            if not used & set(names) and len(set(names)) == len(names):
+                break
+        used |= set(names)
+        out[p] = names
     return out
 
 
@@ -63,7 +89,11 @@ def predict(model: nn.Module, info: InferenceInfo, paths: list[Path], *, topk: i
             except Exception as e:  # noqa: BLE001 - report per image, keep going
                 results.append({"path": str(p), "error": f"{type(e).__name__}: {e}"})
         if tensors:
-            probs = model(torch.stack(tensors)).float().softmax(dim=1)
+            logits = model(torch.stack(tensors)).float()
+            if not bool(torch.isfinite(logits).all()):
+                raise FloatingPointError(f"the model's outputs are not finite (NaN/inf) for {rows[0]['path']} "
+                                         f"and its batch: its predictions would mean nothing")
+            probs = logits.softmax(dim=1)
             top = probs.topk(k, dim=1)
             for row, values, idx in zip(rows, top.values, top.indices):
                 row["top"] = [(info.classes[i], float(v)) for v, i in zip(values.tolist(), idx.tolist())]
@@ -123,7 +153,13 @@ def run_predictor(predictor, paths: list[Path]) -> list[dict]:
 def predict_images(make_predictor, checkpoint: str | os.PathLike, inputs: list[str | os.PathLike],
                    **options) -> list[dict]:
     """Image files and folders -> `make_predictor(checkpoint, paths, **options)` run over them (any task's)."""
+    from ..utils import inside
+
     paths = expand_images(inputs)
+    output = options.get("output")
+    for folder in (Path(i) for i in inputs):
+        if output is not None and folder.is_dir() and inside(output, folder):
+            raise ValueError(f"--output {output} is inside the input folder {folder}: its pictures would become inputs")
     return run_predictor(make_predictor(checkpoint, paths, **options), paths)
 
 

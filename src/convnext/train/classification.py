@@ -76,7 +76,7 @@ class ClassificationTask(Task):
         from ..eval.metrics import evaluate
 
         res = evaluate(model, loader, device, len(self.classes), precision=self.cfg.precision, progress=progress,
-                       lockstep=lockstep)
+                       lockstep=lockstep, require_finite=False)
         return {"val_loss": res["loss"], "val_acc1": res["acc1"], "val_acc5": res["acc5"]}
 
     def spec(self) -> dict[str, Any]:
@@ -115,6 +115,7 @@ def demo(output: str | None = None, epochs: int | None = None, per_class: int | 
     evaluate the best weights, predict five images, summarise. `epochs` overrides the recipe's (the warm-up
     as `train.config.set_epochs` says); `per_class` trains and evaluates on the first N images of each
     class only (a quick check); `force` starts over in an output folder that holds an earlier demo."""
+    import dataclasses
     import time
 
     from ..data.fashion_mnist import prepare
@@ -123,16 +124,20 @@ def demo(output: str | None = None, epochs: int | None = None, per_class: int | 
     from .config import recipe
     from .engine import fit
 
+    if per_class is not None and per_class < 1:
+        raise ValueError(f"--per-class must be >= 1, got {per_class}")
     t0 = time.perf_counter()
     out = Path(output or "runs/demo")
     data = prepare(out / "data", per_class={"train": per_class, "val": per_class} if per_class else None)
     cfg = recipe("demo", ClassifyConfig, epochs=epochs, data=str(data), output=str(out / "train"), force=force)
+    if per_class and cfg.batch_size > per_class * 10:  # a quick check on a slice: one batch of all of it
+        cfg = dataclasses.replace(cfg, batch_size=per_class * 10)
     print(f"demo: training {cfg.model} on Fashion-MNIST ({data}) with the demo recipe, {cfg.epochs} epochs")
     summary = fit(ClassificationTask(cfg))
     minutes = (time.perf_counter() - t0) / 60
     best = out / "train" / "best.safetensors"
     print(f"\n== evaluate {best}")
-    print(format_results(evaluate_checkpoint(best, data, batch_size=256, output=out / "train")))
+    print(format_results(evaluate_checkpoint(best, data, batch_size=256, output=out / "train", force=True)))
     print("\n== predict")
     samples = sorted((data / "val").glob("*/*.png"))[::1000][:5]
     print(format_predictions(predict_files(best, samples, topk=3)))
@@ -182,7 +187,7 @@ SPEC = register(TaskSpec(
     predictor=lazy("convnext.eval.predict:ClassifierPredictor"), format_predictions=_format_predictions,
     summarize=summarize, demo=demo,
     eval_options=(_KEY, opt("--output", help="folder for confusion_matrix.png (default: beside the checkpoint)"),
-                  _NO_OPTIMIZE),
+                  opt("--force", action="store_true", help="overwrite an existing confusion_matrix.png"), _NO_OPTIMIZE),
     predict_options=_predict_options(), predict_styles=("text", "json", "csv"),
     demo_options=(opt("--per-class", type=int, help="use only the first N images of each class (a quick check)"),),
     top_level=True,

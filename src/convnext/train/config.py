@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from ..preprocess import INTERPOLATIONS
-from ..utils import PRECISIONS, atomic_write
+from ..utils import PRECISIONS, atomic_write, inside
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +90,8 @@ class EngineConfig:
     keep_checkpoints: int = 2
     nan_policy: str = "abort"  # abort | skip: what a non-finite loss does
     bad_images: str = "skip"  # skip | error: what an unreadable sample does
+    max_bad_fraction: float = 0.5  # an epoch with more unreadable samples than this share (or no usable one) fails
+    resume_anyway: bool = False  # resume a checkpoint although its data, batch or seed differ (logged)
     eval_every: int = 1  # epochs between evaluations (always after the last)
     log_every: int = 50  # steps between progress-bar metric updates
     progress: bool = True  # tqdm bars (rank 0 only)
@@ -99,6 +101,8 @@ class EngineConfig:
             _fail("--data is required: the dataset folder")
         if Path(self.output).exists() and not Path(self.output).is_dir():
             _fail(f"--output {self.output} is a file; it must be a folder (created if missing)")
+        if Path(self.data).is_dir() and inside(self.output, self.data):
+            _fail(f"--output {self.output} is inside --data {self.data}: what the run writes would become its data")
         if self.resume not in (None, "auto") and not Path(self.resume).is_file():
             raise FileNotFoundError(f"--resume: checkpoint not found: {self.resume} (or use --resume auto)")
         if self.lr is not None and not (_finite(self.lr) and self.lr > 0):
@@ -125,6 +129,8 @@ class EngineConfig:
             _fail(f"--model-ema-decay must be in [0, 1), got {self.model_ema_decay}")
         if self.workers < 0 or (self.threads is not None and self.threads < 1):
             _fail("--workers must be >= 0 and --threads >= 1")
+        if not (_finite(self.max_bad_fraction) and 0 <= self.max_bad_fraction <= 1):
+            _fail(f"--max-bad-fraction must be in [0, 1], got {self.max_bad_fraction}")
         if self.save_every_steps < 0:
             _fail(f"--save-every-steps must be >= 0, got {self.save_every_steps}")
         self._check_choices({"precision": tuple(PRECISIONS), "device": ("auto", "cpu", "cuda"),
@@ -260,7 +266,14 @@ def find_recipe(name: str | os.PathLike) -> Path | resources.abc.Traversable:
 def load_yaml(path: str | os.PathLike, cls: type = ClassifyConfig) -> dict[str, Any]:
     """A recipe (a file or a packaged recipe's name) as {field: value} for `cls`, each value converted to the field's type."""
     path = find_recipe(path)
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:  # a syntax error, or a tag such as !!python/object (never constructed)
+        where = getattr(e, "problem_mark", None)
+        at = f" (line {where.line + 1})" if where is not None else ""
+        raise ValueError(f"{path}: not a readable recipe{at}: {getattr(e, 'problem', None) or e}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of option: value")
     names = [f.name for f in dataclasses.fields(cls)]

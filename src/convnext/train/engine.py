@@ -28,10 +28,10 @@ from tqdm import tqdm
 
 from ..data import Batch, DataError, EpochSampler, ShardSampler
 from ..models import fast
-from ..utils import atomic_write, autocast
+from ..utils import atomic_write, autocast, same_file
 from ..weights.header import ModelFile, header
 from . import distributed as D
-from .checkpoint import find_resume, load_state, save_state
+from .checkpoint import OutputLock, earlier_run, find_resume, load_state, save_state
 from .config import save_yaml
 from .distributed import PeerLostError
 from .schedule import lr_at
@@ -43,6 +43,10 @@ _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # unsharded, n
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf under --nan-policy abort."""
+
+
+class TooManyBadSamplesError(RuntimeError):
+    """An epoch had no usable sample, or more unreadable ones than --max-bad-fraction allows."""
 
 
 @dataclass
@@ -119,7 +123,10 @@ def fit(task: Task) -> dict[str, Any]:
     threads, log = torch.get_num_threads(), logging.getLogger("convnext")
     level = log.level
     env = D.setup(task.cfg.device)
+    lock = OutputLock(task.cfg.output) if env.is_main else None
     try:
+        if lock is not None:
+            lock.acquire()
         trainer = Trainer(task, env)
         trainer.resume()
         while trainer.state.progress.epoch < task.cfg.epochs:
@@ -132,6 +139,8 @@ def fit(task: Task) -> dict[str, Any]:
             raise D.PeerLostError(D.describe_failure(env, e)) from e
         raise
     finally:
+        if lock is not None:
+            lock.release()
         D.cleanup(env)
         torch.set_num_threads(threads)
         log.setLevel(level)
@@ -171,7 +180,9 @@ class Trainer:
             logging.getLogger("convnext").setLevel(logging.WARNING)
         self.found = self._find_checkpoint()  # read first: a bad --resume file fails before any work
         self._build_data()
+        self.run = self.run_info()
         self.state = self._build_state()
+        self._clear_earlier_run()  # (after the inputs, e.g. --finetune, are read)
         self.model = self._wrap(self.state.model)
         self.steps_per_epoch = len(self.train_loader) // self.cfg.grad_accum
         if self.steps_per_epoch < 1:
@@ -251,28 +262,37 @@ class Trainer:
     def _find_checkpoint(self) -> tuple[Path, ModelFile] | None:
         """The checkpoint to resume from (--resume FILE, or auto: the newest complete one), else None.
 
-        Starting a new run in an --output that holds an earlier one is refused unless --force,
-        which deletes the earlier run's checkpoints (they would be resumed from later by mistake).
+        Starting a new run in an --output that holds an earlier one (also `--resume auto` where none of its
+        checkpoints loads) is refused unless --force, whose deletions wait until the run has read its inputs
+        (`_clear_earlier_run`) and never touch one of them.
         """
-        resume = self.cfg.resume
-        if resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        resume, restarted = self.cfg.resume, int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+        self.earlier: list[Path] = []
+        if resume is None and restarted:
             resume = "auto"  # torchrun --max-restarts restarted us: continue from the last complete checkpoint
-        if resume == "auto":
-            found = find_resume(self.out)
-            if found is None:
-                logger.info("--resume auto: no checkpoint in %s, starting fresh", self.out)
-            return found
-        if resume:
+        if resume and resume != "auto":
             return Path(resume), load_state(resume)
-        earlier = [p for p in (self.out / "last.pt", self.out / "metrics.jsonl") if p.exists()]
-        if earlier and not self.cfg.force:
-            raise ValueError(f"{self.out} already holds a training run ({earlier[0].name}): continue it with "
-                             f"--resume auto, choose another --output, or pass --force to start over")
-        if earlier and self.env.is_main:
-            for p in [*self.out.glob("checkpoints/step-*.pt"), *earlier, self.out / "best.safetensors"]:
-                p.unlink(missing_ok=True)
+        found = find_resume(self.out) if resume == "auto" else None
+        self.earlier = [] if found is not None else earlier_run(self.out)
+        if self.earlier and not (self.cfg.force or restarted):
+            what = "but none of its checkpoints loads" if resume == "auto" else "continue it with --resume auto"
+            raise ValueError(f"{self.out} already holds a training run ({self.earlier[0].name}): {what}; choose "
+                             f"another --output, or pass --force to start over")
+        if resume == "auto" and found is None:
+            logger.info("--resume auto: no checkpoint in %s, starting fresh", self.out)
+        return found
+
+    def _clear_earlier_run(self) -> None:
+        """--force: remove the earlier run's files, once the inputs are read, and never a file the run reads."""
+        if self.env.is_main:
+            inputs = [Path(v) for v in self.cfg.to_dict().values() if isinstance(v, str) and v and Path(v).is_file()]
+            for p in self.earlier:
+                if any(same_file(p, i) for i in inputs):
+                    logger.info("--force: keeping %s (this run reads it)", p)
+                else:
+                    p.unlink(missing_ok=True)
+        self.earlier = []
         D.barrier(self.env)
-        return None
 
     def resume(self) -> None:
         """Load the checkpoint found at set-up (if any); then write config.yaml and log the run."""
@@ -280,6 +300,7 @@ class Trainer:
         if self.found is not None:
             path, file = self.found
             self._check_identity(path, file)
+            self._check_run(path, file.training_state())
             self.state.load_state_dict(file.training_state())
             p = self.state.progress
             logger.info("resumed from %s (epoch %d, batch %d, step %d)", path, p.epoch + 1, p.batch, p.step)
@@ -292,6 +313,34 @@ class Trainer:
                         cfg.batch_size * cfg.grad_accum * self.env.world_size, cfg.batch_size, cfg.grad_accum,
                         self.env.world_size, self.peak_lr, self.total_steps, self.warmup_steps, cfg.precision,
                         self.env.device)
+
+    def run_info(self) -> dict[str, Any]:
+        """What defines the run beyond the model: the data (its sample count and a hash of what each sample
+        is), the batch, the seed, the processes; saved in every checkpoint, checked on resume."""
+        import hashlib
+
+        names = "\n".join(self.task.sample_name(self.train_ds, i) for i in range(len(self.train_ds)))
+        return {"samples": len(self.train_ds), "data_sha256": hashlib.sha256(names.encode()).hexdigest()[:16],
+                "batch_size": self.cfg.batch_size, "grad_accum": self.cfg.grad_accum, "seed": self.cfg.seed,
+                "world_size": self.env.world_size}
+
+    def _check_run(self, path: Path, state: dict[str, Any]) -> None:
+        """A checkpoint of this run on other data, batch, seed (or, mid-epoch, other processes) is refused:
+        resuming it would mix two runs. --resume-anyway accepts it on purpose (said in the log)."""
+        saved, now = state.get("run"), self.run_info()
+        if not isinstance(saved, dict):
+            logger.info("%s predates run fingerprints: data, batch and seed not checked", path)
+            return
+        mid_epoch = state["progress"]["batch"] > 0
+        fields = [k for k in now if k != "world_size" or mid_epoch]
+        diff = [f"{k} {saved.get(k)} -> {now[k]}" for k in fields if saved.get(k) != now[k]]
+        if not diff:
+            return
+        what = ", ".join("the data (" + d + ")" if d.startswith(("samples", "data_sha256")) else d for d in diff)
+        if not self.cfg.resume_anyway:
+            raise ValueError(f"{path} is a checkpoint of another run: {what}; resume it as it was, choose another "
+                             f"--output, or pass --resume-anyway to continue it on purpose")
+        logger.warning("--resume-anyway: resuming %s although %s", path, what)
 
     def _check_identity(self, path: Path, file: ModelFile) -> None:
         ours, theirs = self.task.identity(), {"task": file.task, "spec": file.spec}
@@ -327,7 +376,19 @@ class Trainer:
             if p.batch >= self.steps_per_epoch * cfg.grad_accum:
                 break  # the tail that cannot fill an optimizer step is left out, as drop_last
         bar.close()
+        self._check_bad_fraction()
         return self._epoch_line(time.perf_counter() - t0)
+
+    def _check_bad_fraction(self) -> None:
+        p, limit = self.state.progress, self.cfg.max_bad_fraction
+        seen = p.loss_count + p.bad_images
+        if p.loss_count == 0 or p.bad_images > limit * seen:
+            kind = self.task.sample_kind
+            raise TooManyBadSamplesError(
+                f"epoch {p.epoch + 1}: {p.bad_images} of {seen} {kind}s were unreadable (more than "
+                f"--max-bad-fraction {limit}); nothing of this epoch is kept. Check the data (the warnings above "
+                f"name the files)" if p.loss_count else f"epoch {p.epoch + 1}: not one usable {kind} in {seen}; "
+                f"check the data (the warnings above name the files)")
 
     def _epoch_line(self, train_time: float) -> dict[str, Any]:
         p, opt = self.state.progress, self.state.optimizer
@@ -484,8 +545,8 @@ class Trainer:
             raise NonFiniteLossError(f"parameters are not finite at step {p.step}; no checkpoint written")
         state = self.state.state_dict()
         if self.env.is_main:
-            save_state(self.out, {**header(self.task.name, self.task.spec()), "config": self.cfg.to_dict(), **state},
-                       p.step, keep=self.cfg.keep_checkpoints)
+            save_state(self.out, {**header(self.task.name, self.task.spec()), "config": self.cfg.to_dict(),
+                                  "run": self.run, **state}, p.step, keep=self.cfg.keep_checkpoints)
         D.barrier(self.env)
 
     def summary(self) -> dict[str, Any]:
@@ -494,4 +555,4 @@ class Trainer:
                        "model": self.cfg.model}
 
 
-__all__ = ["NonFiniteLossError", "PeerLostError", "Progress", "TrainState", "Trainer", "fit"]
+__all__ = ["NonFiniteLossError", "PeerLostError", "TooManyBadSamplesError", "Progress", "TrainState", "Trainer", "fit"]

@@ -276,9 +276,12 @@ class Predictor:
         self.out, self.input_size, self.seed = Path(output), input_size, seed
         if self.out.exists() and not self.out.is_dir():
             raise ValueError(f"--output {self.out} is a file; it must be a folder (created if missing)")
+        from ..eval.predict import output_names
+
+        self.names = {p: self.out / names[0] for p, names in output_names(paths).items()}
+        for target in self.names.values():
+            check_output(target, inputs=(*paths, checkpoint), force=force)
         self.out.mkdir(parents=True, exist_ok=True)
-        for p in paths:
-            check_output(self.out / f"{Path(p).stem}.png", inputs=(*paths, checkpoint), force=force)
         self.sample = MaskedSample(probe_transform(input_size), input_size // self.model.patch_size,
                                    self.model.mask_ratio)
 
@@ -297,8 +300,9 @@ class Predictor:
             images, masks = x[None], mask[None]
             _, pred, _ = self.model(images, masks)
             loss = float((self.model.patch_losses(images, pred) * masks.flatten(1)).sum() / masks.sum().clamp(min=1))
-            plot_masked(self.model, images, masks, self.out / f"{Path(path).stem}.png", title=f"loss {loss:.4f}")
-            report.append({"path": str(path), "loss": loss})
+            self.names[path].parent.mkdir(parents=True, exist_ok=True)
+            plot_masked(self.model, images, masks, self.names[path], title=f"loss {loss:.4f}")
+            report.append({"path": str(path), "loss": loss, "output": str(self.names[path])})
         return report
 
     def finish(self) -> None:

@@ -49,6 +49,8 @@ class SegmentConfig(DenseConfig):
         self._check_choices({"head": HEADS})
         if not 0 < self.scale[0] <= self.scale[1]:
             _fail(f"--scale must be two numbers 0 < min <= max, got {self.scale}")
+        if self.channels is not None and self.channels < 1:
+            _fail(f"--channels must be >= 1, got {self.channels}")
         if self.num_classes is not None and not 1 <= self.num_classes <= IGNORE_INDEX:
             _fail(f"--num-classes must be in 1..{IGNORE_INDEX}, got {self.num_classes}")
 

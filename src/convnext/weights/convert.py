@@ -196,6 +196,8 @@ def unwrap(obj: Mapping[str, Any], key: str | None = None) -> dict[str, torch.Te
     for k, v in obj.items():
         if not isinstance(v, torch.Tensor) or k == "n_averaged":
             continue  # e.g. epoch counters saved beside the weights, AveragedModel's sample count
+        if not isinstance(k, str):
+            raise CheckpointError(f"the state dict has a key {k!r} of type {type(k).__name__}: not a model's weights")
         for prefix in ("module.", "_orig_mod."):
             if k.startswith(prefix):
                 k = k[len(prefix):]

@@ -78,8 +78,17 @@ class ModelFile:
         return "step" in self.raw and isinstance(self.raw.get("model"), Mapping)
 
     def state_dict(self, key: str | None = None) -> dict[str, torch.Tensor]:
-        """The weights, in the file's `layout`: "model" (the default) or `key` ("model_ema" of a training state)."""
-        return unwrap(self.raw, key)
+        """The weights, in the file's `layout`: "model" (the default) or `key` ("model_ema" of a training state).
+        Weights that are not finite (a diverged run) are an error naming the first bad tensor."""
+        try:
+            sd = unwrap(self.raw, key)
+        except CheckpointError as e:
+            raise CheckpointError(f"{self.path}: {e}") from None
+        bad = next((k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+        if bad is not None:
+            raise CheckpointError(f"{self.path}: tensor {bad} holds NaN or inf values: these weights are broken "
+                                  f"(a diverged run?) and would predict nothing")
+        return sd
 
     def training_state(self) -> dict[str, Any]:
         if not self.is_training_state:
@@ -104,7 +113,7 @@ def _renamed(spec: Mapping[str, Any]) -> dict[str, Any]:
     return spec
 
 
-def _legacy_training_spec(obj: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+def _legacy_training_spec(obj: Mapping[str, Any], path: object) -> tuple[str, dict[str, Any]]:
     """(task, spec) of a version-1/2 training state: identity keys at the top level."""
     if isinstance(obj.get("dense_spec"), Mapping):
         spec = _renamed(obj["dense_spec"])
@@ -114,6 +123,9 @@ def _legacy_training_spec(obj: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     from ..preprocess import Preprocess
 
     cfg = obj.get("config") or {}
+    if not isinstance(cfg, Mapping):
+        raise CheckpointError(f"{path}: a training state whose config is damaged (a {type(cfg).__name__}): not a "
+                              f"model file")
     pre = Preprocess.from_dict({k: cfg[k] for k in ("input_size", "crop_pct") if k in cfg})
     return "classify", {"model_name": obj.get("model_name"), "classes": list(obj.get("classes") or []),
                         "preprocess": pre.to_dict()}
@@ -168,6 +180,17 @@ def _guess_name(sd: Mapping[str, torch.Tensor], layout: str) -> str | None:
         return None
 
 
+def _check_spec(spec: Mapping[str, Any], path: object) -> None:
+    """The spec's common fields of the right types (a damaged or hand-edited header is one clear error)."""
+    checks = {"model_name": lambda v: v is None or isinstance(v, str),
+              "classes": lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v),
+              "preprocess": lambda v: isinstance(v, Mapping), "model_config": lambda v: isinstance(v, Mapping)}
+    for key, ok in checks.items():
+        if key in spec and not ok(spec[key]):
+            raise CheckpointError(f"{path}: its header's {key} is damaged (got {type(spec[key]).__name__} "
+                                  f"{str(spec[key])[:60]!r})")
+
+
 def parse(obj: Mapping[str, Any], metadata: Mapping[str, Any], path: object = "checkpoint") -> ModelFile:
     """A file's contents (as `read_checkpoint` returns them) -> `ModelFile`."""
     meta = dict(metadata)
@@ -180,11 +203,12 @@ def parse(obj: Mapping[str, Any], metadata: Mapping[str, Any], path: object = "c
     elif meta.get("format") in (FORMAT, _LEGACY_DENSE, _LEGACY_FCMAE, _LEGACY_FCMAE_OFFICIAL, *_LAYOUTS):
         (task, spec, layout), version = _legacy_safetensors_spec(meta, path), 2
     elif "model_name" in obj and "step" in obj:  # a training state, versions 1 and 2
-        (task, spec), layout, version = _legacy_training_spec(obj), "ours", int(obj.get("version", 1))
+        (task, spec), layout, version = _legacy_training_spec(obj, path), "ours", int(obj.get("version", 1))
     else:
         task, spec, layout = _foreign(obj, path)
     if not isinstance(task, str) or not isinstance(spec, Mapping):
         raise CheckpointError(f"{path}: its header is damaged (task {task!r}, spec of type {type(spec).__name__})")
+    _check_spec(spec, path)
     free = {k: v for k, v in meta.items() if k not in (*_HEADER_KEYS, "model", "arch", "config", "classes",
                                                         "preprocess", "fcmae")}
     return ModelFile(str(path), task, dict(spec), layout, free, dict(obj), version)
