@@ -17,7 +17,8 @@ demo: $(STAMP)
 	$(BIN)/convnext demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m ruff check src tests benchmarks
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

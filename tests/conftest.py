@@ -3,8 +3,10 @@ import os
 import pytest
 import torch
 
-# Two cores: keep torch's pool at the machine size and never oversubscribe with other work.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Two cores: keep torch's pools at the machine size and never oversubscribe with other work (`make test` runs
+# two pytest-xdist workers: one thread each).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // _WORKERS))
 
 
 @pytest.fixture(autouse=True)

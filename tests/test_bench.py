@@ -55,6 +55,11 @@ def test_bench_train_cli_json(tmp_path):
     assert res["machine"]["torch"] and res["machine"]["cores"] >= 1
     # measured for each candidate alone (values: test_peak_memory_grows_with_the_activations, summary: below)
     assert all(x["peak_mib"] is not None for x in res["results"]) and "memory_ours_over_peer" in res["ratios"]["timm"]
+    # an existing --json file is never overwritten without --force (checked before any measuring)
+    before = out.read_text()
+    again = subprocess.run([sys.executable, "-m", "convnext", "bench", "--model", "convnextv2_atto", "--json", str(out)],
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "pass --force" in again.stderr and out.read_text() == before
 
 
 def test_peak_memory_grows_with_the_activations(tmp_path):
@@ -107,4 +112,5 @@ def test_bench_bad_input_is_one_line(args, needle, capsys):
     except SystemExit as e:  # argparse's own usage errors
         code = e.code
     err = capsys.readouterr().err
-    assert code == 2 and needle in err and "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and needle in lines[0] and "Traceback" not in err, err

@@ -17,11 +17,11 @@ pytestmark = [pytest.mark.cuda,
 
 
 @pytest.mark.parametrize("name", ["convnext_atto", "convnextv2_atto", "convnext_tiny"])
-def test_gpu_logits_equal_cpu_logits_fp32(name):
+def test_gpu_logits_equal_cpu_logits_fp32(name, monkeypatch):
     model = perturb(convnext.create_model(name, num_classes=10))
     x = torch.randn(4, 3, 96, 96)
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # (restored after the test)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     with torch.no_grad():
         cpu = model(x)
         gpu = model.cuda()(x.cuda()).cpu()
@@ -60,8 +60,24 @@ def test_compiled_training_step_matches_eager():
     compiled_loss = F.cross_entropy(compiled(x), y)
     compiled_loss.backward()
     assert abs(compiled_loss.item() - eager_loss.item()) <= 1e-3
-    for g, p in zip(eager_grads, model.parameters()):
+    for g, p in zip(eager_grads, model.parameters(), strict=True):
         torch.testing.assert_close(p.grad, g, atol=1e-3, rtol=1e-2)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_the_engine_trains_on_the_gpu_in_fp16_with_its_grad_scaler_and_in_bf16(tmp_path, precision):
+    """The engine's own fp16 path (GradScaler through `fit`, not a hand-written loop) and bf16, on the GPU."""
+    from convnext.data.fashion_mnist import prepare
+    from convnext.train import ClassificationTask, TrainConfig, fit
+
+    data = prepare(tmp_path / "fm", per_class={"train": 30, "val": 10})
+    summary = fit(ClassificationTask(TrainConfig(
+        model="convnextv2_atto", data=str(data), output=str(tmp_path / "run"), input_size=32, epochs=3, batch_size=32,
+        lr=2e-3, warmup_epochs=0.5, aa="none", reprob=0.0, mixup=0.0, cutmix=0.0, crop_pct=1.0, workers=0,
+        precision=precision, device="cuda", progress=False)))
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert summary["best"] > 20.0 and summary.get("nan_skipped", 0) == 0  # chance is 10%
+    assert (state["scaler"].get("scale", 0) > 0) == (precision == "fp16")  # the scaler ran in fp16 only
 
 
 def test_the_engine_trains_on_the_gpu(tmp_path):

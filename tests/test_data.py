@@ -2,6 +2,7 @@
 
 import io
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -151,13 +152,36 @@ def test_mixup_cutmix_targets_and_switch_probability():
     assert mixup_cutmix(k, mixup=0, cutmix=0) is None
 
 
-def test_label_smoothing_on_mixed_targets_equals_timm_formula():
-    logits, soft = torch.randn(8, 10), torch.softmax(torch.randn(8, 10), 1)
+def test_the_classification_loss_is_label_smoothed_cross_entropy_on_mixed_targets():
+    """The task's own loss (not torch's) on a known batch equals timm's smoothed mixed-target formula, and
+    --smoothing 0 changes it (the recipe's value reaches the loss)."""
+    from convnext.data import Batch
+    from convnext.train.classification import ClassificationTask
+    from convnext.train.config import ClassifyConfig
+
+    logits, images = torch.randn(8, 10), torch.rand(8, 3, 32, 32)
+
+    class Fixed(torch.nn.Module):  # returns the known logits
+        def forward(self, x):
+            return logits
+
+    def loss(**kw):
+        task = ClassificationTask(ClassifyConfig(model="convnext_atto", data="x", **kw))
+        task.classes = [str(i) for i in range(10)]
+        task.mix = mixup_cutmix(10, mixup=0.8, cutmix=0.0)
+        batch = Batch(images, torch.arange(8), list(range(8)))
+        torch.manual_seed(1)  # the engine seeds each step
+        return task.loss(Fixed(), batch, torch.device("cpu"))["loss"]
+
     eps = 0.1
-    ours = torch.nn.CrossEntropyLoss(label_smoothing=eps)(logits, soft)
+    torch.manual_seed(1)  # the same draw of the mixing coefficient as inside loss()
+    _, soft = mixup_cutmix(10, mixup=0.8, cutmix=0.0)(images, torch.arange(8))
     smoothed = soft * (1 - eps) + eps / 10  # timm: smoothing folded into the mixed one-hot targets
     timm_loss = (-smoothed * logits.log_softmax(-1)).sum(-1).mean()
-    torch.testing.assert_close(ours, timm_loss)
+    torch.testing.assert_close(loss(smoothing=eps), timm_loss)
+    plain = (-soft * logits.log_softmax(-1)).sum(-1).mean()
+    torch.testing.assert_close(loss(smoothing=0.0), plain)
+    assert abs(float(loss(smoothing=eps) - loss(smoothing=0.0))) > 1e-3
 
 
 def test_write_once_builds_once_and_leaves_nothing_half_written(tmp_path):
@@ -181,3 +205,63 @@ def test_write_once_builds_once_and_leaves_nothing_half_written(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         write_once(tmp_path / "gen", "v2", broken)
     assert not (tmp_path / "gen.partial").exists() and (root / ".complete").read_text() == "v1"
+
+
+def test_randaugment_applies_its_ops_with_timm_magnitude_noise():
+    """rand-m9-mstd0.5: two ops per image that change it, magnitudes drawn from N(9, 0.5) (rounded to the
+    torchvision bins), and exactly 9 without noise; a broken (identity or fixed-magnitude) RandAugment fails."""
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    ra = parse_aa("rand-m9-mstd0.5-inc1", (124, 116, 104))
+    torch.manual_seed(0)
+    mags, changed = [], 0
+    for _ in range(400):
+        out = ra(img)
+        mags.append(ra.magnitude)
+        changed += not np.array_equal(np.asarray(out), np.asarray(img))
+    mags = np.array(mags)
+    assert changed / 400 > 0.85  # (identity is one op of 14: both draws identity ~0.5%)
+    assert abs(mags.mean() - 9) < 0.1 and 0.35 < mags.std() < 0.7 and set(mags) <= {7, 8, 9, 10}
+    fixed = parse_aa("rand-m9", (0, 0, 0))
+    for _ in range(20):
+        fixed(img)
+        assert fixed.magnitude == 9
+
+
+def test_mixup_lambda_is_beta_and_cutmix_label_weight_is_the_pasted_area():
+    """MixUp: the label weight of a sample's own class is lambda ~ Beta(alpha, alpha) (mean 1/2, variance
+    1 / (4 (2 alpha + 1))); the image is lambda x + (1 - lambda) x_rolled. CutMix: the weight of the pasted
+    class equals the share of pasted pixels, exactly."""
+    n, k, alpha = 4, 10, 0.8
+    y = torch.arange(n)  # distinct labels: each weight is read off alone
+    mixup = mixup_cutmix(k, mixup=alpha, cutmix=0.0)
+    torch.manual_seed(0)
+    lams = []
+    for _ in range(3000):
+        x = torch.rand(n, 3, 8, 8)
+        xm, ym = mixup(x, y)
+        lam = ym[0, 0].item()
+        torch.testing.assert_close(xm, lam * x + (1 - lam) * x.roll(1, 0))
+        lams.append(lam)
+    lams = np.array(lams)
+    assert abs(lams.mean() - 0.5) < 0.02 and abs(lams.var() - 1 / (4 * (2 * alpha + 1))) < 0.008
+    cutmix = mixup_cutmix(k, mixup=0.0, cutmix=1.0)
+    for _ in range(200):
+        x = torch.rand(n, 3, 16, 16)
+        xm, ym = cutmix(x, y)
+        pasted = (xm != x).any(1).float().mean((1, 2))  # share of pixels from the rolled batch
+        torch.testing.assert_close(1 - ym[:, :].gather(1, y[:, None])[:, 0], pasted, atol=1e-6, rtol=0)
+
+
+def test_drop_path_drops_whole_samples_and_rescales_by_keep():
+    from convnext.models.layers import DropPath
+
+    dp = DropPath(0.3).train()
+    torch.manual_seed(0)
+    out = dp(torch.ones(20000, 4, 3, 3))
+    per_sample = out.flatten(1)
+    assert (per_sample == per_sample[:, :1]).all()  # one decision per sample, not per element
+    values = per_sample[:, 0].unique().tolist()
+    assert len(values) == 2 and values[0] == 0.0 and values[1] == pytest.approx(1 / 0.7)
+    assert abs((per_sample[:, 0] == 0).float().mean().item() - 0.3) < 0.015
+    assert abs(out.mean().item() - 1.0) < 0.02  # the 1/keep rescale keeps the expectation
+    assert torch.equal(dp.eval()(torch.ones(3, 2)), torch.ones(3, 2))  # identity at inference

@@ -186,7 +186,7 @@ def _official_stage_wise(name, num_max_layer):
 def _official_names(backbone, prefix):
     """our parameter name -> the official det/seg name (`backbone.` + official layout), via the converter."""
     ours = backbone.body.state_dict()
-    mapping = {f"{prefix}body.{a}": f"backbone.{b}" for a, b in zip(ours, from_ours(ours, "official"))}
+    mapping = {f"{prefix}body.{a}": f"backbone.{b}" for a, b in zip(ours, from_ours(ours, "official"), strict=True)}
     return mapping | {f"{prefix}norm{i}.{p}": f"backbone.norm{i}.{p}" for i in range(4) for p in ("weight", "bias")}
 
 
@@ -203,7 +203,7 @@ def test_layer_decay_groups_equal_the_official_constructors(size, num_layers):
         names = _official_names(model.backbone.backbone if kind == "layer_wise" else model.backbone, prefix)
         assert sum(len(g["names"]) for g in groups) == sum(1 for _ in model.parameters())
         for g in groups:
-            for name, p in zip(g["names"], g["params"]):
+            for name, p in zip(g["names"], g["params"], strict=True):
                 off = names.get(name, "neck_or_head." + name)  # everything outside the backbone: head rate
                 if kind == "layer_wise":
                     lid = official(off, n_cfg)
@@ -349,70 +349,111 @@ def test_detection_sigkill_then_resume_is_bitwise(det_scenes, tmp_path):
                                 "segm_mAP_50"} <= set(lines[-1])
 
 
+def _held_out_detection(model, ds):
+    """On each scene of `ds` (one object each): whether the RPN's 10 best proposals hold the object (IoU >= 0.5),
+    and the training loss of the scene (the model in train mode, no gradients)."""
+    from torchvision.ops import box_iou
+
+    recall, loss = [], []
+    for i in range(len(ds)):
+        img, target, _ = ds[i]
+        with torch.no_grad():
+            model.eval()
+            images, _ = model.transform([img])
+            proposals, _ = model.rpn(images, model.backbone(images.tensors))
+            (h, w), (H, W) = images.image_sizes[0], img.shape[-2:]
+            best = proposals[0][:10] * torch.tensor([W / w, H / h, W / w, H / h])
+            recall.append(float(box_iou(best, target["boxes"]).max() >= 0.5))
+            model.train()
+            loss.append(sum(model([img], [{k: target[k] for k in ("boxes", "labels", "masks")}]).values()).item())
+    model.eval()
+    return sum(recall) / len(ds), sum(loss) / len(ds)
+
+
 @pytest.mark.slow
-def test_detection_learns_and_ddp_evaluation_equals_one_process(tmp_path):
-    """A short run on scenes of one garment (trousers or sneakers), evaluated on its training scenes:
-    the loss falls, mAP beats the untrained model, and the 2-process run's distributed evaluation equals
-    `detect eval` of the same weights in one process."""
-    data = write_scenes(tmp_path / "scenes", "detect", n_train=16, n_val=4, spec=SceneSpec(
-        min_side=96, max_side=112, min_objects=1, max_objects=1, min_garment=48, max_garment=64, classes=(1, 7)))
-    train_ann, train_images = data / "annotations/instances_train.json", data / "train"
+def test_detection_learns_on_held_out_scenes_and_ddp_evaluation_equals_one_process(tmp_path):
+    """Mask R-CNN trained from scratch for 120 steps on 160 small scenes of one garment (trousers), judged on
+    8 held-out scenes (other garments, other placements): its RPN finds the objects there (an untrained one
+    finds none), its loss there falls far below the untrained model's, box mAP@0.5 > 0 where the untrained
+    model's is 0, and predict draws the held-out object. The 2-process run's distributed evaluation equals
+    `detect eval` of the same weights in one process. (Box AP that compares with published numbers needs the
+    demo's budget: 0.245 mAP@0.5 in 25 minutes.)"""
+    from convnext.data.coco import CocoDetection, detection_transform
+    from convnext.eval.dense import load_detector
+
+    data = write_scenes(tmp_path / "scenes", "detect", n_train=160, n_val=8, spec=SceneSpec(
+        min_side=48, max_side=56, min_objects=1, max_objects=1, min_garment=24, max_garment=32, classes=(1,)))
     r = cli("detect", "train", "--model", "convnext_atto", "--data", data, "--output", tmp_path / "run",
-            "--val-ann", train_ann, "--val-images", train_images, "--eval-every", 10,
-            "--epochs", 10, "--batch-size", 4, "--input-size", 96, "--lr", 1e-3, "--warmup-epochs", 1, "--workers", 0,
-            "--threads", 1, "--proposals", 100, "--rois-per-image", 32, "--nproc", 2, "--no-progress",
-            "--crop", 0, "--photometric", 0)
+            "--eval-every", 6, "--epochs", 6, "--batch-size", 4, "--input-size", 48, "--ms-scale", 1, 1,
+            "--lr", 2e-3, "--warmup-epochs", 1, "--workers", 0, "--threads", 1, "--proposals", 100,
+            "--rois-per-image", 32, "--nproc", 2, "--no-progress", "--crop", 0, "--photometric", 0)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert lines[-1]["train_loss"] < 0.8 * lines[0]["train_loss"]
-    e = cli("detect", "eval", "--checkpoint", tmp_path / "run" / "last.pt", "--data", data, "--val-ann", train_ann,
-            "--val-images", train_images, "--json")
+    assert lines[-1]["train_loss"] < 0.5 * lines[0]["train_loss"]
+    e = cli("detect", "eval", "--checkpoint", tmp_path / "run" / "last.pt", "--data", data, "--json")
     assert e.returncode == 0, e.stderr[-2000:]
     one = json.loads(e.stdout)
-    assert one["bbox_mAP"] == pytest.approx(lines[-1]["bbox_mAP"], abs=1e-9)
+    assert one["count"] == 8 and one["bbox_mAP"] == pytest.approx(lines[-1]["bbox_mAP"], abs=1e-9)
     assert one["segm_mAP_50"] == pytest.approx(lines[-1]["segm_mAP_50"], abs=1e-9)
-    untrained = create_detector("convnext_atto", 10, min_size=96)
-    from convnext.data.coco import CocoDetection, collate_detection, detection_transform
-    from convnext.eval.dense import evaluate_detection
-
-    ds = CocoDetection(train_ann, train_images, detection_transform(False))
-    loader = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=collate_detection)
-    base = evaluate_detection(untrained, loader, torch.device("cpu"), ds)
-    # 160 images of training from scratch: far from a good detector, but measurably better than none
-    assert base["bbox_mAP_50"] == 0.0 and one["bbox_mAP_50"] > 0.005
-    # predict: drawn images and COCO results, never over existing files without --force
+    held_out = CocoDetection(data / "annotations/instances_val.json", data / "val", detection_transform(False))
+    model, spec = load_detector(tmp_path / "run" / "last.pt")
+    torch.manual_seed(0)
+    untrained, _ = load_detector(tmp_path / "run" / "last.pt")
+    untrained.load_state_dict(create_detector("convnext_atto", 10, min_size=48, max_size=spec["max_size"],
+                                              **spec.get("options", {})).state_dict())
+    (recall, loss), (recall0, loss0) = _held_out_detection(model, held_out), _held_out_detection(untrained, held_out)
+    assert recall >= 0.375 and recall0 == 0.0, (recall, recall0)  # an untrained RPN: none
+    assert loss < 0.3 * loss0, (loss, loss0)
+    assert one["bbox_mAP_50"] > 0.005, one
+    # predict on a held-out scene: drawn image and COCO results, its best box on the object's class
     p = cli("detect", "predict", data / "val" / "000000.jpg", "--checkpoint", tmp_path / "run" / "best.safetensors",
-            "--output", tmp_path / "pred", "--score-threshold", 0.1)
+            "--output", tmp_path / "pred", "--score-threshold", 0.05)
     assert p.returncode == 0, p.stderr[-2000:]
     assert (tmp_path / "pred" / "000000.png").is_file()
     results = json.loads((tmp_path / "pred" / "detections.json").read_text())
-    assert all(1 <= r["category_id"] <= 10 and r["file_name"].endswith("000000.jpg") for r in results)
+    assert results and all(r["file_name"].endswith("000000.jpg") for r in results)
+    assert max(results, key=lambda r: r["score"])["category_id"] == 2  # Trouser (Fashion-MNIST class 1)
     again = cli("detect", "predict", data / "val" / "000000.jpg", "--checkpoint", tmp_path / "run" / "best.safetensors",
                 "--output", tmp_path / "pred")
     assert again.returncode == 2 and "exists; pass --force" in again.stderr
 
 
 @pytest.mark.slow
-def test_segmentation_learns_on_the_engine(seg_scenes, tmp_path):
+def test_segmentation_learns_on_the_engine(tmp_path):
+    """The FPN head from scratch on 128 scenes of one large garment (trousers); judged on 8 held-out scenes
+    against the untrained model and the majority baseline (measured on Zen 4: mIoU 0.69 vs 0.38, aAcc 0.85 vs
+    0.75)."""
     from convnext.train import fit
     from convnext.train.segmentation import SegmentConfig, SegmentationTask
 
-    cfg = SegmentConfig(model="convnext_atto", data=str(seg_scenes), output=str(tmp_path / "run"), epochs=6,
-                        batch_size=4, input_size=64, lr=2e-3, warmup_epochs=0, workers=0, progress=False)
+    seg_scenes = write_scenes(tmp_path / "scenes", "segment", n_train=128, n_val=8, spec=SceneSpec(
+        min_side=48, max_side=56, min_objects=1, max_objects=1, min_garment=40, max_garment=48, classes=(1,)))
+    cfg = SegmentConfig(model="convnext_atto", data=str(seg_scenes), output=str(tmp_path / "run"), epochs=10,
+                        batch_size=8, input_size=48, scale=(1.0, 1.0), head="fpn", channels=32, lr=4e-3,
+                        warmup_epochs=1, workers=0, progress=False)
     s = fit(SegmentationTask(cfg))
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert {"train_loss", "train_loss_seg", "train_loss_aux", "mIoU", "mAcc", "aAcc"} <= set(lines[-1])
     assert lines[-1]["train_loss"] < 0.7 * lines[0]["train_loss"]
-    untrained = create_segmenter("convnext_atto", 11)
+    untrained = create_segmenter("convnext_atto", 11, head="fpn", channels=32)
     from convnext.data.segdata import SegmentationFolder, collate_segmentation, segmentation_transform
     from convnext.eval.dense import evaluate_segmentation
     from convnext.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
-    ds = SegmentationFolder(seg_scenes, "val", segmentation_transform(False, 64, IMAGENET_MEAN, IMAGENET_STD))
+    ds = SegmentationFolder(seg_scenes, "val", segmentation_transform(False, 48, IMAGENET_MEAN, IMAGENET_STD))
     base = evaluate_segmentation(untrained, torch.utils.data.DataLoader(ds, batch_size=4,
                                                                         collate_fn=collate_segmentation),
                                  torch.device("cpu"), 11)
     assert s["best"] > base["mIoU"] and lines[-1]["aAcc"] > base["aAcc"]
+    # ... and beats the majority baseline on the held-out scenes (every pixel the most frequent class):
+    # a head that learned only the background ties with it
+    labels = torch.cat([ds[i][1].flatten() for i in range(len(ds))])
+    labels = labels[labels != 255]
+    counts = torch.bincount(labels, minlength=11).double()
+    majority_acc = counts.max().item() / counts.sum().item()  # its aAcc; its mIoU is that / classes present
+    present = int((counts > 0).sum())
+    best = max(lines, key=lambda m: m["mIoU"])
+    assert best["aAcc"] > majority_acc + 0.02 and best["mIoU"] > 1.5 * majority_acc / present
     r = cli("segment", "eval", "--checkpoint", tmp_path / "run" / "best.safetensors", "--data", seg_scenes, "--json")
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout)["mIoU"] == pytest.approx(s["best"], abs=1e-9)
@@ -421,3 +462,96 @@ def test_segmentation_learns_on_the_engine(seg_scenes, tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     mask = np.asarray(Image.open(tmp_path / "pred" / "000000_mask.png"))
     assert mask.shape == np.asarray(Image.open(seg_scenes / "images/validation/000000.jpg")).shape[:2]
+
+
+# --- every detector and the segmenter on the engine: train, resume to the bit, eval, predict -------------
+
+def _dense_run(task, data, out, **kw):
+    from convnext.train import fit
+    from convnext.train.detection import DetectConfig, DetectionTask
+    from convnext.train.segmentation import SegmentConfig, SegmentationTask
+
+    common = dict(model="convnext_atto", data=str(data), output=str(out), epochs=2, batch_size=2, input_size=64,
+                  lr=5e-4, warmup_epochs=0, workers=0, threads=1, progress=False, save_every_steps=1,
+                  keep_checkpoints=99)
+    if task == "segment":
+        return fit(SegmentationTask(SegmentConfig(**{**common, "head": "fpn", "channels": 16, **kw})))
+    return fit(DetectionTask(DetectConfig(**{**common, "proposals": 50, "rois_per_image": 16, "fpn_channels": 32,
+                                             "box_head_width": 32, **kw})))
+
+
+@pytest.fixture(scope="module")
+def small_scenes(tmp_path_factory):
+    spec = SceneSpec(min_side=64, max_side=72, min_objects=1, max_objects=2, min_garment=24, max_garment=40)
+    root = tmp_path_factory.mktemp("small")
+    return {t: write_scenes(root / t, t, n_train=4, n_val=2, spec=spec) for t in ("detect", "segment")}
+
+
+@pytest.mark.parametrize("arch", ["fasterrcnn", "retinanet", "fcos"])
+def test_every_detector_trains_resumes_bitwise_evaluates_and_predicts(small_scenes, tmp_path, capsys, arch):
+    """Faster R-CNN, RetinaNet and FCOS as Mask R-CNN: named losses on the engine; a run resumed from one of
+    its mid-epoch checkpoints ends bitwise where the uninterrupted one does (the SIGKILL itself:
+    test_detection_sigkill_then_resume_is_bitwise); `detect eval` reproduces the run's AP; predict writes."""
+    from convnext.dense.detection import LOSS_NAMES
+    from helpers import run_main
+
+    data = small_scenes["detect"]
+    ref, resumed = tmp_path / "ref", tmp_path / "resumed"
+    width = 64 if arch == "fcos" else 32  # (FCOS: GroupNorm of 32 groups in its head)
+    _dense_run("detect", data, ref, arch=arch, fpn_channels=width)
+    mid = ref / "checkpoints" / "step-00000003.pt"  # 2 steps an epoch: epoch 2, mid-way
+    _dense_run("detect", data, resumed, arch=arch, fpn_channels=width, resume=str(mid))
+    a, b = (torch.load(p / "last.pt", weights_only=True) for p in (ref, resumed))
+    assert a["step"] == 4
+    assert_same_run(a, b)
+    line = [json.loads(x) for x in (ref / "metrics.jsonl").read_text().splitlines()][-1]
+    assert {f"train_{n}" for n in LOSS_NAMES[arch]} | {"bbox_mAP", "bbox_mAP_50"} <= set(line)
+    assert "segm_mAP" not in line  # masks are Mask R-CNN's only
+    code, out, err = run_main(capsys, "detect", "eval", "--checkpoint", ref / "last.pt", "--data", data, "--json")
+    assert code == 0, err
+    assert json.loads(out)["bbox_mAP"] == pytest.approx(line["bbox_mAP"], abs=1e-9)
+    code, out, err = run_main(capsys, "detect", "predict", data / "val", "--checkpoint", ref / "best.safetensors",
+                              "--output", tmp_path / "pred", "--score-threshold", 0.0, "--json")
+    assert code == 0, err
+    assert len(list((tmp_path / "pred").glob("*.png"))) == 2
+    assert isinstance(json.loads((tmp_path / "pred" / "detections.json").read_text()), list)
+
+
+def test_segmentation_resumes_bitwise_and_evaluates_as_it_trained(small_scenes, tmp_path, capsys):
+    from helpers import run_main
+
+    data = small_scenes["segment"]
+    ref, resumed = tmp_path / "ref", tmp_path / "resumed"
+    _dense_run("segment", data, ref)
+    _dense_run("segment", data, resumed, resume=str(ref / "checkpoints" / "step-00000003.pt"))
+    a, b = (torch.load(p / "last.pt", weights_only=True) for p in (ref, resumed))
+    assert a["step"] == 4
+    assert_same_run(a, b)
+    line = [json.loads(x) for x in (ref / "metrics.jsonl").read_text().splitlines()][-1]
+    code, out, err = run_main(capsys, "segment", "eval", "--checkpoint", ref / "last.pt", "--data", data, "--json")
+    assert code == 0 and json.loads(out)["mIoU"] == pytest.approx(line["mIoU"], abs=1e-9), err
+
+
+@pytest.mark.slow
+def test_segmentation_on_two_processes_equals_one_process(small_scenes, tmp_path):
+    data = small_scenes["segment"]
+    args = ["segment", "train", "--model", "convnext_atto", "--data", data, "--epochs", 2, "--input-size", 64,
+            "--lr", 5e-4, "--warmup-epochs", 0, "--workers", 0, "--threads", 1, "--no-progress", "--head", "fpn",
+            "--channels", 16, "--photometric", 0, "--head-dropout", 0, "--scale", 1, 1]
+    # (dropout draws per rank; no padding, so that each rank's mean over its pixels is the mean over all: the
+    # loss is averaged per rank, as mmseg does)
+    one = cli(*args, "--output", tmp_path / "one", "--batch-size", 4)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = cli(*args, "--output", tmp_path / "two", "--batch-size", 2, "--nproc", 2)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = (torch.load(tmp_path / d / "last.pt", weights_only=True) for d in ("one", "two"))
+    for ha, hb in zip(a["history"], b["history"], strict=True):
+        assert ha["train_loss"] == pytest.approx(hb["train_loss"], abs=1e-5)
+        assert ha["mIoU"] == pytest.approx(hb["mIoU"], abs=1e-6)  # exact distributed evaluation
+    # AdamW moves a weight whose gradient is float noise by up to lr per step whatever its size: most weights
+    # agree to 1e-5, none by more than the two steps' lr
+    close = torch.cat([((a["model"][k] - b["model"][k]).abs() <= 1e-5).flatten() for k in a["model"]
+                       if a["model"][k].is_floating_point()])
+    assert close.float().mean() > 0.95, close.float().mean()
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], atol=2 * 5e-4, rtol=0)

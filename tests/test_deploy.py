@@ -87,12 +87,36 @@ def test_cli_export_then_predict_with_an_exported_runtime(fmt, tmp_path):
     via_ort = json.loads(cli("predict", *images, "--checkpoint", exported, "--backend", BACKEND[fmt], "--json"))
     via_torch = predict(*load_for_inference(ckpt), images)  # what `convnext predict` does without a backend
     assert [r["path"] for r in via_ort] == [str(p) for p in images]
-    for a, b in zip(via_ort, via_torch):
+    for a, b in zip(via_ort, via_torch, strict=True):
         assert [c for c, _ in a["top"]] == [c for c, _ in b["top"]]
-        assert all(abs(pa - pb) <= 1e-4 for (_, pa), (_, pb) in zip(a["top"], b["top"]))
+        assert all(abs(pa - pb) <= 1e-4 for (_, pa), (_, pb) in zip(a["top"], b["top"], strict=True))
     with pytest.raises(ValueError, match="convnext export"):  # a checkpoint is not an exported program
         ExportedModel(ckpt, BACKEND[fmt])
     # the optimized torch path (default) and a bf16 model give the same classes
     for extra in ([], ["--precision", "bf16"], ["--no-optimize"]):
         via = json.loads(cli("predict", *images, "--checkpoint", ckpt, "--json", *extra))
         assert [r["top"][0][0] for r in via] == [r["top"][0][0] for r in via_torch]
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "torch-export"])
+def test_cli_predict_with_the_torchscript_and_torch_export_backends(fmt, tmp_path, capsys):
+    from PIL import Image
+
+    from helpers import run_main
+
+    model = perturb(convnext.create_model("convnext_atto", num_classes=3))
+    ckpt = tmp_path / "best.safetensors"
+    save_checkpoint(model, ckpt, classes=["cat", "dog", "fox"], preprocess={"input_size": 64, "crop_pct": 1.0})
+    images = []
+    for i in range(2):
+        images.append(tmp_path / f"img{i}.png")
+        Image.fromarray((torch.rand(80, 90, 3) * 255).byte().numpy()).save(images[-1])
+    exported = tmp_path / f"m{SUFFIX[fmt]}"
+    assert run_main(capsys, "export", "--checkpoint", ckpt, "--format", fmt, "--output", exported)[0] == 0
+    code, out, err = run_main(capsys, "predict", *images, "--checkpoint", exported, "--backend", BACKEND[fmt], "--json")
+    assert code == 0, err
+    via = json.loads(out)
+    want = predict(*load_for_inference(ckpt), images)
+    for a, b in zip(via, want, strict=True):
+        assert [c for c, _ in a["top"]] == [c for c, _ in b["top"]]
+        assert all(abs(pa - pb) <= 1e-4 for (_, pa), (_, pb) in zip(a["top"], b["top"], strict=True))

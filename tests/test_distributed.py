@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from convnext.data.fashion_mnist import prepare
-from convnext.weights import read_checkpoint
 
 from test_train import FAST, _args, assert_same_run, cli, final_state
 
@@ -42,7 +41,7 @@ def test_two_processes_equal_one_process_with_double_batch(fmnist, tmp_path):
     assert r2.returncode == 0, r2.stderr
     assert "global batch 32 (16 x 1 x 2 processes)" in r2.stderr
     m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
-    for a, b in zip(m1, m2):
+    for a, b in zip(m1, m2, strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-4)
         assert a["val_acc1"] == pytest.approx(b["val_acc1"], abs=1.01)  # at most one image flips
     s1, s2 = final_state(tmp_path / "one")["model"], final_state(tmp_path / "two")["model"]
@@ -138,22 +137,41 @@ def test_killed_rank_without_restarts_fails_fast(fmnist, tmp_path):
     assert "rank      : 1 (local_rank: 1)" in cause and "exitcode  : -9" in cause and "SIGKILL" in cause, err[-3000:]
 
 
-def test_fsdp_checkpoint_loads_in_one_process(fmnist, tmp_path):
+def test_fsdp_equals_one_process_resumes_and_loads_in_one_process(fmnist, tmp_path):
+    """FSDP (2 x 16) trains to the weights of one process (32) within float noise; its mid-epoch checkpoint
+    resumes under FSDP to the same run bitwise; its name-keyed `last.pt` resumes in one process; eval reads
+    its best."""
+    import shutil
+
+    run = {**FAST, "data": fmnist, "epochs": 2, "save_every_steps": 3, "keep_checkpoints": 10}
+    ref = cli("train", *_args(**{**run, "output": tmp_path / "ref", "batch_size": 32}))
+    assert ref.returncode == 0, ref.stderr[-3000:]
     out = tmp_path / "fsdp"
-    r = torchrun(2, "train", *_args(**{**FAST, "data": fmnist, "output": out, "epochs": 1, "batch_size": 16}),
+    r = torchrun(2, "train", *_args(**{**run, "output": out, "batch_size": 16}), "--fsdp")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for a, b in zip(metrics(tmp_path / "ref"), metrics(out), strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-4)
+        assert a["val_acc1"] == pytest.approx(b["val_acc1"], abs=1.01)  # at most one image flips
+    one, sharded = final_state(tmp_path / "ref"), final_state(out)
+    assert sharded["model"]["stem.conv.weight"].shape == (40, 3, 4, 4)  # whole tensors, by name
+    for k in one["model"]:
+        torch.testing.assert_close(one["model"][k], sharded["model"][k], atol=1e-4, rtol=1e-3)
+    # FSDP resume: only the checkpoint of step 12 (epoch 2, batch 3) in a fresh folder
+    (tmp_path / "again" / "checkpoints").mkdir(parents=True)
+    shutil.copy(out / "checkpoints" / "step-00000012.pt", tmp_path / "again" / "checkpoints")
+    r = torchrun(2, "train", *_args(**{**run, "output": tmp_path / "again", "batch_size": 16, "resume": "auto"}),
                  "--fsdp")
     assert r.returncode == 0, r.stderr[-3000:]
-    acc = metrics(out)[-1]["val_acc1"]
-    state, _ = read_checkpoint(out / "last.pt")
-    assert "stem.conv.weight" in state["model"] and state["model"]["stem.conv.weight"].shape == (40, 3, 4, 4)
+    assert "resumed from" in r.stderr and "step 12)" in r.stderr
+    assert_same_run(final_state(out), final_state(tmp_path / "again"))
     r = cli("eval", "--checkpoint", out / "best.safetensors", "--data", fmnist, "--json")
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["acc1"] == pytest.approx(acc, abs=1e-6)
-    # The full, name-keyed state resumes on another world size: here 1 process, unsharded.
-    r = cli("train", *_args(**{**FAST, "data": fmnist, "output": out, "epochs": 2, "batch_size": 32,
-                               "resume": "auto"}))
+    assert json.loads(r.stdout)["acc1"] == pytest.approx(max(m["val_acc1"] for m in metrics(out)), abs=1e-6)
+    # The full state resumes on another world size: here 1 process, unsharded, one more epoch.
+    r = cli("train", *_args(**{**run, "output": out, "epochs": 3, "batch_size": 32, "resume": "auto"}))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "resumed from" in r.stderr and [m["epoch"] for m in metrics(out)] == [1, 2]
+    assert "resumed from" in r.stderr and "(epoch 3, batch 0, step 18)" in r.stderr
+    assert [m["epoch"] for m in metrics(out)] == [1, 2, 3]
 
 
 # --- Several nodes: two torchrun agents on this machine as two nodes (c10d rendezvous on 127.0.0.1) -----

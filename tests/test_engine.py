@@ -62,7 +62,7 @@ class RegressionTask(Task):
         return RandomRegression(96, seed=1, augment=True), RandomRegression(40, seed=2, augment=False)
 
     def collate(self, items):
-        x, y, idx = zip(*items)
+        x, y, idx = zip(*items, strict=True)
         return Batch(torch.stack(x), torch.stack(y), list(idx), [])
 
     def build_model(self):
@@ -228,6 +228,46 @@ def test_the_engine_sums_the_named_losses_and_guards_the_name_of_the_sum(tmp_pat
         fit(Shadow(config(tmp_path / "shadow", epochs=1, warmup_epochs=0)))
 
 
+def test_resuming_mid_run_with_gradient_accumulation_is_bitwise(tmp_path):
+    """--grad-accum 2: a run resumed from one of its mid-epoch step files ends with the uninterrupted run's
+    weights, optimizer state and metrics, bit for bit (SIGKILL itself: test_sigkill_then_resume_...)."""
+    ref = tmp_path / "ref"
+    fit(RegressionTask(config(ref, grad_accum=2, batch_size=8, save_every_steps=1, keep_checkpoints=99)))
+    mid = ref / "checkpoints" / "step-00000008.pt"  # 6 optimizer steps an epoch: epoch 2, mid-way
+    assert torch.load(mid, weights_only=True)["progress"]["batch"] > 0
+    fit(RegressionTask(config(tmp_path / "resumed", grad_accum=2, batch_size=8, save_every_steps=1,
+                              resume=str(mid))))
+    assert_same_run(state(ref), state(tmp_path / "resumed"))
+
+
+def test_clip_grad_bounds_the_global_gradient_norm_of_every_step(tmp_path, monkeypatch):
+    norms = []
+    step = torch.optim.AdamW.step
+
+    def recording(self, *a, **k):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in grads]))))
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
+    fit(RegressionTask(config(tmp_path / "free", epochs=1, warmup_epochs=0)))
+    free = list(norms)
+    norms.clear()
+    fit(RegressionTask(config(tmp_path / "clipped", epochs=1, warmup_epochs=0, clip_grad=0.05)))
+    assert max(free) > 0.5 and max(norms) <= 0.05 * (1 + 1e-5) and len(norms) == len(free)
+
+
+@pytest.mark.slow
+def test_a_compiled_run_equals_the_eager_run(tmp_path):
+    """--compile: the engine's compiled training steps compute what the eager ones do (1e-5)."""
+    fit(RegressionTask(config(tmp_path / "eager", epochs=1, warmup_epochs=0), dropout=0))
+    fit(RegressionTask(config(tmp_path / "compiled", epochs=1, warmup_epochs=0, compile=True), dropout=0))
+    a, b = state(tmp_path / "eager"), state(tmp_path / "compiled")
+    assert a["step"] == b["step"]
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     cmd, env = run_script(tmp_path / "ref", save_every_steps=1)
@@ -251,7 +291,7 @@ def test_two_ddp_processes_equal_one_process_with_double_batch(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "global batch 16 (8 x 1 x 2 processes)" in r.stderr
     a, b = state(tmp_path / "one"), state(tmp_path / "two")
-    for ha, hb in zip(a["history"], b["history"]):
+    for ha, hb in zip(a["history"], b["history"], strict=True):
         assert ha["train_loss"] == pytest.approx(hb["train_loss"], abs=1e-5)
         assert ha["val_mse"] == pytest.approx(hb["val_mse"], abs=1e-5)
         assert hb["val_count"] == 40  # exact distributed evaluation: every sample once

@@ -293,7 +293,7 @@ def test_pretrain_then_finetune_through_the_cli(images, tmp_path):
     pr = cli("pretrain", "predict", *sorted(probe.rglob("*.png"))[:2], "--checkpoint", out / "last.pt",
              "--output", tmp_path / "rec", "--input-size", 32)
     assert pr.returncode == 0, pr.stderr[-2000:]
-    assert len(list((tmp_path / "rec").glob("*.png"))) == 2 and pr.stdout.count("reconstruction loss") == 2
+    assert len(list((tmp_path / "rec").rglob("*.png"))) == 2 and pr.stdout.count("reconstruction loss") == 2
     wrong = cli("detect", "eval", "--checkpoint", out / "best.safetensors", "--data", probe)
     assert wrong.returncode == 2 and "holds a pretrain model" in wrong.stderr and "convnext pretrain" in wrong.stderr
     bad = cli("pretrain", "--model", "convnextv2_atto", "--data", images, "--output", tmp_path / "x",

@@ -1,5 +1,6 @@
 """Schedule values, parameter groups and layer-wise lr decay against the official formulas."""
 
+import itertools
 import math
 
 import numpy as np
@@ -61,7 +62,7 @@ def test_layer_ids_equal_the_official_assignment(name, kind):
     ours = {k: layer_id(k, model.cfg.depths, kind) for k, _ in model.named_parameters()}
     # our parameter names -> official ones, through the same key table the converter uses
     official_names = list(from_ours({k: torch.empty(0) for k in ours}, "official"))
-    for (k, (lid, n)), off in zip(ours.items(), official_names):
+    for (k, (lid, n)), off in zip(ours.items(), official_names, strict=True):
         expected = official_group_id(off) if kind == "group" else official_single_id(off, model.cfg.depths)
         assert lid == expected, (k, off)
         assert n == (12 if kind == "group" else sum(model.cfg.depths))
@@ -94,7 +95,7 @@ def test_param_groups_decay_and_scales():
         scale = {n: g["lr_scale"] for g in param_groups(m, 0.05, 0.7, kind) for n in g["names"]}
         names = [n for n, _ in m.named_parameters()]
         order = [scale[n] for n in names]
-        assert all(a <= b for a, b in zip(order, order[1:])), name
+        assert all(a <= b for a, b in itertools.pairwise(order)), name
         depths = m.cfg.depths if hasattr(m.cfg, "depths") else (m.cfg.depth,)
         for n in names:
             lid, num = layer_id(n, depths, kind)

@@ -43,9 +43,25 @@ def test_eval_and_predict_use_the_ema_weights_of_our_last_pt(fmnist, ema_run):  
     assert json.loads(r.stdout)["acc1"] == pytest.approx(history[-1]["val_acc1_ema"], abs=1e-6)
     r = cli("eval", "--checkpoint", ema_run / "last.pt", "--data", fmnist, "--json", "--force")  # the plain weights
     assert json.loads(r.stdout)["acc1"] == pytest.approx(history[-1]["val_acc1"], abs=1e-6)
-    image = next((fmnist / "val" / "Bag").glob("*.png"))
-    r = cli("predict", image, "--checkpoint", ema_run / "last.pt", "--key", "model_ema", "--topk", "2")
-    assert r.returncode == 0 and ": " in r.stdout, r.stderr
+    # the EMA weights are not the model's (else an ignored --key would pass), and predict gives the EMA's output
+    state = torch.load(ema_run / "last.pt", weights_only=True)
+    ema = {k.removeprefix("module."): v for k, v in state["model_ema"].items() if k != "n_averaged"}
+    assert any(not torch.equal(v, ema[k]) for k, v in state["model"].items())
+    from convnext.data import load_rgb
+    from convnext.factory import load_for_inference
+
+    images = sorted((fmnist / "val" / "Bag").glob("*.png"))[:4]
+    r = cli("predict", *images, "--checkpoint", ema_run / "last.pt", "--key", "model_ema", "--topk", "10", "--json",
+            "--no-optimize")
+    assert r.returncode == 0, r.stderr
+    got = [dict(p["top"]) for p in json.loads(r.stdout)]
+    for key, expect_equal in (("model_ema", True), (None, False)):
+        model, info = load_for_inference(ema_run / "last.pt", key=key)
+        with torch.no_grad():
+            probs = model(torch.stack([info.transform()(load_rgb(p)) for p in images])).softmax(1)
+        close = all(abs(row[c] - float(probs[i, info.classes.index(c)])) < 1e-5 for i, row in enumerate(got)
+                    for c in row)
+        assert close == expect_equal, key
 
 
 def test_an_unknown_key_is_an_error_that_lists_the_keys(fmnist, ema_run):  # noqa: F811

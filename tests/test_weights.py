@@ -129,7 +129,7 @@ def test_save_checkpoint_metadata_rebuilds_the_model(tmp_path):
     assert spec["model_name"] == "convnextv2_atto" and spec["model_config"]["num_classes"] == 4
     m = convnext.create_model("convnextv2_atto", pretrained=tmp_path / "m.safetensors")
     assert m.num_classes == 4 and m.cfg.head_init_scale == 0.5
-    assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), m.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), m.state_dict().values(), strict=True))
 
 
 def test_pretrained_table_is_complete():

@@ -36,7 +36,7 @@ def plot_curves(history: Sequence[dict], path: str | os.PathLike) -> None:
             # a negative metric means "undefined" (COCOeval's -1 for a size range without objects)
             pts = [(h["epoch"], h[key]) for h in history if key in h and ("loss" in key or h[key] >= 0)]
             if pts:
-                ax.plot(*zip(*pts), "o-", label=key)
+                ax.plot(*zip(*pts, strict=True), "o-", label=key)
         if group:
             ax.legend(fontsize="small")
     axes[0].set(title="loss", xlabel="epoch")
@@ -98,7 +98,7 @@ def plot_comparison(runs: dict[str, Sequence[dict]], key: str, path: str | os.Pa
     for name, history in runs.items():
         pts = [(h["epoch"], h[key]) for h in history if key in h]
         if pts:
-            ax.plot(*zip(*pts), "o-", label=name)
+            ax.plot(*zip(*pts, strict=True), "o-", label=name)
     ax.set(title=title or key, xlabel="epoch", ylabel=key)
     ax.legend(fontsize="small")
     if extra:

@@ -43,10 +43,10 @@ def time_interleaved(results: list[Result], weights: dict[str, torch.Tensor], wo
         if progress:
             print(f"  ready: {r.spec.label} ({r.setup_s:.1f} s setup + warm-up)", flush=True)
     if infer:
-        for r, out in zip(results, outputs):
+        for r, out in zip(results, outputs, strict=True):
             r.max_abs_diff = (out - outputs[0]).abs().max().item()
     for i in range(repeats):
-        for r, step in zip(results, steps):
+        for r, step in zip(results, steps, strict=True):
             sync(device)
             t = time.perf_counter()
             step()

@@ -249,7 +249,7 @@ class CocoDetection(Dataset):
                             | {"bbox": [x0, y0, x1 - x0, y1 - y0], "area": a.get("area", (x1 - x0) * (y1 - y0))})
         coco = COCO()
         coco.dataset = {"images": self.images, "annotations": anns,
-                        "categories": [{"id": c, "name": n} for c, n in zip(self.cat_ids, self.classes)]}
+                        "categories": [{"id": c, "name": n} for c, n in zip(self.cat_ids, self.classes, strict=True)]}
         with contextlib.redirect_stdout(io.StringIO()):
             coco.createIndex()
         return coco

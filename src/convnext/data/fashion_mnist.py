@@ -138,7 +138,7 @@ def prepare(root: str | os.PathLike, *, per_class: dict[str, int] | None = None,
             counts = [0] * len(CLASSES)
             for c in CLASSES:
                 (tmp / split / c).mkdir(parents=True, exist_ok=True)
-            for i, (pixels, label) in enumerate(zip(images, labels)):
+            for i, (pixels, label) in enumerate(zip(images, labels, strict=True)):
                 if limit is not None and counts[label] >= limit:
                     continue
                 counts[label] += 1

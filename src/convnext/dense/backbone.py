@@ -42,7 +42,7 @@ class ConvNeXtBackbone(nn.Module):
         self.out_indices = self.body.out_indices
         self.channels = [self.body.cfg.dims[i] for i in self.out_indices]
         self.strides = [self.body.cfg.patch_size * 2 ** i for i in self.out_indices]
-        for i, c in zip(self.out_indices, self.channels):
+        for i, c in zip(self.out_indices, self.channels, strict=True):
             self.add_module(f"norm{i}", LayerNorm2d(c, eps=1e-6))
         if dense:
             missing = [f"norm{i}.{p}" for i in self.out_indices for p in ("weight", "bias")
@@ -65,7 +65,7 @@ class ConvNeXtBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         feats = self.body(x)
-        return [getattr(self, f"norm{i}")(f) for i, f in zip(self.out_indices, feats)]
+        return [getattr(self, f"norm{i}")(f) for i, f in zip(self.out_indices, feats, strict=True)]
 
 
 class ConvNeXtFPN(nn.Module):

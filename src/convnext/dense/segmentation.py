@@ -6,7 +6,7 @@ lateral 1x1 convs to 512 channels, a top-down pathway with 3x3 convs (the FPN), 
 to stride 4 and concatenated, a 3x3 fusion conv, dropout 0.1 and a 1x1 classifier. The auxiliary FCN
 head (one 3x3 conv of 256 channels on stage 3, dropout 0.1) adds 0.4 x its cross-entropy in training.
 Convolutions are conv + BatchNorm + ReLU (SyncBN in the official configs: BatchNorm is converted to
-SyncBatchNorm when training on several CUDA GPUs). Logits are upsampled to the input size.
+SyncBatchNorm when training on several processes: `train.distributed.sync_batchnorm`). Logits are upsampled to the input size.
 """
 
 from __future__ import annotations
@@ -56,10 +56,10 @@ class UPerHead(nn.Module):
         self.cls = nn.Conv2d(channels, num_classes, 1)
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
-        laterals = [lat(f) for lat, f in zip(self.lateral, feats)] + [self.ppm(feats[-1])]
+        laterals = [lat(f) for lat, f in zip(self.lateral, feats, strict=False)] + [self.ppm(feats[-1])]
         for i in range(len(laterals) - 1, 0, -1):  # top-down
             laterals[i - 1] = laterals[i - 1] + _resize(laterals[i], laterals[i - 1].shape[-2:])
-        outs = [conv(x) for conv, x in zip(self.fpn, laterals[:-1])] + [laterals[-1]]
+        outs = [conv(x) for conv, x in zip(self.fpn, laterals[:-1], strict=False)] + [laterals[-1]]
         size = outs[0].shape[-2:]
         fused = self.fuse(torch.cat([outs[0], *(_resize(o, size) for o in outs[1:])], 1))
         return self.cls(self.dropout(fused))
@@ -77,7 +77,7 @@ class FPNHead(nn.Module):
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
         x = self.lateral[-1](feats[-1])
-        for lat, f in zip(self.lateral[-2::-1], feats[-2::-1]):
+        for lat, f in zip(self.lateral[-2::-1], feats[-2::-1], strict=False):
             x = lat(f) + _resize(x, f.shape[-2:])
         return self.cls(self.dropout(self.smooth(x)))
 
@@ -100,19 +100,19 @@ class Segmenter(nn.Module):
 
     `model(images)` returns (N, num_classes, H, W) logits; `model(images, masks)` the named losses, as
     torchvision's detectors do (cross-entropy with ignore_index 255; `loss_aux` weighted 0.4 when there
-    is an auxiliary head).
+    is an auxiliary head). `dropout`: the heads' Dropout2d before their classifiers (0.1 as published).
     """
 
     def __init__(self, backbone: ConvNeXtBackbone, num_classes: int, head: str = "upernet", aux_head: bool = True,
-                 aux_weight: float = 0.4, channels: int | None = None) -> None:
+                 aux_weight: float = 0.4, channels: int | None = None, dropout: float = 0.1) -> None:
         super().__init__()
         if head not in HEADS:
             raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
         self.backbone = backbone
         self.num_classes = num_classes
-        width = {} if channels is None else {"channels": channels}
+        width = {"dropout": dropout} if channels is None else {"channels": channels, "dropout": dropout}
         self.decode_head = (UPerHead if head == "upernet" else FPNHead)(backbone.channels, num_classes, **width)
-        aux_width = {} if channels is None else {"channels": max(channels // 2, 16)}
+        aux_width = {"dropout": dropout} if channels is None else {"channels": max(channels // 2, 16), "dropout": dropout}
         self.aux_head = FCNHead(backbone.channels[2], num_classes, **aux_width) if aux_head else None
         self.aux_weight = aux_weight
 
@@ -141,6 +141,6 @@ def create_segmenter(name: str, num_classes: int, *, head: str = "upernet",
 
 def segmenter_from_spec(spec: dict[str, Any], **backbone: Any) -> Segmenter:
     """The segmenter a file's spec describes (`SegmentationTask.spec`); `backbone`: pretrained, drop_path_rate,
-    frozen_stages (training)."""
+    frozen_stages and the heads' dropout (training)."""
     return create_segmenter(spec["model_name"], len(spec["classes"]), head=spec["head"], aux_head=spec["aux_head"],
-                            channels=spec.get("channels"), **backbone)
+                            channels=spec.get("channels"), dropout=backbone.pop("dropout", 0.1), **backbone)

@@ -40,7 +40,7 @@ def detections_to_coco(output: dict[str, torch.Tensor], image_id: int, cat_ids: 
         for r in rles:
             r["counts"] = r["counts"].decode("ascii")
     out = []
-    for i, (box, score, label) in enumerate(zip(xywh, scores, labels)):
+    for i, (box, score, label) in enumerate(zip(xywh, scores, labels, strict=True)):
         r = {"image_id": image_id, "category_id": cat_ids[label - 1], "bbox": [round(v, 2) for v in box],
              "score": round(score, 5)}
         if rles is not None:
@@ -63,7 +63,7 @@ def coco_ap(coco_gt, results: list[dict[str, Any]], iou_type: str) -> dict[str, 
         ev.accumulate()
         ev.summarize()
     # COCOeval reports -1 where a size range has no ground truth: kept as -1 (not a score of 0)
-    return {f"{prefix}_{n}": float(v) for n, v in zip(AP_NAMES, ev.stats[:6])}
+    return {f"{prefix}_{n}": float(v) for n, v in zip(AP_NAMES, ev.stats[:6], strict=True)}
 
 
 @torch.no_grad()
@@ -78,7 +78,7 @@ def evaluate_detection(model: nn.Module, loader, device: torch.device, dataset, 
             continue
         with autocast(device, precision):
             outputs = model([im.to(device) for im in batch.inputs])
-        for out, target in zip(outputs, batch.targets):
+        for out, target in zip(outputs, batch.targets, strict=True):
             results += detections_to_coco(out, target["image_id"], dataset.cat_ids)
     results = all_gather_list(results)
     gt = dataset.coco_gt()  # built once for both evaluations
@@ -100,7 +100,7 @@ def segmentation_scores(confusion: torch.Tensor, classes: list[str] | None = Non
     acc = torch.where(gt > 0, tp / gt.clamp(min=1), torch.nan)
     out = {"mIoU": float(iou.nanmean()), "mAcc": float(acc.nanmean()), "aAcc": float(tp.sum() / c.sum().clamp(min=1))}
     names = classes or [str(i) for i in range(len(tp))]
-    out["per_class_iou"] = {n: (None if torch.isnan(v) else round(float(v), 4)) for n, v in zip(names, iou)}
+    out["per_class_iou"] = {n: (None if torch.isnan(v) else round(float(v), 4)) for n, v in zip(names, iou, strict=True)}
     return out
 
 
@@ -116,7 +116,7 @@ def evaluate_segmentation(model: nn.Module, loader, device: torch.device, num_cl
         bad += len(batch.bad)
         if batch.inputs is None:
             continue
-        chunks = zip(batch.inputs, batch.targets) if isinstance(batch.inputs, list) else [(batch.inputs,
+        chunks = zip(batch.inputs, batch.targets, strict=True) if isinstance(batch.inputs, list) else [(batch.inputs,
                                                                                            batch.targets)]
         for images, target in chunks:  # a stacked batch, or images of different sizes one by one
             with autocast(device, precision):
@@ -300,7 +300,7 @@ class DetectionPredictor(DensePredictor):
         keep = det["scores"] >= self.score_threshold
         det = {k: v[keep] for k, v in det.items()}
         labels = det["labels"].tolist()
-        names = [f"{self.spec['classes'][label - 1]} {s:.2f}" for label, s in zip(labels, det["scores"].tolist())]
+        names = [f"{self.spec['classes'][label - 1]} {s:.2f}" for label, s in zip(labels, det["scores"].tolist(), strict=True)]
         drawn = pixels
         if "masks" in det and len(det["masks"]):
             drawn = draw_segmentation_masks(drawn, det["masks"][:, 0] > 0.5, alpha=0.45,

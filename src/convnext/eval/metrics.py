@@ -131,7 +131,7 @@ def format_results(res: dict) -> str:
              f"top-5 {res['acc5']:.2f}%  loss {res['loss']:.4f}"
              + (f"  ({res['bad_images']} unreadable skipped)" if res["bad_images"] else "")]
     width = max(len(c) for c in res["classes"])
-    for c, acc, n in zip(res["classes"], res["per_class_acc"], res["confusion"].sum(1).tolist()):
+    for c, acc, n in zip(res["classes"], res["per_class_acc"], res["confusion"].sum(1).tolist(), strict=True):
         lines.append(f"  {c:<{width}}  {acc:6.2f}%  ({n} images)")
     lines.append(f"confusion matrix: {res['confusion_png']}  (model run: {res['how']})")
     return "\n".join(lines)

@@ -95,8 +95,8 @@ def predict(model: nn.Module, info: InferenceInfo, paths: list[Path], *, topk: i
                                          f"and its batch: its predictions would mean nothing")
             probs = logits.softmax(dim=1)
             top = probs.topk(k, dim=1)
-            for row, values, idx in zip(rows, top.values, top.indices):
-                row["top"] = [(info.classes[i], float(v)) for v, i in zip(values.tolist(), idx.tolist())]
+            for row, values, idx in zip(rows, top.values, top.indices, strict=True):
+                row["top"] = [(info.classes[i], float(v)) for v, i in zip(values.tolist(), idx.tolist(), strict=True)]
                 results.append(row)
     order = {str(p): i for i, p in enumerate(paths)}
     return sorted(results, key=lambda r: order[r["path"]])

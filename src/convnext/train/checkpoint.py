@@ -68,7 +68,7 @@ def find_resume(output: str | os.PathLike) -> tuple[Path, ModelFile] | None:
     last = out / "last.pt"
     if last.is_file() and not (newest is not None and same_file(last, newest[0])):
         found = _try_load(last)
-        if found is not None and (newest is None or found[1].raw["step"] > newest[1].raw["step"]):
+        if found is not None and (newest is None or found[1].raw["step"] >= newest[1].raw["step"]):
             newest = found
     return newest
 

@@ -232,7 +232,7 @@ def _coerce(cls: type, name: str, value: Any) -> Any:
             inner = typing.get_args(hint)
             if len(seq) != len(inner):
                 raise ValueError
-            return tuple(t(v) for t, v in zip(inner, seq))
+            return tuple(t(v) for t, v in zip(inner, seq, strict=True))
         if hint is bool:
             if isinstance(value, str):
                 if value.lower() not in ("true", "false", "1", "0", "yes", "no"):

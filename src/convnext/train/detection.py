@@ -60,6 +60,9 @@ class DetectConfig(DenseConfig):
             _fail(f"--ms-scale must be two numbers 0 < min <= max <= 1, got {self.ms_scale}")
         if not 0 <= self.crop <= 1:
             _fail(f"--crop must be in [0, 1], got {self.crop}")
+        if self.arch == "fcos" and (self.fpn_channels % 32 or self.fpn_channels < 64):
+            _fail(f"--arch fcos normalises its head with GroupNorm(32 groups): --fpn-channels must be a multiple of "
+                  f"32 and at least 64, got {self.fpn_channels}")
         for name in ("fpn_channels", "proposals", "rois_per_image", "box_head_width"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 _fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")

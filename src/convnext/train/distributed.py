@@ -114,7 +114,7 @@ def lost_peers(env: DistEnv) -> list[tuple[int, int, str]] | None:
         after = [env.store.add(f"heartbeat/{r}", 0) for r, _, _ in env.peers]
     except Exception:  # noqa: BLE001
         return None
-    return [p for p, a, b in zip(env.peers, before, after) if a == b]
+    return [p for p, a, b in zip(env.peers, before, after, strict=True) if a == b]
 
 
 def is_communication_failure(e: BaseException) -> bool:
@@ -156,3 +156,69 @@ def cleanup(env: DistEnv) -> None:
         env.heartbeat.stop()
     if env.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+class _SyncBatchNormFn(torch.autograd.Function):
+    """Batch normalisation with the statistics of the whole global batch (every process's samples), forward
+    and backward: the math of torch's SyncBatchNorm (whose kernels exist on GPUs only), for gloo on CPUs."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        c, dims = x.shape[1], [d for d in range(x.ndim) if d != 1]
+        shape = [1, c] + [1] * (x.ndim - 2)
+        xf = x.float()
+        total = all_reduce_sum(torch.cat([xf.sum(dims), torch.tensor([xf.numel() / c], dtype=torch.float32)]))
+        n, mean = total[c], total[:c] / total[c]
+        centred = xf - mean.view(shape)
+        var = all_reduce_sum((centred * centred).sum(dims)) / n  # two passes: no cancellation in E[x^2] - E[x]^2
+        invstd = torch.rsqrt(var + eps)
+        xhat = centred * invstd.view(shape)
+        ctx.save_for_backward(xhat, weight, invstd)
+        ctx.n, ctx.dims, ctx.shape = n, dims, shape
+        y = xhat * weight.float().view(shape) + bias.float().view(shape)
+        return y.to(x.dtype), mean, var * n / (n - 1).clamp(min=1)
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar):
+        xhat, weight, invstd = ctx.saved_tensors
+        dyf, shape = dy.float(), ctx.shape
+        local = torch.cat([dyf.sum(ctx.dims), (dyf * xhat).sum(ctx.dims)])  # the parameters' grads (DDP averages)
+        c = weight.shape[0]
+        total = all_reduce_sum(local.clone())
+        sum_dy, sum_dy_xhat = total[:c].view(shape), total[c:].view(shape)
+        dx = (weight.float() * invstd).view(shape) / ctx.n * (ctx.n * dyf - sum_dy - xhat * sum_dy_xhat)
+        return dx.to(dy.dtype), local[c:].to(weight.dtype), local[:c].to(weight.dtype), None
+
+
+class CpuSyncBatchNorm(torch.nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics span every process (the official det/seg configs' SyncBN), on
+    CPUs; in eval mode, and with one process, exactly BatchNorm2d. Same parameters, buffers and keys."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized()):
+            return super().forward(x)
+        y, mean, var = _SyncBatchNormFn.apply(x, self.weight, self.bias, self.eps)
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+            self.running_mean.mul_(1 - m).add_(mean.to(self.running_mean.dtype), alpha=m)
+            self.running_var.mul_(1 - m).add_(var.to(self.running_var.dtype), alpha=m)
+        return y
+
+
+def sync_batchnorm(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Several processes: BatchNorm statistics over the global batch (torch's SyncBatchNorm on GPUs, ours on
+    CPUs), so that N processes compute what one process computes on their N batches together."""
+    if device.type != "cpu":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for name, child in list(model.named_children()):
+        if type(child) is torch.nn.BatchNorm2d:
+            sync = CpuSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                    child.track_running_stats)
+            sync.weight, sync.bias = child.weight, child.bias
+            for buf in ("running_mean", "running_var", "num_batches_tracked"):
+                setattr(sync, buf, getattr(child, buf))
+            setattr(model, name, sync)
+        else:
+            sync_batchnorm(child, device)
+    return model

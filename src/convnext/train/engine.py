@@ -218,6 +218,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the initial weights (and head re-initialisation) depend on the seed only
         random.seed(cfg.seed)
         model = self.task.build_model().to(env.device)
+        if env.distributed and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            model = D.sync_batchnorm(model, env.device)  # BatchNorm over the global batch (SyncBN)
         if cfg.grad_checkpointing:
             model.set_grad_checkpointing(True)
         if cfg.channels_last:
@@ -320,19 +322,21 @@ class Trainer:
         import hashlib
 
         names = "\n".join(self.task.sample_name(self.train_ds, i) for i in range(len(self.train_ds)))
+        cfg, world = self.cfg, self.env.world_size
         return {"samples": len(self.train_ds), "data_sha256": hashlib.sha256(names.encode()).hexdigest()[:16],
-                "batch_size": self.cfg.batch_size, "grad_accum": self.cfg.grad_accum, "seed": self.cfg.seed,
-                "world_size": self.env.world_size}
+                "seed": cfg.seed, "global_batch": cfg.batch_size * cfg.grad_accum * world,
+                "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "world_size": world}
 
     def _check_run(self, path: Path, state: dict[str, Any]) -> None:
-        """A checkpoint of this run on other data, batch, seed (or, mid-epoch, other processes) is refused:
-        resuming it would mix two runs. --resume-anyway accepts it on purpose (said in the log)."""
+        """A checkpoint of this run on other data, seed or global batch (or, mid-epoch, another split of the batch
+        over processes and accumulation) is refused: resuming it would mix two runs. --resume-anyway accepts
+        it on purpose (said in the log)."""
         saved, now = state.get("run"), self.run_info()
         if not isinstance(saved, dict):
             logger.info("%s predates run fingerprints: data, batch and seed not checked", path)
             return
-        mid_epoch = state["progress"]["batch"] > 0
-        fields = [k for k in now if k != "world_size" or mid_epoch]
+        mid_epoch = state["progress"]["batch"] > 0  # (between epochs the global batch may be split anew)
+        fields = [k for k in now if mid_epoch or k not in ("batch_size", "grad_accum", "world_size")]
         diff = [f"{k} {saved.get(k)} -> {now[k]}" for k in fields if saved.get(k) != now[k]]
         if not diff:
             return
@@ -438,7 +442,7 @@ class Trainer:
         else:
             if losses is not None:
                 self.state.scaler.scale(losses["loss"] / cfg.grad_accum).backward()
-            for k, v in zip(names, [stats[1], *stats[4:]]):
+            for k, v in zip(names, [stats[1], *stats[4:]], strict=True):
                 p.loss_sums[k] = p.loss_sums.get(k, 0.0) + v
             p.loss_count += int(stats[2])
             self.n_images += int(stats[2])

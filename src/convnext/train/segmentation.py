@@ -31,6 +31,7 @@ class SegmentConfig(DenseConfig):
 
     head: str = "upernet"  # upernet | fpn
     aux_head: bool = True
+    head_dropout: float = 0.1  # the heads' Dropout2d before their classifiers (official 0.1)
     channels: int | None = None  # decode head width; None: UperNet 512 (official), FPN head 128
     input_size: int = 512
     scale: tuple[float, float] = (0.5, 2.0)  # random resize of the shorter side, x input_size
@@ -49,6 +50,8 @@ class SegmentConfig(DenseConfig):
         self._check_choices({"head": HEADS})
         if not 0 < self.scale[0] <= self.scale[1]:
             _fail(f"--scale must be two numbers 0 < min <= max, got {self.scale}")
+        if not 0 <= self.head_dropout < 1:
+            _fail(f"--head-dropout must be in [0, 1), got {self.head_dropout}")
         if self.channels is not None and self.channels < 1:
             _fail(f"--channels must be >= 1, got {self.channels}")
         if self.num_classes is not None and not 1 <= self.num_classes <= IGNORE_INDEX:
@@ -102,7 +105,7 @@ class SegmentationTask(Task):
         from ..dense.segmentation import segmenter_from_spec
 
         return segmenter_from_spec(self.spec(), pretrained=self.cfg.pretrained, drop_path_rate=self.cfg.drop_path_rate,
-                                   frozen_stages=self.cfg.frozen_stages)
+                                   frozen_stages=self.cfg.frozen_stages, dropout=self.cfg.head_dropout)
 
     def param_groups(self, model: nn.Module) -> list[dict]:
         from .optim import dense_param_groups

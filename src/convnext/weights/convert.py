@@ -122,7 +122,7 @@ class _Template:
         if m is None:
             return None
         values: dict[str, Any] = {}
-        for (a, var, b), g in zip(self.specs, m.groups()):
+        for (a, var, b), g in zip(self.specs, m.groups(), strict=True):
             if var == "p":
                 values["p"] = g
                 continue
