@@ -88,14 +88,15 @@ def test_cli_export_then_predict_with_an_exported_runtime(fmt, tmp_path):
     via_torch = predict(*load_for_inference(ckpt), images)  # what `convnext predict` does without a backend
     assert [r["path"] for r in via_ort] == [str(p) for p in images]
     for a, b in zip(via_ort, via_torch, strict=True):
-        assert [c for c, _ in a["top"]] == [c for c, _ in b["top"]]
-        assert all(abs(pa - pb) <= 1e-4 for (_, pa), (_, pb) in zip(a["top"], b["top"], strict=True))
+        assert [t["class"] for t in a["top"]] == [t["class"] for t in b["top"]]
+        assert all(abs(ta["probability"] - tb["probability"]) <= 1e-4
+                   for ta, tb in zip(a["top"], b["top"], strict=True))
     with pytest.raises(ValueError, match="convnext export"):  # a checkpoint is not an exported program
         ExportedModel(ckpt, BACKEND[fmt])
     # the optimized torch path (default) and a bf16 model give the same classes
     for extra in ([], ["--precision", "bf16"], ["--no-optimize"]):
         via = json.loads(cli("predict", *images, "--checkpoint", ckpt, "--json", *extra))
-        assert [r["top"][0][0] for r in via] == [r["top"][0][0] for r in via_torch]
+        assert [r["top"][0]["class"] for r in via] == [r["top"][0]["class"] for r in via_torch]
 
 
 @pytest.mark.parametrize("fmt", ["torchscript", "torch-export"])
@@ -118,5 +119,6 @@ def test_cli_predict_with_the_torchscript_and_torch_export_backends(fmt, tmp_pat
     via = json.loads(out)
     want = predict(*load_for_inference(ckpt), images)
     for a, b in zip(via, want, strict=True):
-        assert [c for c, _ in a["top"]] == [c for c, _ in b["top"]]
-        assert all(abs(pa - pb) <= 1e-4 for (_, pa), (_, pb) in zip(a["top"], b["top"], strict=True))
+        assert [t["class"] for t in a["top"]] == [t["class"] for t in b["top"]]
+        assert all(abs(ta["probability"] - tb["probability"]) <= 1e-4
+                   for ta, tb in zip(a["top"], b["top"], strict=True))

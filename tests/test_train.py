@@ -112,10 +112,11 @@ def test_training_learns_and_eval_predict_agree(fmnist, tmp_path):
     with torch.no_grad():
         logits = model(torch.stack([info.transform()(load_rgb(p)) for p in images]))
     for p, row in zip(preds, logits, strict=True):
-        assert len(p["top"]) == 3 and p["top"][0][0] == info.classes[int(row.argmax())]
-        assert sum(prob for _, prob in p["top"]) <= 1.0 + 1e-6
+        assert len(p["top"]) == 3 and p["top"][0]["class"] == info.classes[int(row.argmax())]
+        assert p["top"][0]["index"] == int(row.argmax()) and p["top"][0]["name"] == p["top"][0]["class"]
+        assert sum(t["probability"] for t in p["top"]) <= 1.0 + 1e-6
     r = cli("predict", "--checkpoint", out / "best.safetensors", images[0], "--csv")
-    assert r.stdout.splitlines()[0] == "path,rank,class,probability,error" and len(r.stdout.splitlines()) == 6
+    assert r.stdout.splitlines()[0] == "path,rank,index,class,name,probability,error" and len(r.stdout.splitlines()) == 6
 
 
 def test_reproducible_whatever_the_workers(fmnist, tmp_path):

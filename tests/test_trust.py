@@ -54,7 +54,7 @@ def test_eval_and_predict_use_the_ema_weights_of_our_last_pt(fmnist, ema_run):  
     r = cli("predict", *images, "--checkpoint", ema_run / "last.pt", "--key", "model_ema", "--topk", "10", "--json",
             "--no-optimize")
     assert r.returncode == 0, r.stderr
-    got = [dict(p["top"]) for p in json.loads(r.stdout)]
+    got = [{t["class"]: t["probability"] for t in p["top"]} for p in json.loads(r.stdout)]
     for key, expect_equal in (("model_ema", True), (None, False)):
         model, info = load_for_inference(ema_run / "last.pt", key=key)
         with torch.no_grad():

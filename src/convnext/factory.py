@@ -185,7 +185,9 @@ def load_for_inference(src: str | os.PathLike | ModelFile, *, key: str | None = 
     _, ours = to_ours(file.state_dict(key))
     name = file.model_name or infer_model_name(ours, file.path)
     model = create_model(name, pretrained=ours).eval()
-    classes = list(file.spec.get("classes") or [str(i) for i in range(model.num_classes)])
+    from .data.imagenet import default_classes
+
+    classes = list(file.spec.get("classes") or default_classes(model.num_classes))  # ImageNet's for 1000/21841
     if len(classes) != model.num_classes:
         raise CheckpointError(f"{file.path}: {len(classes)} class names for a {model.num_classes}-class model")
     try:

@@ -131,6 +131,14 @@ def write_once(root: str | os.PathLike, marker: str, build: Callable[[Path], Non
     return root
 
 
+def _index_folders(found: Sequence[str], classes: Sequence[str]) -> bool:
+    """Folders named by class index (`0`, `1`, ...: ImageNet-V2) for a model whose classes have other names:
+    every folder a canonical integer below the class count, none a class name."""
+    known = set(classes)
+    return bool(found) and all(f.isdigit() and str(int(f)) == f and int(f) < len(classes) and f not in known
+                               for f in found)
+
+
 class ImageFolder(Dataset):
     """`root/<class>/<image>` with an optional fixed class list (training's, at eval time).
 
@@ -142,7 +150,12 @@ class ImageFolder(Dataset):
                  classes: Sequence[str] | None = None, seed: int = 0, cache: bool = False) -> None:
         self.root = Path(root)
         found = find_classes(self.root)
-        if classes is not None:
+        if classes is not None and _index_folders(found, classes):  # `0/ .. 999/` (ImageNet-V2's layout)
+            logger.info("%s: class-index folders (0 .. %d), each the model's class of that index",
+                        self.root, len(classes) - 1)
+            self.classes = list(classes)
+            self.samples = [(p, int(found[t])) for p, t in scan_images(self.root, found)]
+        elif classes is not None:
             extra = sorted(set(found) - set(classes))
             missing = sorted(set(classes) - set(found))
             if extra:
@@ -180,6 +193,81 @@ class ImageFolder(Dataset):
         if self.transform is not None:
             img = seeded(self.transform, _sample_seed(self.seed, epoch, index), img)
         return img, target, index
+
+
+class LabelledFiles(ImageFolder):
+    """Images of a flat (or any) folder labelled by a file: CSV with a header row (`filename` or `path`,
+    relative to `root`, and `label`) or JSON lines with those keys. A label is a class of `classes` (e.g. a
+    synset), a readable ImageNet name that names one class only (`tench`), or a class index; without
+    `classes`, the sorted distinct labels are the classes. A label the model does not know, a file listed twice
+    or a missing file is a `DataError` naming the line. Items as ImageFolder's."""
+
+    def __init__(self, root: str | os.PathLike, labels: str | os.PathLike, transform: Callable | None = None,
+                 classes: Sequence[str] | None = None, seed: int = 0, cache: bool = False) -> None:
+        self.root, rows = Path(root), read_label_file(labels)
+        if not self.root.is_dir():
+            raise DataError(f"data folder not found: {self.root}")
+        self.classes = list(classes) if classes is not None else sorted({label for _, label, _ in rows})
+        lookup = _label_lookup(self.classes)
+        self.samples, seen = [], set()
+        for name, label, where in rows:
+            path = self.root / name
+            if label not in lookup:
+                raise DataError(f"{where}: label {label!r} is not one of the {len(self.classes)} classes "
+                                f"({', '.join(self.classes[:3])}, ...; an index 0..{len(self.classes) - 1} also works)")
+            if not path.is_file():
+                raise DataError(f"{where}: {path} is listed but missing")
+            if path in seen:
+                raise DataError(f"{where}: {name} is listed twice")
+            seen.add(path)
+            self.samples.append((str(path), lookup[label]))
+        if not self.samples:
+            raise DataError(f"{labels} lists no images")
+        self.transform, self.seed = transform, seed
+        self.cache = {} if cache else None
+
+
+def read_label_file(path: str | os.PathLike) -> list[tuple[str, str, str]]:
+    """(file name, label, "FILE:LINE") per row of a CSV (header `filename|path,label`) or JSONL labels file."""
+    import csv
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"labels file not found: {path}")
+    text = path.read_text(encoding="utf-8-sig")
+    if path.suffix.lower() in (".jsonl", ".json"):
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append((n, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{n}: not a JSON line ({e.msg})") from None
+    else:
+        reader = csv.DictReader(text.splitlines())
+        rows = [(n, row) for n, row in enumerate(reader, 2)]
+    out = []
+    for n, row in rows:
+        name = row.get("filename", row.get("path")) if isinstance(row, dict) else None
+        label = row.get("label") if isinstance(row, dict) else None
+        if name in (None, "") or label in (None, ""):
+            raise DataError(f"{path}:{n}: each row needs `filename` (or `path`) and `label`, got {row!r}")
+        out.append((str(name), str(label), f"{path}:{n}"))
+    return out
+
+
+def _label_lookup(classes: Sequence[str]) -> dict[str, int]:
+    """label -> class index: the class ids, their indices, and readable ImageNet names that are unambiguous."""
+    from .imagenet import display_name
+
+    lookup = {str(i): i for i in range(len(classes))}
+    names: dict[str, list[int]] = {}
+    for i, c in enumerate(classes):
+        names.setdefault(display_name(c), []).append(i)
+    lookup.update({name: idx[0] for name, idx in names.items() if len(idx) == 1})
+    lookup.update({c: i for i, c in enumerate(classes)})  # a class's own id wins over an index or a name
+    return lookup
 
 
 class ImageFiles(ImageFolder):

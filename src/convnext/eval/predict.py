@@ -74,8 +74,11 @@ def check_topk(topk: int | None, num_classes: int) -> int:
 @torch.no_grad()
 def predict(model: nn.Module, info: InferenceInfo, paths: list[Path], *, topk: int | None = None,
             batch_size: int = 32) -> list[dict]:
-    """Top-k (class, probability) per image (default k: 5, or all classes if fewer); unreadable
-    images get an `error` instead."""
+    """Top-k classes per image (default k: 5, or all classes if fewer), each {index, class, name,
+    probability} (`name`: an ImageNet synset's readable name, else the class); unreadable images get an
+    `error` instead."""
+    from ..data.imagenet import display_name
+
     topk = check_topk(topk, len(info.classes))
     transform = info.transform()
     k = topk
@@ -96,7 +99,8 @@ def predict(model: nn.Module, info: InferenceInfo, paths: list[Path], *, topk: i
             probs = logits.softmax(dim=1)
             top = probs.topk(k, dim=1)
             for row, values, idx in zip(rows, top.values, top.indices, strict=True):
-                row["top"] = [(info.classes[i], float(v)) for v, i in zip(values.tolist(), idx.tolist(), strict=True)]
+                row["top"] = [{"index": i, "class": info.classes[i], "name": display_name(info.classes[i]),
+                               "probability": float(v)} for v, i in zip(values.tolist(), idx.tolist(), strict=True)]
                 results.append(row)
     order = {str(p): i for i, p in enumerate(paths)}
     return sorted(results, key=lambda r: order[r["path"]])
@@ -194,12 +198,13 @@ def format_predictions(results: list[dict], style: str = "text") -> str:
 
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["path", "rank", "class", "probability", "error"])
+        w.writerow(["path", "rank", "index", "class", "name", "probability", "error"])
         for r in results:
-            for k, (c, p) in enumerate(r.get("top", []), 1):
-                w.writerow([r["path"], k, c, f"{p:.6f}", ""])
+            for k, t in enumerate(r.get("top", []), 1):
+                w.writerow([r["path"], k, t["index"], t["class"], t["name"], f"{t['probability']:.6f}", ""])
             if "error" in r:
-                w.writerow([r["path"], "", "", "", r["error"]])
+                w.writerow([r["path"], "", "", "", "", "", r["error"]])
         return buf.getvalue().rstrip("\n")
     return "\n".join(f"{r['path']}: unreadable ({r['error']})" if "error" in r else
-                     f"{r['path']}: " + ", ".join(f"{c} {100 * p:.1f}%" for c, p in r["top"]) for r in results)
+                     f"{r['path']}: " + ", ".join(f"{t['name']} {100 * t['probability']:.1f}%" for t in r["top"])
+                     for r in results)

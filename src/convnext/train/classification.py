@@ -37,16 +37,24 @@ class ClassificationTask(Task):
         return Preprocess(input_size=self.cfg.input_size, crop_pct=self.cfg.crop_pct)
 
     def datasets(self) -> tuple[ImageFolder, ImageFolder]:
-        from ..data import DataError, ImageFolder, check_same_classes, eval_transform, mixup_cutmix, train_transform
+        from ..data import (DataError, ImageFolder, LabelledFiles, check_same_classes, eval_transform, mixup_cutmix,
+                            train_transform)
 
         cfg, root = self.cfg, Path(self.cfg.data)
-        for split in ("train", "val"):
-            if not (root / split).is_dir():
-                raise DataError(f"{root / split} not found: --data must hold train/<class>/* and val/<class>/*")
-        train = ImageFolder(root / "train", seed=cfg.seed, cache=cfg.cache_images, transform=train_transform(
-            cfg.input_size, scale=cfg.scale, hflip=cfg.hflip, aa=cfg.aa, color_jitter=cfg.color_jitter,
-            reprob=cfg.reprob, interpolation_name=cfg.train_interpolation))
-        val = ImageFolder(root / "val", cache=cfg.cache_images, transform=eval_transform(self.preprocess()))
+        augment = train_transform(cfg.input_size, scale=cfg.scale, hflip=cfg.hflip, aa=cfg.aa,
+                                  color_jitter=cfg.color_jitter, reprob=cfg.reprob,
+                                  interpolation_name=cfg.train_interpolation)
+        if cfg.labels is not None:  # any folder, its images listed with their labels
+            train = LabelledFiles(root, cfg.labels, augment, seed=cfg.seed, cache=cfg.cache_images)
+            val = LabelledFiles(root, cfg.val_labels, eval_transform(self.preprocess()), classes=train.classes,
+                                cache=cfg.cache_images)
+        else:
+            for split in ("train", "val"):
+                if not (root / split).is_dir():
+                    raise DataError(f"{root / split} not found: --data must hold train/<class>/* and val/<class>/* "
+                                    f"(or pass --labels and --val-labels files)")
+            train = ImageFolder(root / "train", seed=cfg.seed, cache=cfg.cache_images, transform=augment)
+            val = ImageFolder(root / "val", cache=cfg.cache_images, transform=eval_transform(self.preprocess()))
         check_same_classes(train, val)
         self.classes = train.classes
         self.mix = mixup_cutmix(len(self.classes), mixup=cfg.mixup, cutmix=cfg.cutmix,
@@ -154,8 +162,9 @@ def _format_results(res: dict[str, Any], style: str) -> str:
         return format_results(res)
     import json
 
-    keep = ("loss", "acc1", "acc5", "count", "bad_images", "per_class_acc", "classes")
-    return json.dumps({k: res[k] for k in keep} | {"confusion": res["confusion"].tolist()})
+    keep = ("loss", "acc1", "acc5", "count", "bad_images", "per_class_acc", "classes", "confused")
+    shown = {"confusion": res["confusion"].tolist()} if len(res["classes"]) <= 100 else {}
+    return json.dumps({k: res[k] for k in keep} | shown)
 
 
 def _format_predictions(results: list[dict], style: str) -> str:
@@ -187,7 +196,9 @@ SPEC = register(TaskSpec(
     predictor=lazy("convnext.eval.predict:ClassifierPredictor"), format_predictions=_format_predictions,
     summarize=summarize, demo=demo,
     eval_options=(_KEY, opt("--output", help="folder for confusion_matrix.png (default: beside the checkpoint)"),
-                  opt("--force", action="store_true", help="overwrite an existing confusion_matrix.png"), _NO_OPTIMIZE),
+                  opt("--force", action="store_true", help="overwrite an existing confusion_matrix.png"), _NO_OPTIMIZE,
+                  opt("--labels", help="CSV (filename|path,label) or JSONL labels of the images in --data (a flat "
+                                       "folder); label: a class, an ImageNet synset or name, or an index")),
     predict_options=_predict_options(), predict_styles=("text", "json", "csv"),
     demo_options=(opt("--per-class", type=int, help="use only the first N images of each class (a quick check)"),),
     top_level=True,

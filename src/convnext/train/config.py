@@ -149,8 +149,11 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class ClassifyConfig(EngineConfig):
-    """Image classification: the ConvNeXt ImageNet recipe (data: DATA/train/<class>/*, DATA/val/<class>/*)."""
+    """Image classification: the ConvNeXt ImageNet recipe (data: DATA/train/<class>/*, DATA/val/<class>/*, or
+    any folder with `labels` and `val_labels` files listing its images)."""
 
+    labels: str | None = None  # CSV (filename|path,label) or JSONL of the training images, paths relative to data
+    val_labels: str | None = None  # the same for the validation images (with `labels`)
     finetune: str | None = None  # checkpoint (any supported format) to start from; head re-initialised if classes differ
     head_init_scale: float = 1.0  # 0.001 for fine-tuning (official)
     # --- augmentation and regularisation ---
@@ -173,6 +176,8 @@ class ClassifyConfig(EngineConfig):
 
         check_model_name(self.model)
         super().__post_init__()
+        if (self.labels is None) != (self.val_labels is None):
+            _fail("--labels and --val-labels go together: the training and the validation images' labels files")
         for name in ("smoothing", "mixup", "cutmix"):
             if not _finite(getattr(self, name)) or getattr(self, name) < 0:
                 _fail(f"{_flag(name)} must be a finite number >= 0, got {getattr(self, name)}")
