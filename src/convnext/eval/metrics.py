@@ -191,7 +191,7 @@ def format_results(res: dict) -> str:
 
     seen = res["per_class_count"]
     shown = [(f"{c} {display_name(c)}" if display_name(c) != c else c, acc, n)
-             for c, acc, n in zip(res["classes"], res["per_class_acc"], seen, strict=True) if n or len(seen) <= 100]
+             for c, acc, n in zip(res["classes"], res["per_class_acc"], seen, strict=True) if n or len(seen) <= PLOT_MAX_CLASSES]
     width = max((len(c) for c, _, _ in shown), default=0)
     lines += [f"  {c:<{width}}  {acc:6.2f}%  ({n} images)" for c, acc, n in shown]
     if res["confusion_png"]:

@@ -163,7 +163,9 @@ def _format_results(res: dict[str, Any], style: str) -> str:
     import json
 
     keep = ("loss", "acc1", "acc5", "count", "bad_images", "per_class_acc", "classes", "confused")
-    shown = {"confusion": res["confusion"].tolist()} if len(res["classes"]) <= 100 else {}
+    from ..eval.metrics import PLOT_MAX_CLASSES
+
+    shown = {"confusion": res["confusion"].tolist()} if len(res["classes"]) <= PLOT_MAX_CLASSES else {}
     return json.dumps({k: res[k] for k in keep} | shown)
 
 
