@@ -103,9 +103,16 @@ def test_the_text_report_of_a_1000_class_eval_lists_the_classes_seen_and_the_mos
                               "--output", tmp_path / "o")
     assert code == 0, err
     lines = out.splitlines()
-    assert len(lines) == 1 + 3 + 1 and f"{IN1K[700]} paper towel" in out
-    assert lines[-1].startswith("most confused (truth -> predicted, images): ")
-    assert f"{display_name(IN1K[500])} -> paper towel 3" in lines[-1]
+    assert len(lines) == 1 + 3 + 1 + 1 and f"{IN1K[700]} paper towel" in out
+    assert lines[-2].startswith("most confused (truth -> predicted, images): ")
+    assert f"{display_name(IN1K[500])} -> paper towel 3" in lines[-2]
+    assert " img/s on cpu x1 (fp32" in lines[-1] and "224px, crop_pct 0.875 (center), bicubic" in lines[-1]
+    saved = (tmp_path / "o" / "most_confused.csv").read_text().splitlines()  # saved too, as the issue asks
+    assert saved[0] == "truth,truth_name,predicted,predicted_name,images"
+    assert saved[1] == f"{IN1K[500]},{display_name(IN1K[500])},{IN1K[700]},paper towel,3"
+    code, _, err = run_main(capsys, "eval", "--checkpoint", published, "--data", tmp_path / "val", "--no-optimize",
+                            "--output", tmp_path / "o")
+    assert code == 2 and "most_confused.csv exists; pass --force" in err  # never overwritten without --force
 
 
 @pytest.mark.parametrize("labels, needle", [

@@ -67,9 +67,12 @@ def _cmd_train(spec, args: argparse.Namespace) -> None:
 def _cmd_eval(spec, args: argparse.Namespace) -> None:
     from .tasks import pick
 
-    res = spec.evaluate(args.checkpoint, args.data, batch_size=args.batch_size, workers=args.workers,
-                        precision=args.precision, progress=not args.json, **pick(spec.eval_options, vars(args)))
-    print(spec.format_results(res, "json" if args.json else "text"))
+    kwargs = {"batch_size": args.batch_size, "workers": args.workers, "precision": args.precision,
+              "progress": not args.json} | pick(spec.eval_options, vars(args))
+    checkpoint = kwargs.pop("checkpoint", args.checkpoint)
+    res = spec.evaluate(checkpoint, args.data, **kwargs)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: one report, rank 0's
+        print(spec.format_results(res, "json" if args.json else "text"))
 
 
 def _cmd_predict(spec, args: argparse.Namespace) -> int:
@@ -213,12 +216,16 @@ def _add_eval(actions, spec, prefix: str) -> None:
     from functools import partial
 
     p = actions.add_parser("eval", help=f"evaluate a {spec.name} checkpoint")
-    p.add_argument("--checkpoint", required=True, help="best.safetensors, last.pt or any supported checkpoint")
-    p.add_argument("--data", required=True, help="the data to evaluate on")
-    p.add_argument("--batch-size", type=int, default=spec.eval_batch_size)
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    own = {f for o in spec.eval_options for f in o.flags}  # a task's own option replaces the common one
+    common = [("--checkpoint", dict(required=True, help="best.safetensors, last.pt or any supported checkpoint")),
+              ("--data", dict(required=True, help="the data to evaluate on")),
+              ("--batch-size", dict(type=int, default=spec.eval_batch_size)),
+              ("--workers", dict(type=int, default=0)),
+              ("--precision", dict(choices=["fp32", "bf16"], default="fp32")),
+              ("--json", dict(action="store_true", help="print the results as JSON"))]
+    for flag, kwargs in common:
+        if flag not in own:
+            p.add_argument(flag, **kwargs)
     for o in spec.eval_options:
         o.add_to(p)
     p.set_defaults(func=partial(_cmd_eval, spec), prog=f"convnext {prefix}eval")

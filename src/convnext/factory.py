@@ -197,6 +197,32 @@ def load_for_inference(src: str | os.PathLike | ModelFile, *, key: str | None = 
     return model, InferenceInfo(name, classes, pre)
 
 
+def pretrained_for_inference(name: str, pretrained: str | bool | os.PathLike = True) -> tuple[nn.Module, InferenceInfo]:
+    """`load_for_inference` for published weights: `name` an architecture (`convnext_tiny`) or `arch.tag`,
+    `pretrained` a tag of it (`fb_in1k` or `convnext_tiny.fb_in1k`), True (its default weights, as
+    `create_model`) or a checkpoint file (which must hold that architecture). A published tag brings its
+    own preprocessing (resolution, crop_pct, interpolation, crop mode) and the ImageNet classes."""
+    arch, _, tag = str(name).partition(".")
+    check_model_name(arch)
+    if isinstance(pretrained, (str, os.PathLike)) and not isinstance(pretrained, bool) and Path(pretrained).exists():
+        model, info = load_for_inference(pretrained)
+        if info.model_name != arch:
+            raise ValueError(f"{pretrained} holds a {info.model_name}, not {arch}; use --model {info.model_name}")
+        return model, info
+    if isinstance(pretrained, str) and "." not in pretrained:
+        pretrained = f"{arch}.{pretrained}"
+    if isinstance(pretrained, str) and pretrained in PRETRAINED and not PRETRAINED[pretrained].num_classes:
+        raise ValueError(f"{pretrained} is not a published classifier (an FCMAE encoder has no classifier to "
+                         f"evaluate); `convnext info {arch}` lists its fine-tuned weights")
+    model = create_model(f"{arch}.{tag}" if tag else arch, pretrained=pretrained).eval()
+    weights = model.pretrained_cfg
+    if weights is None or model.num_classes == 0:
+        raise ValueError(f"{arch} with pretrained={pretrained!r}: not a published classifier")
+    from .data.imagenet import default_classes
+
+    return model, InferenceInfo(arch, default_classes(model.num_classes), weights.preprocess)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSummary:
     name: str

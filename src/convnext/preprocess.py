@@ -10,15 +10,18 @@ from typing import Any
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
+CROP_MODES = ("center", "squash")
 IGNORE_INDEX = 255  # the label of pixels that count in no loss and no metric (segmentation masks, mmseg's)
 
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Evaluation preprocessing: resize the shorter side to input_size / crop_pct, center-crop, normalise.
+    """Evaluation preprocessing, as timm's eval transform: `crop_mode` "center" resizes the shorter side to
+    input_size / crop_pct and center-crops; "squash" resizes to input_size / crop_pct square (no aspect kept),
+    then center-crops (nothing at crop_pct 1).
 
-    At input_size >= 384 the image is resized to the square without cropping (the official 384
-    fine-tunes' evaluation).
+    Without a `crop_mode`, the official ConvNeXt rule: at input_size >= 384 (how the official 384 fine-tunes
+    are evaluated) "squash" to the square with no crop (crop_pct 1), below "center".
     """
 
     input_size: int = 224
@@ -26,6 +29,7 @@ class Preprocess:
     interpolation: str = "bicubic"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    crop_mode: str | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -37,6 +41,13 @@ class Preprocess:
             raise ValueError(f"unknown interpolation {self.interpolation!r}; choose one of {', '.join(INTERPOLATIONS)}")
         if not (isinstance(self.input_size, int) and not isinstance(self.input_size, bool) and self.input_size >= 1):
             raise ValueError(f"input_size must be a positive integer, got {self.input_size!r}")
+        if self.crop_mode is None and self.input_size >= 384:  # the official rule: the square, no crop
+            object.__setattr__(self, "crop_mode", "squash")
+            object.__setattr__(self, "crop_pct", 1.0)
+        elif self.crop_mode is None:
+            object.__setattr__(self, "crop_mode", "center")
+        if self.crop_mode not in CROP_MODES:
+            raise ValueError(f"unknown crop_mode {self.crop_mode!r}; choose one of {', '.join(CROP_MODES)}")
         if not (isinstance(self.crop_pct, (int, float)) and 0 < self.crop_pct <= 1):
             raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct!r}")
         if len(self.mean) != len(self.std) or not self.mean or any(not math.isfinite(v) for v in self.mean) \

@@ -160,6 +160,23 @@ def cpu_class() -> str:
     return "avx2" if capability.startswith(("AVX2", "AVX512")) else "other"
 
 
+def pick_device(preference: str, local_rank: int = 0, world_size: int = 1) -> torch.device:
+    """auto (CUDA when torch sees one), cpu, cuda (cuda:LOCAL_RANK under torchrun) or cuda:N (one process)."""
+    kind, _, index = str(preference).partition(":")
+    if kind not in ("auto", "cpu", "cuda") or (index and (kind != "cuda" or not index.isdigit())):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {preference!r}")
+    if index and world_size > 1:
+        raise ValueError(f"--device {preference}: under torchrun each process takes cuda:LOCAL_RANK; use --device cuda")
+    if kind == "cuda" or (kind == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {preference} was asked for, but torch sees no CUDA device")
+        n = torch.cuda.device_count()
+        if index and int(index) >= n:
+            raise ValueError(f"--device {preference}: this machine has {n} CUDA device(s), cuda:0 .. cuda:{n - 1}")
+        return torch.device("cuda", int(index) if index else local_rank)
+    return torch.device("cpu")
+
+
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 

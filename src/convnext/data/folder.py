@@ -18,13 +18,10 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
+from .errors import DataError
 from .images import IMG_EXTENSIONS, load_rgb
 
 logger = logging.getLogger(__name__)
-
-
-class DataError(ValueError):
-    """A dataset that cannot be used as given (missing folders, no classes, empty classes...)."""
 
 
 def find_classes(root: Path) -> list[str]:
@@ -197,10 +194,13 @@ class ImageFolder(Dataset):
 
 class LabelledFiles(ImageFolder):
     """Images of a flat (or any) folder labelled by a file: CSV with a header row (`filename` or `path`,
-    relative to `root`, and `label`) or JSON lines with those keys. A label is a class of `classes` (e.g. a
-    synset), a readable ImageNet name that names one class only (`tench`), or a class index; without
-    `classes`, the sorted distinct labels are the classes. A label the model does not know, a file listed twice
-    or a missing file is a `DataError` naming the line. Items as ImageFolder's."""
+    relative to `root`, and `label`; also Kaggle's `LOC_val_solution.csv`) or JSON lines with those keys; or
+    the ILSVRC2012 devkit (its folder, archive or ground-truth .txt: `imagenet.devkit_labels`) for the flat
+    `ILSVRC2012_val_*.JPEG`. A label is a class of `classes` (e.g. a synset), a readable ImageNet name that
+    names one class only (`tench`), or a class index; without `classes`, the sorted distinct labels are the
+    classes. A label the model does not know, a file listed twice or a missing file is a `DataError` naming
+    the line; the devkit lists all 50,000 images, and those missing from `root` are only counted (a warning).
+    Items as ImageFolder's."""
 
     def __init__(self, root: str | os.PathLike, labels: str | os.PathLike, transform: Callable | None = None,
                  classes: Sequence[str] | None = None, seed: int = 0, cache: bool = False) -> None:
@@ -209,12 +209,15 @@ class LabelledFiles(ImageFolder):
             raise DataError(f"data folder not found: {self.root}")
         self.classes = list(classes) if classes is not None else sorted({label for _, label, _ in rows})
         lookup = _label_lookup(self.classes)
-        self.samples, seen = [], set()
+        self.samples, seen, absent, listing = [], set(), 0, _is_devkit(labels)
         for name, label, where in rows:
             path = self.root / name
             if label not in lookup:
                 raise DataError(f"{where}: label {label!r} is not one of the {len(self.classes)} classes "
                                 f"({', '.join(self.classes[:3])}, ...; an index 0..{len(self.classes) - 1} also works)")
+            if not path.is_file() and listing:
+                absent += 1
+                continue
             if not path.is_file():
                 raise DataError(f"{where}: {path} is listed but missing")
             if path in seen:
@@ -222,17 +225,30 @@ class LabelledFiles(ImageFolder):
             seen.add(path)
             self.samples.append((str(path), lookup[label]))
         if not self.samples:
-            raise DataError(f"{labels} lists no images")
+            raise DataError(f"{labels} lists no images" + (f" that are in {self.root}" if absent else ""))
+        if absent:
+            logger.warning("%s: %d of the %d images the devkit lists are not there; the results are for the %d "
+                           "present, not the whole validation set", self.root, absent, len(rows), len(self.samples))
         self.transform, self.seed = transform, seed
         self.cache = {} if cache else None
 
 
+def _is_devkit(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return p.is_dir() or p.name.lower().endswith((".tar.gz", ".tgz", ".tar", ".txt"))
+
+
 def read_label_file(path: str | os.PathLike) -> list[tuple[str, str, str]]:
-    """(file name, label, "FILE:LINE") per row of a CSV (header `filename|path,label`) or JSONL labels file."""
+    """(file name, label, "FILE:LINE") per row of a CSV (header `filename|path,label`), JSONL labels file or
+    the ILSVRC2012 devkit (`imagenet.devkit_labels`)."""
     import csv
     import json
 
     path = Path(path)
+    if _is_devkit(path):
+        from .imagenet import devkit_labels
+
+        return devkit_labels(path)
     if not path.is_file():
         raise DataError(f"labels file not found: {path}")
     text = path.read_text(encoding="utf-8-sig")
@@ -249,6 +265,8 @@ def read_label_file(path: str | os.PathLike) -> list[tuple[str, str, str]]:
         rows = [(n, row) for n, row in enumerate(reader, 2)]
     out = []
     for n, row in rows:
+        if isinstance(row, dict) and row.get("ImageId") and row.get("PredictionString"):  # LOC_val_solution.csv
+            row = {"filename": row["ImageId"] + ".JPEG", "label": row["PredictionString"].split()[0]}
         name = row.get("filename", row.get("path")) if isinstance(row, dict) else None
         label = row.get("label") if isinstance(row, dict) else None
         if name in (None, "") or label in (None, ""):

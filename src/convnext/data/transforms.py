@@ -81,15 +81,12 @@ def train_transform(input_size: int, *, scale: tuple[float, float] = (0.08, 1.0)
 
 
 def eval_transform(pre: Preprocess) -> v2.Compose:
-    """Resize the shorter side to input/crop_pct and center-crop; at >= 384, resize to the square, no crop.
-
-    The second branch is what the official ConvNeXt evaluation does for 384 fine-tunes.
-    """
+    """timm's eval transform (`transforms_imagenet_eval`): resize to input/crop_pct, the shorter side
+    ("center") or both sides ("squash"), center-crop to input_size, to tensor, normalise."""
     interp, size = interpolation(pre.interpolation), pre.input_size
-    if size >= 384:
-        ops = [v2.Resize((size, size), interpolation=interp, antialias=True)]
-    else:
-        ops = [v2.Resize(math.floor(size / pre.crop_pct), interpolation=interp, antialias=True), v2.CenterCrop(size)]
+    scale = math.floor(size / pre.crop_pct)
+    resize = (scale, scale) if pre.crop_mode == "squash" else scale
+    ops = [v2.Resize(resize, interpolation=interp, antialias=True), v2.CenterCrop(size)]
     return v2.Compose([*ops, v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(pre.mean, pre.std)])
 
 

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +18,8 @@ logger = logging.getLogger(__name__)
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int, *, precision: str = "fp32",
              channels_last: bool = False, progress: bool = False, desc: str = "eval", lockstep: bool = False,
-             require_finite: bool = True) -> dict:
+             require_finite: bool = True, valid: Sequence[int] | None = None,
+             real: Sequence[Sequence[int] | None] | None = None) -> dict:
     """Loss, top-1/top-5 accuracy (%), per-class accuracy and the confusion matrix (rows: truth).
 
     Works with a loader yielding `data.Batch`es of images and class indices (`data.collate`); unreadable
@@ -27,11 +27,16 @@ def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int, *
     forward is collective) makes ranks with fewer batches run discarded dummy forwards until all
     ranks are done. `require_finite`: non-finite outputs are an error (evaluating a checkpoint); a training
     run (which may skip non-finite steps) reports their NaN loss instead.
+
+    `valid`: the class indices the logits are restricted to (timm's `--valid-labels`: ImageNet-A/-R's 200);
+    predictions are still indices among all classes. `real`: per dataset index, the indices correct for that
+    image (ReaL labels; None or empty: not counted) -> `real_acc1`, `real_acc5`, `real_count`.
     """
     model.eval()
-    k = min(5, num_classes)
+    k = min(5, num_classes if valid is None else len(valid))
+    keep = None if valid is None else torch.as_tensor(list(valid), dtype=torch.long, device=device)
     tally = _Tally(num_classes, device)
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top1, topk, bad images
+    sums = torch.zeros(7, dtype=torch.float64, device=device)  # loss, top1, topk, bad, real top1, real topk, real n
     n_batches = torch.tensor([len(loader)], device=device)
     if lockstep:
         all_reduce_max(n_batches)
@@ -53,10 +58,11 @@ def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int, *
         if require_finite and not bool(torch.isfinite(logits).all()):
             raise FloatingPointError("the model's outputs are not finite (NaN/inf) on this data: its results "
                                      "would mean nothing")
-        sums[0] += F.cross_entropy(logits, targets, reduction="sum").double()
-        top = logits.topk(k, dim=1).indices
+        top = _topk(logits, targets, keep, k, sums)
         sums[1] += (top[:, 0] == targets).sum()
         sums[2] += (top == targets[:, None]).any(dim=1).sum()
+        if real is not None:
+            _count_real(top.cpu(), [real[i] for i in batch.indices], sums)
         tally.add(targets, top[:, 0])
     if lockstep and int(n_batches.item()) > len(loader):
         dummy = torch.zeros((1, *(shape or loader.dataset[0][0].shape)), device=device)
@@ -64,9 +70,36 @@ def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int, *
             model(dummy)
     all_reduce_sum(sums)
     res = tally.reduce()
-    n = res["count"]
-    return {"loss": float(sums[0] / max(n, 1)), "acc1": 100.0 * float(sums[1]) / max(n, 1),
-            "acc5": 100.0 * float(sums[2]) / max(n, 1), "bad_images": int(sums[3]), **res}
+    n, m = max(res["count"], 1), max(float(sums[6]), 1.0)
+    real_res = {"real_acc1": 100.0 * float(sums[4]) / m, "real_acc5": 100.0 * float(sums[5]) / m,
+                "real_count": int(sums[6])} if real is not None else {}
+    return {"loss": float(sums[0] / n), "acc1": 100.0 * float(sums[1]) / n, "acc5": 100.0 * float(sums[2]) / n,
+            "bad_images": int(sums[3]), **res, **real_res}
+
+
+def _topk(logits: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor | None, k: int,
+          sums: torch.Tensor) -> torch.Tensor:
+    """The k best class indices per image (among `keep` only, when given); adds the loss sum to sums[0]."""
+    if keep is None:
+        sums[0] += F.cross_entropy(logits, targets, reduction="sum").double()
+        return logits.topk(k, dim=1).indices
+    sub = logits.index_select(1, keep)
+    where = torch.full((logits.shape[1],), -1, dtype=torch.long, device=logits.device)
+    where[keep] = torch.arange(len(keep), device=logits.device)
+    if bool((where[targets] < 0).any()):
+        raise ValueError("an image's class is not among the valid classes (--valid-classes)")
+    sums[0] += F.cross_entropy(sub, where[targets], reduction="sum").double()
+    return keep[sub.topk(k, dim=1).indices]
+
+
+def _count_real(top: torch.Tensor, labels: list[Sequence[int] | None], sums: torch.Tensor) -> None:
+    """ReaL accuracy counts as timm's `RealLabelsImagenet`: an image is right at k when any of its k best
+    predictions is one of its labels; images without labels are not counted."""
+    for pred, good in zip(top.tolist(), labels, strict=True):
+        if good:
+            sums[4] += pred[0] in good
+            sums[5] += any(p in good for p in pred)
+            sums[6] += 1
 
 
 class _Tally:
@@ -122,82 +155,3 @@ def _top_pairs(codes: torch.Tensor, num_classes: int, n: int = 20) -> list[tuple
     pairs, counts = codes.unique(return_counts=True)
     order = counts.argsort(descending=True, stable=True)[:n]
     return [(int(pairs[i]) // num_classes, int(pairs[i]) % num_classes, int(counts[i])) for i in order]
-
-
-def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike, *, key: str | None = None,
-                        batch_size: int = 64, workers: int = 0, precision: str = "fp32",
-                        output: str | os.PathLike | None = None, optimize: bool = True,
-                        progress: bool = True, force: bool = False, labels: str | os.PathLike | None = None) -> dict:
-    """`convnext eval`: a checkpoint on an image folder: `<class>/*` (class names or synsets, any subset of
-    the model's classes, each mapped to its index in the model's class list), `<index>/*` (ImageNet-V2's
-    `0/ .. 999/`), or, with `labels`, any folder and a CSV/JSONL labels file (`data.LabelledFiles`); a root
-    holding `val/` means `val/`.
-
-    With `optimize` the model runs through `optimize_for_inference` (fused kernels; compiled when
-    the evaluation is long enough to earn the compile back); `precision` "bf16" is then a bf16
-    model, else autocast. Returns `evaluate`'s results plus `model_name`, `classes`, `root`,
-    `how` and `confusion_png`, the confusion-matrix plot written to `output` (default: beside the
-    checkpoint; an existing plot only with `force`; never inside `data`) for up to `PLOT_MAX_CLASSES`
-    classes, and `confused`, the most confused pairs (truth, prediction, count).
-    """
-    from torch.utils.data import DataLoader
-
-    from ..data import ImageFolder, LabelledFiles, collate
-    from ..plots import plot_confusion
-    from ..factory import load_for_inference
-
-    from ..utils import check_output, inside
-
-    root = Path(data)
-    if not root.is_dir():
-        raise FileNotFoundError(f"data folder not found: {root}")
-    folder = Path(output or Path(checkpoint).resolve().parent)
-    if inside(folder, root):
-        raise ValueError(f"--output {folder} is inside --data {root}: its plot would become an image of the data")
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"--output {folder} is a file; it must be a folder")
-    root = root / "val" if (root / "val").is_dir() and labels is None else root
-    model, info = load_for_inference(checkpoint, key=key)
-    png = None
-    if len(info.classes) <= PLOT_MAX_CLASSES:
-        png = check_output(folder / "confusion_matrix.png", inputs=(checkpoint,), force=force)
-    if labels is not None:
-        dataset = LabelledFiles(root, labels, transform=info.transform(), classes=info.classes)
-    else:
-        dataset = ImageFolder(root, transform=info.transform(), classes=info.classes)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
-    how = f"eager, autocast {precision}" if precision != "fp32" else "eager"
-    if optimize and len(dataset):
-        from ..models.optimize import optimize_for_inference
-
-        example = next(b.inputs for b in loader if b.inputs is not None)
-        model = optimize_for_inference(model, precision=precision, example_input=example, expected_calls=len(loader))
-        how, precision = model.how, "fp32"  # the optimized model takes fp32 images whatever its own precision
-    res = evaluate(model, loader, torch.device("cpu"), len(info.classes), precision=precision, progress=progress)
-    if png is not None:
-        plot_confusion(res["confusion"], info.classes, png,
-                       title=f"{info.model_name}: top-1 {res['acc1']:.2f}% on {res['count']} images")
-    return res | {"model_name": info.model_name, "classes": info.classes, "root": str(dataset.root),
-                  "confusion_png": str(png) if png is not None else None, "how": how,
-                  "confused": [(info.classes[t], info.classes[p], k) for t, p, k in res["confused"]]}
-
-
-def format_results(res: dict) -> str:
-    """`evaluate_checkpoint`'s results as the text `convnext eval` prints: totals, then per-class accuracy."""
-    lines = [f"{res['model_name']} on {res['root']}: {res['count']} images  top-1 {res['acc1']:.2f}%  "
-             f"top-5 {res['acc5']:.2f}%  loss {res['loss']:.4f}"
-             + (f"  ({res['bad_images']} unreadable skipped)" if res["bad_images"] else "")]
-    from ..data.imagenet import display_name
-
-    seen = res["per_class_count"]
-    shown = [(f"{c} {display_name(c)}" if display_name(c) != c else c, acc, n)
-             for c, acc, n in zip(res["classes"], res["per_class_acc"], seen, strict=True) if n or len(seen) <= PLOT_MAX_CLASSES]
-    width = max((len(c) for c, _, _ in shown), default=0)
-    lines += [f"  {c:<{width}}  {acc:6.2f}%  ({n} images)" for c, acc, n in shown]
-    if res["confusion_png"]:
-        lines.append(f"confusion matrix: {res['confusion_png']}  (model run: {res['how']})")
-    else:
-        lines.append("most confused (truth -> predicted, images): "
-                     + ("; ".join(f"{display_name(t)} -> {display_name(p)} {k}" for t, p, k in res["confused"])
-                        or "none") + f"  (model run: {res['how']})")
-    return "\n".join(lines)

@@ -155,20 +155,6 @@ def demo(output: str | None = None, epochs: int | None = None, per_class: int | 
     return summary | {"minutes": minutes}
 
 
-def _format_results(res: dict[str, Any], style: str) -> str:
-    from ..eval import format_results
-
-    if style != "json":
-        return format_results(res)
-    import json
-
-    keep = ("loss", "acc1", "acc5", "count", "bad_images", "per_class_acc", "classes", "confused")
-    from ..eval.metrics import PLOT_MAX_CLASSES
-
-    shown = {"confusion": res["confusion"].tolist()} if len(res["classes"]) <= PLOT_MAX_CLASSES else {}
-    return json.dumps({k: res[k] for k in keep} | shown)
-
-
 def _format_predictions(results: list[dict], style: str) -> str:
     from ..eval import format_predictions
 
@@ -191,16 +177,44 @@ def _predict_options() -> tuple:
             _NO_OPTIMIZE)
 
 
+def _eval_options() -> tuple:
+    from ..preprocess import CROP_MODES, INTERPOLATIONS
+    from ..utils import PRECISIONS
+
+    return (
+        opt("--checkpoint", help="best.safetensors, last.pt or any supported checkpoint (or --model/--pretrained)"),
+        opt("--model", help="a registered architecture, e.g. convnext_tiny (with --pretrained)"),
+        opt("--pretrained", help="its published weights: a tag (fb_in1k, fb_in22k_ft_in1k_384; `convnext info "
+                                 "MODEL` lists them) or a checkpoint of that model; its own preprocessing"),
+        _KEY, opt("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N (default: auto)"),
+        opt("--precision", choices=list(PRECISIONS), default="fp32",
+            help="fp32; bf16 or fp16 (autocast on CUDA; on the CPU bf16 is a bf16 model)"),
+        opt("--workers", type=int, help="loader processes (default: sized for the device; none on the CPU)"),
+        opt("--input-size", type=int, help="override the resolution (test-time resolution studies)"),
+        opt("--crop-pct", type=float, help="override the center-crop fraction (resize to input-size / crop-pct)"),
+        opt("--interpolation", choices=list(INTERPOLATIONS), help="override the resize interpolation"),
+        opt("--crop-mode", choices=list(CROP_MODES), help="override: center (shorter side) or squash (both sides)"),
+        opt("--labels", help="labels of the images in --data (a flat folder): CSV (filename|path,label) or JSONL "
+                             "(label: a class, an ImageNet synset or name, or an index), or the ILSVRC2012 devkit "
+                             "(its folder, .tar.gz or data/ILSVRC2012_validation_ground_truth.txt)"),
+        opt("--valid-classes", help="restrict the logits to these classes: 'folder' (those in --data), imagenet-a, "
+                                    "imagenet-r, or a file of class indices or names, one per line"),
+        opt("--real-labels", help="the ReaL labels (real.json): ReaL top-1/top-5 beside the original"),
+        opt("--results-file", help="append one row per run to this .csv, .json or .jsonl (model, weights, "
+                                   "dataset, preprocessing, top-1, top-5, ReaL, mCE, count, img/s, device)"),
+        opt("--output", help="folder for confusion_matrix.png (<= 100 classes; default: beside the checkpoint) "
+                             "or most_confused.csv"),
+        opt("--force", action="store_true", help="overwrite an existing confusion_matrix.png / most_confused.csv"),
+        _NO_OPTIMIZE,
+    )
+
+
 SPEC = register(TaskSpec(
     name="classify", help="image classification with the ConvNeXt recipe on an image folder",
     config=ClassifyConfig, task=ClassificationTask, load=lazy("convnext.factory:load_for_inference"),
-    evaluate=lazy("convnext.eval.metrics:evaluate_checkpoint"), format_results=_format_results,
+    evaluate=lazy("convnext.eval.classify:evaluate_checkpoint"), format_results=lazy("convnext.eval.classify:format_results"),
     predictor=lazy("convnext.eval.predict:ClassifierPredictor"), format_predictions=_format_predictions,
-    summarize=summarize, demo=demo,
-    eval_options=(_KEY, opt("--output", help="folder for confusion_matrix.png (default: beside the checkpoint)"),
-                  opt("--force", action="store_true", help="overwrite an existing confusion_matrix.png"), _NO_OPTIMIZE,
-                  opt("--labels", help="CSV (filename|path,label) or JSONL labels of the images in --data (a flat "
-                                       "folder); label: a class, an ImageNet synset or name, or an index")),
+    summarize=summarize, demo=demo, eval_options=_eval_options(),
     predict_options=_predict_options(), predict_styles=("text", "json", "csv"),
     demo_options=(opt("--per-class", type=int, help="use only the first N images of each class (a quick check)"),),
     top_level=True,

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..utils import all_gather_list, all_reduce_max, all_reduce_sum, process_rank
+from ..utils import all_gather_list, all_reduce_max, all_reduce_sum, pick_device, process_rank
 
 __all__ = ["DistEnv", "PeerLostError", "all_gather_list", "all_reduce_max", "all_reduce_sum", "barrier", "cleanup",
            "process_rank", "setup", "sum_all"]
@@ -46,20 +46,12 @@ class DistEnv:
         return self.world_size > 1
 
 
-def pick_device(preference: str, local_rank: int = 0) -> torch.device:
-    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
 def setup(preference: str = "auto") -> DistEnv:
     """Join the process group torchrun describes (WORLD_SIZE > 1): NCCL on CUDA, gloo on CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = pick_device(preference, local_rank)
+    device = pick_device(preference, local_rank, world)
     if world == 1 or dist.is_initialized():
         return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device)
     if device.type == "cuda":
