@@ -90,3 +90,32 @@ def test_the_engine_trains_on_the_gpu(tmp_path):
         lr=2e-3, warmup_epochs=0.5, aa="none", reprob=0.0, mixup=0.0, cutmix=0.0, crop_pct=1.0, workers=0,
         precision="bf16", device="cuda", progress=False)))
     assert summary["best"] > 20.0  # chance is 10%
+
+
+def test_imagenet_eval_on_cuda_counts_what_the_cpu_counts(tmp_path, monkeypatch):
+    """`convnext eval --device cuda`: uint8 batches pinned and normalised on the GPU, channels_last, autocast."""
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from convnext.data.imagenet import synsets
+    from convnext.eval.classify import evaluate_checkpoint
+
+    torch.manual_seed(0)
+    model = perturb(convnext.create_model("convnext_atto"), std=0.02)
+    path = tmp_path / "atto.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    rng = np.random.default_rng(0)
+    for c in synsets("imagenet-1k")[:8]:
+        (tmp_path / "val" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (70, 90, 3), dtype=np.uint8)).save(tmp_path / "val" / c / f"{i}.png")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 is fp32: the same answers as the CPU
+    kw = dict(progress=False, batch_size=8, input_size=64)
+    cpu = evaluate_checkpoint(path, tmp_path / "val", device="cpu", optimize=False, **kw)
+    for device, precision in (("cuda", "fp32"), ("cuda:0", "fp16"), ("auto", "bf16")):
+        gpu = evaluate_checkpoint(path, tmp_path / "val", device=device, precision=precision, **kw)
+        assert gpu["device"] == "cuda:0" and gpu["count"] == cpu["count"] == 24 and gpu["img_s"] > 0
+        assert gpu["loss"] == pytest.approx(cpu["loss"], rel=2e-2 if precision != "fp32" else 1e-4)
+        if precision == "fp32":
+            assert gpu["acc1"] == cpu["acc1"] and gpu["acc5"] == cpu["acc5"]

@@ -380,3 +380,36 @@ def test_a_labelled_folder_keeps_indices_when_trained_classes_differ(tmp_path):
     (tmp_path / "l.csv").write_text("filename,label\nx.JPEG,b\n")
     ds = LabelledFiles(tmp_path / "flat", tmp_path / "l.csv", classes=["a", "b", "c"])
     assert ds.samples == [(str(p), 1)] and isinstance(ds, ImageFolder)
+
+
+def test_the_uint8_batch_path_is_bitwise_the_per_image_transform():
+    from convnext.data.transforms import normalize_batch
+
+    pre = PRETRAINED["convnext_tiny.tv_in1k"].preprocess
+    imgs = _photos()
+    want = torch.stack([eval_transform(pre)(im) for im in imgs])
+    raw = torch.stack([eval_transform(pre, normalize=False)(im) for im in imgs])
+    assert raw.dtype == torch.uint8
+    got = normalize_batch(raw, torch.tensor(pre.mean).view(-1, 1, 1), torch.tensor(pre.std).view(-1, 1, 1))
+    assert torch.equal(got, want)
+
+
+def test_published_weights_read_pixels_as_stored_and_ours_apply_exif(published, tmp_path):
+    from convnext.eval.classify import _load
+    from convnext.weights.loading import save_checkpoint
+
+    rng = np.random.default_rng(0)
+    im = Image.fromarray(rng.integers(0, 255, (30, 50, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees to display
+    (tmp_path / "c" / "x").mkdir(parents=True)
+    im.save(tmp_path / "c" / "x" / "a.jpg", exif=exif.tobytes())
+    stored = ImageFolder(tmp_path / "c", seed=None, exif=False)[0][0]
+    shown = ImageFolder(tmp_path / "c")[0][0]
+    timm_loader = Image.open(tmp_path / "c" / "x" / "a.jpg").convert("RGB")  # timm / torchvision's pil_loader
+    assert stored.size == timm_loader.size == (50, 30) and shown.size == (30, 50)
+    assert np.array_equal(np.asarray(stored), np.asarray(timm_loader))
+    model, _ = load_for_inference(published)
+    save_checkpoint(model, tmp_path / "ours.safetensors", classes=list(IN1K))
+    assert _load(published, None, None, None)[3] is True  # a bare published file: the published protocol
+    assert _load(tmp_path / "ours.safetensors", None, None, None)[3] is False  # trained here: as in training

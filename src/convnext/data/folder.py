@@ -140,12 +140,16 @@ class ImageFolder(Dataset):
     """`root/<class>/<image>` with an optional fixed class list (training's, at eval time).
 
     `__getitem__((epoch, index))` returns `(image, target, index)`; an unreadable image returns
-    `(None, target, index)` and its error is reported by the training loop with its path.
+    `(None, target, index)` and its error is reported by the training loop with its path. `seed=None`: a
+    deterministic transform, run unseeded (evaluation); `exif=False`: EXIF orientation not applied.
     """
 
+    exif = True
+
     def __init__(self, root: str | os.PathLike, transform: Callable | None = None,
-                 classes: Sequence[str] | None = None, seed: int = 0, cache: bool = False) -> None:
-        self.root = Path(root)
+                 classes: Sequence[str] | None = None, seed: int | None = 0, cache: bool = False,
+                 exif: bool = True) -> None:
+        self.root, self.exif = Path(root), exif
         found = find_classes(self.root)
         if classes is not None and _index_folders(found, classes):  # `0/ .. 999/` (ImageNet-V2's layout)
             logger.info("%s: class-index folders (0 .. %d), each the model's class of that index",
@@ -182,12 +186,14 @@ class ImageFolder(Dataset):
         img = self.cache.get(index) if self.cache is not None else None
         if img is None:
             try:
-                img = load_rgb(path)
+                img = load_rgb(path, self.exif)
             except Exception:  # noqa: BLE001 - any decoder failure means "bad image", never a dead worker
                 return None, target, index
             if self.cache is not None:
                 self.cache[index] = img
-        if self.transform is not None:
+        if self.transform is not None and self.seed is None:
+            img = self.transform(img)
+        elif self.transform is not None:
             img = seeded(self.transform, _sample_seed(self.seed, epoch, index), img)
         return img, target, index
 
@@ -203,8 +209,9 @@ class LabelledFiles(ImageFolder):
     Items as ImageFolder's."""
 
     def __init__(self, root: str | os.PathLike, labels: str | os.PathLike, transform: Callable | None = None,
-                 classes: Sequence[str] | None = None, seed: int = 0, cache: bool = False) -> None:
-        self.root, rows = Path(root), read_label_file(labels)
+                 classes: Sequence[str] | None = None, seed: int | None = 0, cache: bool = False,
+                 exif: bool = True) -> None:
+        self.root, rows, self.exif = Path(root), read_label_file(labels), exif
         if not self.root.is_dir():
             raise DataError(f"data folder not found: {self.root}")
         self.classes = list(classes) if classes is not None else sorted({label for _, label, _ in rows})

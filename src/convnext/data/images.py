@@ -30,13 +30,15 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
-def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open, apply EXIF orientation, decode fully and convert to RGB.
+def load_rgb(path: str | os.PathLike, exif: bool = True) -> Image.Image:
+    """Open, apply EXIF orientation (unless `exif` is False: the published ImageNet protocols, as timm's and
+    torchvision's loaders, read the pixels as stored), decode fully and convert to RGB.
 
     Raises OSError / PIL.UnidentifiedImageError / ValueError for unreadable or truncated files.
     """
     with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)  # a rotated phone photo must not train sideways
+        if exif:
+            im = ImageOps.exif_transpose(im)  # a rotated phone photo must not train sideways
         im.load()  # decode now, so a truncated file fails here and not inside a transform
         return to_rgb(im)
 

@@ -35,7 +35,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike | None = None, data: str |
                         labels: str | os.PathLike | None = None, valid_classes: str | None = None,
                         real_labels: str | os.PathLike | None = None, output: str | os.PathLike | None = None,
                         results_file: str | os.PathLike | None = None, optimize: bool = True,
-                        channels_last: bool | None = None, progress: bool = True, force: bool = False) -> dict:
+                        channels_last: bool | None = None, exif: bool | None = None, progress: bool = True,
+                        force: bool = False) -> dict:
     """Top-1/top-5 (and ReaL, restricted-class or ImageNet-C results) of a classifier on `data`.
 
     The classifier: `checkpoint` (any supported file; `key` picks e.g. `model_ema`), or `model` with
@@ -50,6 +51,9 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike | None = None, data: str |
     classes, one per line: the logits are restricted to those (timm's `--valid-labels`). `real_labels`: the
     ReaL `real.json` -> `real_acc1`, `real_acc5`.
 
+    `exif`: apply images' EXIF orientation; None: not for published weights (a tag, or a file without our
+    header: timm's and the official loaders read pixels as stored), as in training for our own checkpoints.
+
     `device` auto|cpu|cuda|cuda:N, `precision` fp32|bf16|fp16 (autocast on CUDA; on the CPU a bf16 model
     through `optimize_for_inference` when `optimize`). Under torchrun every process evaluates its share and
     the counts are summed: every image exactly once. `output`: folder for confusion_matrix.png (<= 100 classes;
@@ -61,10 +65,11 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike | None = None, data: str |
     root = _check_paths(checkpoint, data, output, results_file, labels)
     env = _join(device)
     try:
-        net, info, weights = _load(checkpoint, model, pretrained, key)
+        net, info, weights, published = _load(checkpoint, model, pretrained, key)
         info.preprocess = _override(info.preprocess, input_size, crop_pct, interpolation, crop_mode)
         run = _Runner(net, info, env, batch_size=batch_size, workers=workers, precision=precision,
-                      optimize=optimize, channels_last=channels_last, progress=progress)
+                      optimize=optimize, channels_last=channels_last, progress=progress,
+                      exif=not published if exif is None else exif)
         folders = corruption_folders(root) if labels is None and real_labels is None else None
         if folders:
             res = _imagenet_c(run, folders, valid_classes)
@@ -135,20 +140,28 @@ def _check_paths(checkpoint, data, output, results_file, labels) -> Path:
 
 
 def _load(checkpoint, model, pretrained, key):
-    """(model, InferenceInfo, what the weights are called in results) from a checkpoint or a published tag."""
+    """(model, InferenceInfo, what the weights are called in results, whether they are published weights) from a
+    checkpoint or a published tag."""
     from ..factory import load_for_inference, pretrained_for_inference
+    from ..weights import read_model_file
 
     if checkpoint is not None and (model is not None or pretrained is not None):
         raise ValueError("give either --checkpoint FILE or --model NAME --pretrained TAG, not both")
+    expect = None
+    if checkpoint is None and pretrained is not None and Path(pretrained).exists():  # --pretrained FILE
+        checkpoint, expect = pretrained, model
     if checkpoint is not None:
-        net, info = load_for_inference(checkpoint, key=key)
-        return net, info, str(checkpoint)
+        file = read_model_file(checkpoint)
+        net, info = load_for_inference(file, key=key)
+        if expect is not None and info.model_name != expect.partition(".")[0]:
+            raise ValueError(f"{checkpoint} holds a {info.model_name}, not {expect}; use --model {info.model_name}")
+        return net, info, str(checkpoint), not file.version
     if model is None:
         raise ValueError("nothing to evaluate: give --checkpoint FILE, or --model NAME with --pretrained TAG")
     net, info = pretrained_for_inference(model, True if pretrained is None else pretrained)
     cfg = getattr(net, "pretrained_cfg", None)
     tag = next((t for t, w in _published().items() if w is cfg), None)
-    return net, info, tag or str(pretrained)
+    return net, info, tag or str(pretrained), True
 
 
 def _published() -> dict:
@@ -185,7 +198,8 @@ class _Runner:
     share under torchrun), optimized once for the CPU, timed."""
 
     def __init__(self, model, info, env, *, batch_size: int, workers: int | None, precision: str, optimize: bool,
-                 channels_last: bool | None, progress: bool) -> None:
+                 channels_last: bool | None, progress: bool, exif: bool) -> None:
+        from ..data import eval_transform
         from ..utils import PRECISIONS
 
         if precision not in PRECISIONS:
@@ -193,11 +207,12 @@ class _Runner:
         if not (isinstance(batch_size, int) and batch_size >= 1):
             raise ValueError(f"--batch-size must be a positive integer, got {batch_size!r}")
         cuda = env.device.type == "cuda"
-        self.env, self.info, self.transform = env, info, info.transform()
+        self.env, self.info, self.exif = env, info, exif
+        self.transform = eval_transform(info.preprocess, normalize=False)  # uint8: normalised per batch, on device
         self.batch_size, self.workers = batch_size, _workers(workers, env)
         self.precision, self.progress = precision, progress and env.is_main
         self.channels_last = cuda if channels_last is None else channels_last
-        self.model = model.to(env.device)
+        self.model = _Normalized(model.to(env.device), info.preprocess)
         self.optimize = optimize and not cuda and precision in ("fp32", "bf16")
         self.how = f"eager, autocast {precision}" if precision != "fp32" else "eager"
         self.run_precision = precision
@@ -221,9 +236,9 @@ class _Runner:
         example = next((b.inputs for b in self.loader(dataset) if b.inputs is not None), None)
         if example is None:
             return
-        self.model = optimize_for_inference(self.model, precision=self.precision, example_input=example,
-                                            expected_calls=calls)
-        self.how, self.run_precision = self.model.how, "fp32"  # the optimized model takes fp32 images
+        fast = optimize_for_inference(self.model.model, precision=self.precision,
+                                      example_input=self.model.normalize(example), expected_calls=calls)
+        self.model.model, self.how, self.run_precision = fast, fast.how, "fp32"  # it takes fp32 images
 
     def __call__(self, dataset, *, valid=None, real=None, desc: str = "eval") -> dict:
         from ..utils import all_reduce_max
@@ -241,6 +256,25 @@ class _Runner:
         return res
 
 
+class _Normalized(torch.nn.Module):
+    """The model on uint8 image batches: normalised first (`data.normalize_batch`), on the model's device."""
+
+    def __init__(self, model: torch.nn.Module, pre) -> None:
+        super().__init__()
+        self.model = model
+        device = next(model.parameters()).device
+        self.mean = torch.tensor(pre.mean, dtype=torch.float32, device=device).view(-1, 1, 1)
+        self.std = torch.tensor(pre.std, dtype=torch.float32, device=device).view(-1, 1, 1)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        from ..data.transforms import normalize_batch
+
+        return normalize_batch(images, self.mean, self.std) if images.dtype == torch.uint8 else images
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(self.normalize(images))
+
+
 def _workers(workers: int | None, env) -> int:
     """Loader workers: as given, else sized for the device: on CUDA up to 8 per process from this machine's
     cores; on the CPU none (a worker takes a core from the model: measured slower on 2 cores)."""
@@ -254,19 +288,19 @@ def _workers(workers: int | None, env) -> int:
     return max(1, min(8, (os.cpu_count() or 2) // per_node - 1))
 
 
-def _dataset(root: Path, labels, transform, classes: Sequence[str]):
+def _dataset(root: Path, labels, run: _Runner):
     from ..data import ImageFolder, LabelledFiles
 
     if labels is not None:
-        return LabelledFiles(root, labels, transform=transform, classes=classes)
-    return ImageFolder(root, transform=transform, classes=classes)
+        return LabelledFiles(root, labels, transform=run.transform, classes=run.info.classes, seed=None, exif=run.exif)
+    return ImageFolder(root, transform=run.transform, classes=run.info.classes, seed=None, exif=run.exif)
 
 
 def _one_set(run: _Runner, root: Path, labels, valid_classes, real_labels, out: dict) -> dict:
     from ..plots import plot_confusion
 
     info = run.info
-    dataset = _dataset(root, labels, run.transform, info.classes)
+    dataset = _dataset(root, labels, run)
     valid = valid_indices(valid_classes, dataset, info.classes)
     real = real_targets(real_labels, dataset, info.classes) if real_labels is not None else None
     run.prepare(dataset, math.ceil(len(dataset) / run.batch_size / run.env.world_size))
@@ -351,7 +385,8 @@ def _imagenet_c(run: _Runner, folders: list[tuple[str, str, Path]], valid_classe
     from ..data import ImageFolder
     from ..data.imagenet import ALEXNET_ERR, SEVERITIES, mean_corruption_error
 
-    sets = [(c, s, ImageFolder(folder, transform=run.transform, classes=run.info.classes)) for c, s, folder in folders]
+    sets = [(c, s, ImageFolder(folder, transform=run.transform, classes=run.info.classes, seed=None, exif=run.exif))
+            for c, s, folder in folders]
     run.prepare(sets[0][2], sum(math.ceil(len(d) / run.batch_size / run.env.world_size) for _, _, d in sets))
     per: dict[str, dict[str, dict]] = {}
     for c, s, ds in sets:
