@@ -119,6 +119,9 @@ def test_real_accuracy_equals_timms_real_labels(published, tmp_path):
     assert res["real_acc1"] == pytest.approx(timm_real.get_accuracy(1)) == pytest.approx(40.0)
     assert res["real_acc5"] == pytest.approx(timm_real.get_accuracy(5)) == pytest.approx(80.0)
     assert res["real_count"] == 5 and res["count"] == 6 and res["acc1"] == pytest.approx(100 * 2 / 6)
+    from convnext.eval.classify import format_results
+
+    assert "  ReaL top-1 40.00%  top-5 80.00%  (5 images with ReaL labels)" in format_results(res).splitlines()
     (tmp_path / "short.json").write_text(json.dumps(real[:4]))
     with pytest.raises(ValueError, match="2 image\\(s\\) of the data have no ReaL entry"):
         _eval(published, tmp_path / "val", real_labels=tmp_path / "short.json")
@@ -149,6 +152,16 @@ def test_imagenet_c_gives_top1_per_corruption_and_the_alexnet_normalised_mce(pub
                                    "--no-optimize")
     assert code == 0, err_text
     assert json.loads(out)["mce"] == pytest.approx(res["mce"]) and "per_corruption" in json.loads(out)
+    code, out, _ = run_main(capsys, "eval", "--checkpoint", published, "--data", tmp_path / "c", "--no-optimize")
+    assert code == 0 and f"mCE {res['mce']:.2f}% (AlexNet-normalised, over 2 corruptions)" in out
+    assert "gaussian_noise     top-1 by severity  1: 75.00  2: 50.00  mean 62.50%  CE " in out
+
+
+def test_class_folders_with_numbered_sub_folders_are_not_imagenet_c(published, tmp_path):
+    for idx, n in ((700, 2), (500, 1)):
+        _images(tmp_path / "val" / IN1K[idx] / "1" / "x", [f"{i}.JPEG" for i in range(n)], idx)
+    res = _eval(published, tmp_path / "val")
+    assert res.get("per_corruption") is None and res["count"] == 3 and res["acc1"] == pytest.approx(200 / 3)
 
 
 def _meta_mat(path, order):
@@ -313,6 +326,9 @@ def test_a_published_tag_is_evaluated_with_its_preprocessing_and_overrides(cache
     assert rows[0]["weights"] == "convnextv2_atto.fcmae_ft_in1k" and rows[0]["count"] == "3"
     assert float(rows[0]["img_s"]) > 0 and rows[0]["device"] == "cpu" and rows[0]["real_top1"] == ""
     assert float(rows[1]["top1"]) == pytest.approx(json.loads(out)["acc1"], abs=1e-3)
+    code, out, err = run_main(capsys, "eval", "--pretrained", "convnextv2_atto.fcmae_ft_in1k", "--data",
+                              tmp_path / "val", "--json")  # a full tag names its model
+    assert code == 0 and json.loads(out)["model_name"] == "convnextv2_atto", err
     for args, needle in ((("--pretrained", "nope"), "neither a weights tag nor an existing file"),
                          (("--pretrained", "fcmae"), "not a published classifier"),
                          ((), "nothing to evaluate: give --checkpoint FILE, or --model NAME")):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -164,9 +165,10 @@ ALEXNET_ERR = {
 SEVERITIES = ("1", "2", "3", "4", "5")
 
 
-def corruption_folders(root: str | os.PathLike) -> list[tuple[str, str, Path]] | None:
+def corruption_folders(root: str | os.PathLike, classes: Sequence[str] = ()) -> list[tuple[str, str, Path]] | None:
     """(corruption, severity, folder of synset folders) when `root` is ImageNet-C (`<corruption>/<1..5>/<synset>/`,
-    also with the release's category level, `noise/gaussian_noise/1/...`), else None."""
+    also with the release's category level, `noise/gaussian_noise/1/...`), else None (also when a top folder is
+    one of `classes`: class folders with sub-folders named 1 .. 5 are not ImageNet-C)."""
     root = Path(root)
 
     def subdirs(p: Path) -> list[Path]:
@@ -174,10 +176,13 @@ def corruption_folders(root: str | os.PathLike) -> list[tuple[str, str, Path]] |
 
     def severities(p: Path) -> list[Path]:
         found = subdirs(p)
-        return found if found and all(s.name in SEVERITIES for s in found) else []
+        return found if found and all(s.name in SEVERITIES and subdirs(s) for s in found) else []
 
+    known = set(classes)
     out = []
     for top in subdirs(root):
+        if top.name in known:
+            return None
         if severities(top):
             out += [(top.name, s.name, s) for s in severities(top)]
         else:

@@ -63,6 +63,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike | None = None, data: str |
     from ..data.imagenet import corruption_folders
 
     root = _check_paths(checkpoint, data, output, results_file, labels)
+    _check_inputs(labels, valid_classes, real_labels)
     env = _join(device)
     try:
         net, info, weights, published = _load(checkpoint, model, pretrained, key)
@@ -70,7 +71,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike | None = None, data: str |
         run = _Runner(net, info, env, batch_size=batch_size, workers=workers, precision=precision,
                       optimize=optimize, channels_last=channels_last, progress=progress,
                       exif=not published if exif is None else exif)
-        folders = corruption_folders(root) if labels is None and real_labels is None else None
+        folders = corruption_folders(root, info.classes) if labels is None and real_labels is None else None
         if folders:
             res = _imagenet_c(run, folders, valid_classes)
         else:
@@ -139,6 +140,20 @@ def _check_paths(checkpoint, data, output, results_file, labels) -> Path:
     return root
 
 
+def _check_inputs(labels, valid_classes, real_labels) -> None:
+    """The files a run reads exist (before anything is loaded or written)."""
+    from ..data import DataError
+    from ..data.imagenet import TABLES
+
+    if labels is not None and not Path(labels).exists():
+        raise DataError(f"labels file not found: {labels}")
+    if real_labels is not None and not Path(real_labels).is_file():
+        raise DataError(f"ReaL labels file not found: {real_labels}")
+    if valid_classes is not None and str(valid_classes) not in ("folder", *TABLES) and not Path(valid_classes).is_file():
+        raise DataError(f"--valid-classes {valid_classes}: neither 'folder', a class list ({', '.join(TABLES)}) "
+                        f"nor a file")
+
+
 def _load(checkpoint, model, pretrained, key):
     """(model, InferenceInfo, what the weights are called in results, whether they are published weights) from a
     checkpoint or a published tag."""
@@ -148,6 +163,8 @@ def _load(checkpoint, model, pretrained, key):
     if checkpoint is not None and (model is not None or pretrained is not None):
         raise ValueError("give either --checkpoint FILE or --model NAME --pretrained TAG, not both")
     expect = None
+    if model is None and isinstance(pretrained, str) and pretrained in _published():  # --pretrained arch.tag
+        model = pretrained.split(".", 1)[0]
     if checkpoint is None and pretrained is not None and Path(pretrained).exists():  # --pretrained FILE
         checkpoint, expect = pretrained, model
     if checkpoint is not None:
