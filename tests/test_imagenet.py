@@ -196,3 +196,9 @@ def test_training_reads_a_flat_folder_with_labels_files(tmp_path, capsys):
     assert code == 0 and json.loads(out)["count"] == 8, err
     code, _, err = run_main(capsys, *args[:7], "--output", tmp_path / "run2")  # --labels without --val-labels
     assert code == 2 and "--labels and --val-labels go together" in err
+    (f, c), *rest = rows["train"]  # the same files relabelled: another run's data, refused on resume
+    (tmp_path / "train.csv").write_text("path,label\n" + "".join(f"{a},{b}\n" for a, b in
+                                                                [(f, "dog" if c == "cat" else "cat"), *rest]))
+    more = [a if a != 1 else 2 for a in args]  # --epochs 2
+    code, _, err = run_main(capsys, *more, "--resume", "auto")
+    assert code == 2 and "checkpoint of another run: the data (data_sha256" in err, err

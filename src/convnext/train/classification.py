@@ -102,7 +102,12 @@ class ClassificationTask(Task):
                         extra_metadata={"epoch": str(epoch), "val_acc1": f"{metrics['val_acc1']:.4f}"})
 
     def sample_name(self, dataset: ImageFolder, index: int) -> str:
-        return dataset.samples[index][0]
+        """The image's path; with a labels file (whose labels the path does not say) also its class, so that a
+        relabelled file is another run's data on resume."""
+        from ..data import LabelledFiles
+
+        path, target = dataset.samples[index]
+        return f"{path}\t{dataset.classes[target]}" if isinstance(dataset, LabelledFiles) else path
 
     def unreadable_reason(self, dataset: ImageFolder, index: int) -> str:
         from ..data import why_unreadable
