@@ -255,12 +255,15 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, to: st
     from .utils import check_output
     from .weights import save_checkpoint
 
-    check_output(dst, inputs=(src,), force=force, suffixes=(".pt", ".pth", ".safetensors") if to == "fcmae"
+    whole = to in ("fcmae", "official-seg")
+    check_output(dst, inputs=(src,), force=force, suffixes=(".pt", ".pth", ".safetensors") if whole
                  else (".safetensors",))
     file = read_model_file(src)
     state_dict = file.state_dict(key)
     if to == "fcmae":
         return _convert_to_fcmae(src, dst, state_dict)
+    if to == "official-seg" or file.task == "segment":
+        return _convert_segmenter(file, dst, state_dict, to)
     fmt, ours = to_ours(state_dict)
     name = check_model_name(model) if model else file.model_name or infer_model_name(ours, src)
     save_checkpoint(create_model(name, pretrained=state_dict), dst, fmt=to)
@@ -287,3 +290,29 @@ def _convert_to_fcmae(src: str | os.PathLike, dst: str | os.PathLike, sd: Mappin
         atomic_write(dst, lambda tmp: torch.save({"model": official, **header("pretrain", {"model_name": name},
                                                                               "fcmae_official")}, tmp))
     return "fcmae", name
+
+
+def _convert_segmenter(file: ModelFile, dst: str | os.PathLike, sd: Mapping[str, Any], to: str) -> tuple[str, str]:
+    """An UperNet segmenter (ours or an official mmseg file) -> the official mmseg layout (`{"state_dict", "meta":
+    {"CLASSES"}}` in a .pth as mmcv saves it, or safetensors; our header beside) or ours (`--to ours`)."""
+    from .utils import atomic_write
+    from .weights import write_model_file
+    from .weights.dense_official import segmenter_from_official, segmenter_to_official
+    from .weights.header import header
+
+    if file.task != "segment" or file.spec.get("head") != "upernet":
+        raise CheckpointError(f"{file.path} holds no UperNet segmenter: --to official-seg converts `convnext segment` "
+                              f"files with the UperNet head, or official upernet_convnext_* files")
+    if to not in ("ours", "official-seg"):
+        raise CheckpointError(f"{file.path} is a segmenter: convert it --to official-seg or --to ours")
+    ours = segmenter_from_official(sd) if file.layout == "mmseg" else dict(sd)
+    name, spec = file.spec["model_name"], dict(file.spec)
+    if to == "ours":
+        write_model_file(dst, "segment", spec, ours)
+    elif str(dst).endswith(".safetensors"):
+        write_model_file(dst, "segment", spec, segmenter_to_official(ours), layout="mmseg")
+    else:
+        official = segmenter_to_official(ours)
+        atomic_write(dst, lambda tmp: torch.save({"state_dict": official, "meta": {"CLASSES": tuple(spec["classes"])},
+                                                  **header("segment", spec, "mmseg")}, tmp))
+    return file.layout, name

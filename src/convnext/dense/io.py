@@ -26,7 +26,12 @@ def load_model(src: str | os.PathLike, task: str, build: Callable[[dict[str, Any
     except (KeyError, TypeError, ValueError) as e:  # a damaged or hand-edited spec
         raise CheckpointError(f"{file.path}: its header's spec does not describe a {task} model "
                               f"({type(e).__name__}: {e})") from None
-    missing, unexpected = model.load_state_dict(file.state_dict(key), strict=False)
+    sd = file.state_dict(key)
+    if file.layout == "mmseg":  # an official UperNet checkpoint, whole
+        from ..weights.dense_official import segmenter_from_official
+
+        sd = segmenter_from_official(sd)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{file.path}: weights do not fit the {task} model they describe "
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")

@@ -104,10 +104,15 @@ class Segmenter(nn.Module):
     """
 
     def __init__(self, backbone: ConvNeXtBackbone, num_classes: int, head: str = "upernet", aux_head: bool = True,
-                 aux_weight: float = 0.4, channels: int | None = None, dropout: float = 0.1) -> None:
+                 aux_weight: float = 0.4, channels: int | None = None, dropout: float = 0.1,
+                 test_mode: str = "whole", crop_size: int = 512, stride: int = 341) -> None:
         super().__init__()
         if head not in HEADS:
             raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
+        if test_mode not in ("whole", "slide") or not (0 < stride <= crop_size):
+            raise ValueError(f"test_mode must be whole or slide (with 0 < stride <= crop_size), got {test_mode!r}, "
+                             f"crop {crop_size}, stride {stride}")
+        self.test_mode, self.crop_size, self.stride = test_mode, crop_size, stride
         self.backbone = backbone
         self.num_classes = num_classes
         width = {"dropout": dropout} if channels is None else {"channels": channels, "dropout": dropout}
@@ -118,7 +123,7 @@ class Segmenter(nn.Module):
 
     def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
         if target is None:
-            return _resize(self.decode_head(self.backbone(x)), x.shape[-2:])
+            return self.slide(x) if self.test_mode == "slide" else self.whole(x)
         feats = self.backbone(x)
         out = {"loss_seg": F.cross_entropy(_resize(self.decode_head(feats), x.shape[-2:]).float(), target,
                                            ignore_index=IGNORE_INDEX)}
@@ -128,19 +133,82 @@ class Segmenter(nn.Module):
         return out
 
 
+    def whole(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the whole image at its size (mmseg's `whole_inference`)."""
+        return _resize(self.decode_head(self.backbone(x)), x.shape[-2:])
+
+    def slide(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits from overlapping `crop_size` windows `stride` apart, the last flush with the far edge, averaged
+        where they overlap (mmseg's `slide_inference`, how the official single-scale numbers are measured)."""
+        crop, step = self.crop_size, self.stride
+        n, _, h, w = x.shape
+        rows, cols = (max(size - crop + step - 1, 0) // step + 1 for size in (h, w))
+        out, count = x.new_zeros((n, self.num_classes, h, w)), x.new_zeros((1, 1, h, w))
+        for r in range(rows):
+            for c in range(cols):
+                y2, x2 = min(r * step + crop, h), min(c * step + crop, w)
+                y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)
+                out[:, :, y1:y2, x1:x2] += self.whole(x[:, :, y1:y2, x1:x2]).to(out.dtype)
+                count[:, :, y1:y2, x1:x2] += 1
+        return out / count
+
+
 def create_segmenter(name: str, num_classes: int, *, head: str = "upernet",
                      pretrained: bool | str | os.PathLike | None = None, aux_head: bool = True,
                      drop_path_rate: float = 0.0, frozen_stages: int = -1, **kw: Any) -> Segmenter:
     """UperNet (or a light FPN head) on a ConvNeXt backbone; see `Segmenter`. `channels`: the decode head's
-    width (UperNet 512 as published, the FPN head 128; the auxiliary head gets half)."""
+    width (UperNet 512 as published, the FPN head 128; the auxiliary head gets half).
+
+    `pretrained`: a classification or det/seg checkpoint initialises the backbone; an official UperNet file
+    (`upernet_convnext_*_ade20k.pth`, mmseg layout) loads whole, every tensor (BN statistics too); with
+    another `num_classes` all but the two classifier convs, which start afresh (said in the log)."""
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    backbone = ConvNeXtBackbone(name, pretrained=pretrained, drop_path_rate=drop_path_rate, frozen_stages=frozen_stages)
-    return Segmenter(backbone, num_classes, head=head, aux_head=aux_head, **kw)
+    whole = _official_segmenter(pretrained, name) if head == "upernet" else None
+    backbone = ConvNeXtBackbone(name, pretrained=None if whole else pretrained, drop_path_rate=drop_path_rate,
+                                frozen_stages=frozen_stages)
+    model = Segmenter(backbone, num_classes, head=head, aux_head=aux_head, **kw)
+    if whole is not None:
+        _load_whole(model, whole, pretrained)
+    return model
+
+
+def _official_segmenter(pretrained: Any, name: str) -> dict[str, torch.Tensor] | None:
+    """Our state dict of an official UperNet file (None for anything else); another backbone is an error."""
+    from ..weights import CheckpointError, read_checkpoint
+    from ..weights.dense_official import is_official_segmenter, official_segmenter_spec, segmenter_from_official
+
+    if isinstance(pretrained, bool) or not isinstance(pretrained, (str, os.PathLike)) or not os.path.isfile(pretrained):
+        return None
+    obj, _ = read_checkpoint(pretrained)
+    sd = obj.get("state_dict", obj) if hasattr(obj, "get") else obj
+    if not is_official_segmenter(sd):
+        return None
+    found = official_segmenter_spec(sd)["model_name"]
+    if found != name:
+        raise CheckpointError(f"{pretrained} is an UperNet on {found}, not {name}")
+    return segmenter_from_official(sd)
+
+
+def _load_whole(model: Segmenter, sd: dict[str, torch.Tensor], path: Any) -> None:
+    import logging
+
+    from ..weights import CheckpointError
+
+    own = model.state_dict()
+    fresh = sorted(k for k in sd if k in own and k.split(".")[1] == "cls" and own[k].shape != sd[k].shape)
+    missing, unexpected = model.load_state_dict({k: v for k, v in sd.items() if k not in fresh}, strict=False)
+    if sorted(missing) != fresh or unexpected:
+        raise CheckpointError(f"{path}: the UperNet in it is not this one (missing {sorted(set(missing) - set(fresh))[:3]}, "
+                              f"unexpected {unexpected[:3]}); its heads' widths or auxiliary head differ")
+    if fresh:
+        logging.getLogger(__name__).info("%s: every tensor loaded but the classifiers (%s), new for %d classes",
+                                         path, ", ".join(fresh), model.num_classes)
 
 
 def segmenter_from_spec(spec: dict[str, Any], **backbone: Any) -> Segmenter:
     """The segmenter a file's spec describes (`SegmentationTask.spec`); `backbone`: pretrained, drop_path_rate,
     frozen_stages and the heads' dropout (training)."""
+    test = {k: spec[k] for k in ("test_mode", "crop_size", "stride") if spec.get(k) is not None}
     return create_segmenter(spec["model_name"], len(spec["classes"]), head=spec["head"], aux_head=spec["aux_head"],
-                            channels=spec.get("channels"), dropout=backbone.pop("dropout", 0.1), **backbone)
+                            channels=spec.get("channels"), dropout=backbone.pop("dropout", 0.1), **test, **backbone)

@@ -158,6 +158,11 @@ def _foreign(obj: Mapping[str, Any], path: object) -> tuple[str, dict[str, Any],
     sd = next((w for w in wrapped if any(isinstance(v, torch.Tensor) for v in w.values())), obj)
     if "mask_token" in sd and "encoder.stem.conv.weight" not in sd:
         return "pretrain", {"model_name": _guess_name(sd, "fcmae_official")}, "fcmae_official"
+    from .dense_official import is_official_segmenter, official_segmenter_spec
+
+    if is_official_segmenter(sd):  # an official UperNet (mmseg) file: its spec from its keys and meta
+        meta = obj.get("meta") if isinstance(obj.get("meta"), Mapping) else None
+        return "segment", official_segmenter_spec(sd, meta, Path(str(path)).name), "mmseg"
     try:
         layout = detect_format(unwrap(sd))
     except CheckpointError:  # said by whoever reads the weights (`to_ours`), with the key they ask for

@@ -1,0 +1,127 @@
+"""The official ConvNeXt det/seg checkpoints whole: the key table between our segmenter and the mmseg 0.x layout
+of `upernet_convnext_*_ade20k.pth` (backbone, UPerHead decode head, FCN auxiliary head, BatchNorm statistics),
+both ways and bit-exact, so that every tensor of an official file loads (nothing dropped) and ours can go back.
+
+mmseg names a conv + BN + ReLU block (`ConvModule`) `<prefix>.conv` / `<prefix>.bn`; ours is a Sequential,
+`<prefix>.0` / `<prefix>.1`. The backbone is the official classification layout under `backbone.` plus the
+per-level `backbone.norm{i}` (`dense.backbone`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+# (our conv_bn_relu prefix, mmseg ConvModule prefix); {i}: an index, the same on both sides
+_SEG_CONV_MODULES = (
+    ("decode_head.ppm.pools.{i}.1", "decode_head.psp_modules.{i}.1"),
+    ("decode_head.ppm.bottleneck", "decode_head.bottleneck"),
+    ("decode_head.lateral.{i}", "decode_head.lateral_convs.{i}"),
+    ("decode_head.fpn.{i}", "decode_head.fpn_convs.{i}"),
+    ("decode_head.fuse", "decode_head.fpn_bottleneck"),
+    ("aux_head.conv", "auxiliary_head.convs.0"),
+)
+_SEG_PLAIN = (("decode_head.cls", "decode_head.conv_seg"), ("aux_head.cls", "auxiliary_head.conv_seg"))
+_BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def _rules(to_official: bool) -> list[tuple[re.Pattern, str]]:
+    """(pattern of a full key on one side, replacement template of the other side)."""
+    out = []
+    for ours, theirs in _SEG_CONV_MODULES:
+        for a, b, params in ((".0", ".conv", ("weight",)), (".1", ".bn", _BN)):
+            src, dst = (ours + a, theirs + b) if to_official else (theirs + b, ours + a)
+            for p in params:
+                out.append((re.compile(re.escape(f"{src}.{p}").replace(r"\{i\}", r"(\d+)") + "$"),
+                            f"{dst}.{p}".replace("{i}", r"\1")))
+    for ours, theirs in _SEG_PLAIN:
+        src, dst = (ours, theirs) if to_official else (theirs, ours)
+        for p in ("weight", "bias"):
+            out.append((re.compile(re.escape(f"{src}.{p}") + "$"), f"{dst}.{p}"))
+    return out
+
+
+def _rename_heads(sd: Mapping[str, torch.Tensor], to_official: bool) -> dict[str, torch.Tensor]:
+    from .io import CheckpointError
+
+    rules, out = _rules(to_official), {}
+    for k, v in sd.items():
+        new = next((pat.sub(rep, k) for pat, rep in rules if pat.match(k)), None)
+        if new is None:
+            side = "our segmenter" if to_official else "the mmseg UperNet layout"
+            raise CheckpointError(f"{k} is not a tensor of {side}; nothing was converted")
+        out[new] = v
+    return out
+
+
+def segmenter_to_official(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our segmenter's state dict -> the official mmseg 0.x UperNet layout (every tensor, BN statistics too)."""
+    from .convert import from_ours
+
+    body = {k[len("backbone.body."):]: v for k, v in sd.items() if k.startswith("backbone.body.")}
+    norms = {k: v for k, v in sd.items() if re.match(r"backbone\.norm\d\.", k)}
+    heads = {k: v for k, v in sd.items() if not k.startswith("backbone.")}
+    return ({f"backbone.{k}": v for k, v in from_ours(body, "official").items()} | norms
+            | _rename_heads(heads, True))
+
+
+def segmenter_from_official(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The official mmseg UperNet layout -> our segmenter's state dict (every tensor; an unknown key is an error)."""
+    from .convert import to_ours
+
+    body = {k[len("backbone."):]: v for k, v in sd.items()
+            if k.startswith("backbone.") and not re.match(r"backbone\.norm\d\.", k)}
+    norms = {k: v for k, v in sd.items() if re.match(r"backbone\.norm\d\.", k)}
+    heads = {k: v for k, v in sd.items() if not k.startswith("backbone.")}
+    _, ours = to_ours(body, "official")
+    return {f"backbone.body.{k}": v for k, v in ours.items()} | norms | _rename_heads(heads, False)
+
+
+def is_official_segmenter(sd: Mapping[str, Any]) -> bool:
+    return "decode_head.conv_seg.weight" in sd and any(str(k).startswith("backbone.") for k in sd)
+
+
+def official_segmenter_spec(sd: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None,
+                            filename: str = "") -> dict[str, Any]:
+    """The spec (`train.segmentation` fields) an official UperNet file describes: its backbone, classes
+    (mmseg's meta CLASSES, else ADE20K's 150 names for 150 outputs, else indices), heads and widths; the
+    official single-scale test (`*_ss.py` configs): slide inference, 512-px windows 341 apart, 640 / 426 for the
+    22k-pretrained files (L, XL, and B when its file name says 640)."""
+    from .convert import infer_model_name, to_ours
+    from .io import CheckpointError
+
+    body = {k[len("backbone."):]: v for k, v in sd.items()
+            if k.startswith("backbone.") and not re.match(r"backbone\.norm\d\.", k)}
+    try:
+        name = infer_model_name(to_ours(body, "official")[1])
+    except (CheckpointError, KeyError, ValueError):
+        raise CheckpointError("the backbone of this UperNet checkpoint is no ConvNeXt this library knows") from None
+    n = int(sd["decode_head.conv_seg.weight"].shape[0])
+    channels = int(sd["decode_head.conv_seg.weight"].shape[1])
+    aux = "auxiliary_head.conv_seg.weight" in sd
+    if aux and int(sd["auxiliary_head.convs.0.conv.weight"].shape[0]) != (256 if channels == 512 else max(channels // 2, 16)):
+        raise CheckpointError("the auxiliary head's width is not the official 256 (half the decode head's)")
+    classes = list((meta or {}).get("CLASSES") or default_classes(n))
+    if len(classes) != n:
+        raise CheckpointError(f"its meta names {len(classes)} classes for a {n}-class head")
+    size = 640 if name in _AT_640 or "640" in str(filename) else 512
+    return {"model_name": name, "head": "upernet", "aux_head": aux, "channels": None if channels == 512 else channels,
+            "classes": [str(c) for c in classes], "input_size": size, "reduce_zero_label": n == 150,
+            "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+            "test_mode": "slide", "crop_size": size, "stride": 426 if size == 640 else 341}
+
+
+_AT_640 = ("convnext_large", "convnext_xlarge")  # (B has both 512 and 640 files; its width cannot tell them apart)
+
+
+def default_classes(n: int) -> list[str]:
+    """ADE20K's 150 class names for a 150-class head (package data), else "0" .. "N-1"."""
+    from importlib import resources
+
+    if n != 150:
+        return [str(i) for i in range(n)]
+    text = resources.files("convnext").joinpath("data", "classes", "ade20k.txt").read_text(encoding="utf-8")
+    return [line for line in text.splitlines() if line and not line.startswith("#")]
