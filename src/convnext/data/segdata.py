@@ -115,20 +115,40 @@ class SegmentationFolder(Dataset):
 def segmentation_transform(train: bool, crop_size: int, mean, std, scale=(0.5, 2.0), hflip: float = 0.5,
                            photometric: float = 0.5) -> Callable:
     """Training (mmseg's ADE20K pipeline): resize the shorter side to crop_size x U(scale), random crop
-    (padded with ignore), flip, photometric distortion. Evaluation: shorter side to crop_size.
-    Both end normalised (float image) with int64 masks."""
+    (padded with ignore), flip, photometric distortion. Evaluation (mmseg's test pipeline): the image resized
+    to fit (4 x crop_size, crop_size) keeping its aspect, the mask left at the image's original size (the
+    logits are resized back to it: the metric is computed at full resolution). Both end normalised (float
+    image) with int64 masks."""
     from torchvision import tv_tensors
     from torchvision.transforms import v2
 
-    if train:
-        steps = [v2.RandomResize(int(crop_size * scale[0]), int(crop_size * scale[1]) + 1),
-                 v2.RandomCrop(crop_size, pad_if_needed=True,
-                               fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}),
-                 v2.RandomHorizontalFlip(hflip), v2.RandomPhotometricDistort(p=photometric)]
-    else:
-        steps = [v2.Resize(crop_size)]
+    if not train:
+        return EvalResize(crop_size, mean, std)
+    steps = [v2.RandomResize(int(crop_size * scale[0]), int(crop_size * scale[1]) + 1),
+             v2.RandomCrop(crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}),
+             v2.RandomHorizontalFlip(hflip), v2.RandomPhotometricDistort(p=photometric)]
     dtypes = {tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64, "others": None}
     return v2.Compose([*steps, v2.ToDtype(dtypes, scale=True), v2.Normalize(list(mean), list(std))])
+
+
+class EvalResize:
+    """mmseg's test-time `Resize(img_scale=(4 * size, size), keep_ratio=True)` (mmcv `imrescale`: the scale that
+    fits the long side in 4 x size and the short side in size, sizes rounded half up; bilinear as cv2's, no
+    antialias), then normalise; the mask is returned as it is (full resolution)."""
+
+    def __init__(self, size: int, mean, std) -> None:
+        self.size, self.mean, self.std = size, list(mean), list(std)
+
+    def __call__(self, image: torch.Tensor, target: Any) -> tuple[torch.Tensor, Any]:
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms.v2 import functional as F
+
+        h, w = image.shape[-2:]
+        scale = min(4 * self.size / max(h, w), self.size / min(h, w))
+        size = [int(h * scale + 0.5), int(w * scale + 0.5)]
+        x = F.resize(image, size, interpolation=InterpolationMode.BILINEAR, antialias=False) if size != [h, w] else image
+        x = F.normalize(F.to_dtype(x, torch.float32, scale=True), self.mean, self.std)
+        return x, target
 
 
 def collate_segmentation(items: list[tuple[Any, Any, int]], size_divisor: int = 32) -> Batch:
@@ -140,6 +160,9 @@ def collate_segmentation(items: list[tuple[Any, Any, int]], size_divisor: int = 
     bad = [b[2] for b in items if b[0] is None]
     if not good:
         return Batch(None, None, [], bad)
+    if any(tuple(img.shape[-2:]) != tuple(mask.shape[-2:]) for img, mask, _ in good):  # evaluation: full-size masks
+        return Batch([img[None] for img, _, _ in good], [torch.as_tensor(m)[None] for _, m, _ in good],
+                     [b[2] for b in good], bad)
     padded = []
     for img, mask, _ in good:
         h, w = -(-img.shape[-2] // size_divisor) * size_divisor, -(-img.shape[-1] // size_divisor) * size_divisor

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -121,8 +122,10 @@ def evaluate_segmentation(model: nn.Module, loader, device: torch.device, num_cl
         for images, target in chunks:  # a stacked batch, or images of different sizes one by one
             with autocast(device, precision):
                 logits = model(images.to(device))
-            pred = logits.float().argmax(1)
             target = target.to(device)
+            if logits.shape[-2:] != target.shape[-2:]:  # the image was resized: logits back to the mask's size
+                logits = F.interpolate(logits.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)
+            pred = logits.float().argmax(1)
             keep = target != IGNORE_INDEX
             if (target[keep] >= num_classes).any():
                 raise ValueError(f"label {int(target[keep].max())} in the annotations, but the model has "
@@ -327,15 +330,14 @@ class SegmentationPredictor(DensePredictor):
                          force=force)
 
     def predict_one(self, path, pixels: torch.Tensor) -> tuple[dict[str, Any], torch.Tensor]:
-        from torchvision.transforms.v2 import functional as TF
         from torchvision.utils import draw_segmentation_masks
 
+        from ..data.segdata import EvalResize
+
         spec = self.spec
-        x = TF.normalize(TF.resize(pixels.float() / 255, spec["input_size"]), spec["mean"], spec["std"])
-        pad_h, pad_w = -x.shape[-2] % 32, -x.shape[-1] % 32
-        logits = self.model(torch.nn.functional.pad(x, (0, pad_w, 0, pad_h))[None])[..., :x.shape[-2], :x.shape[-1]]
-        classes = torch.nn.functional.interpolate(logits, size=pixels.shape[-2:], mode="bilinear",
-                                                  align_corners=False).argmax(1)[0]
+        x, _ = EvalResize(spec["input_size"], spec["mean"], spec["std"])(pixels, None)  # as `segment eval` sees it
+        logits = self.model(x[None])
+        classes = F.interpolate(logits, size=pixels.shape[-2:], mode="bilinear", align_corners=False).argmax(1)[0]
         present = classes.unique().tolist()
         drawn = draw_segmentation_masks(pixels, torch.stack([classes == c for c in present]), alpha=0.5,
                                         colors=[PALETTE[c] for c in present])
