@@ -198,7 +198,7 @@ def test_layer_decay_groups_equal_the_official_constructors(size, num_layers):
     depths = {"tiny": (3, 3, 9, 3), "base": (3, 3, 27, 3)}[size]
     for model, kind, prefix, official, n_cfg in (
             (det, "layer_wise", "backbone.backbone.", _official_layer_wise, num_layers),
-            (seg, "stage_wise", "backbone.", _official_stage_wise, 12)):
+            (seg, "stage_wise", "backbone.", _official_stage_wise, num_layers)):  # upernet_convnext_tiny: 6
         groups = dense_param_groups(model, 0.05, 0.8, kind, depths=depths)
         names = _official_names(model.backbone.backbone if kind == "layer_wise" else model.backbone, prefix)
         assert sum(len(g["names"]) for g in groups) == sum(1 for _ in model.parameters())

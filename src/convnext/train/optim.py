@@ -31,7 +31,7 @@ def layer_id(name: str, depths: tuple[int, ...], kind: str = "group", num_layers
     exactly the official 12 groups; other sizes get ceil(depths[2] / 3) groups in stage 2 (`num_layers`
     overrides the count, as the det/seg configs do). "single" (ConvNeXt V2): one id per block,
     downsampling with the first block of its stage. "stage_wise" (segmentation): the stem and every
-    downsampling 0, stage s -> s + 1, the rest `num_layers` (12) + 1. Isotropic models (`depths` =
+    downsampling 0, stage s -> s + 1, the rest `num_layers` (6 for T, 12 for S/B/L/XL) + 1. Isotropic models (`depths` =
     (depth,)) get one id per block, stem 0.
     """
     parts = name.split(".")
@@ -47,8 +47,8 @@ def layer_id(name: str, depths: tuple[int, ...], kind: str = "group", num_layers
         if parts[0] == "stem":
             return 1, n
         return (sum(depths[:stage]) + (block or 0) + 1 if stage is not None else n + 1), n
-    if kind == "stage_wise":
-        n = 12 if num_layers is None else num_layers
+    if kind == "stage_wise":  # num_layers as the official ADE20K configs: 6 for T (depth 9), 12 for S/B/L/XL
+        n = (3 + math.ceil(depths[2] / 3)) if num_layers is None else num_layers
         if parts[0] == "stem" or (stage is not None and block is None):
             return 0, n
         return (stage + 1 if stage is not None else n + 1), n
@@ -102,8 +102,8 @@ def dense_param_groups(model: nn.Module, weight_decay: float, decay_rate: float 
                        num_layers: int | None = None, depths: tuple[int, ...] | None = None) -> list[dict]:
     """A detector's or segmenter's groups, as the official det/seg optimizer constructor
     (`mmcv_custom/layer_decay_optimizer_constructor.py`): `layer_id` of the backbone's parameters (names
-    after `body.`; `num_layers` default 6 for T and 12 for S/B/L/XL with "layer_wise", 12 with
-    "stage_wise"), everything else (the backbone's output norms, neck, heads) `num_layers` + 1."""
+    after `body.`; `num_layers` default 6 for T and 12 for S/B/L/XL, as every official det and seg config),
+    everything else (the backbone's output norms, neck, heads) `num_layers` + 1."""
     if decay_type not in ("layer_wise", "stage_wise"):
         raise ValueError(f"decay_type must be one of layer_wise, stage_wise, got {decay_type!r}")
     depths = depths or (3, 3, 9, 3)

@@ -41,7 +41,7 @@ class SegmentConfig(DenseConfig):
     batch_size: int = 4
     lr_base: float = 1e-4
     warmup_epochs: float = 1.0
-    layer_decay_type: str = "stage_wise"  # num_layers None: 12 (official)
+    layer_decay_type: str = "stage_wise"  # num_layers None: 6 for T, 12 for S/B/L/XL (the official configs)
 
     def __post_init__(self) -> None:
         from ..dense.segmentation import HEADS
