@@ -555,3 +555,26 @@ def test_segmentation_on_two_processes_equals_one_process(small_scenes, tmp_path
     assert close.float().mean() > 0.95, close.float().mean()
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], atol=2 * 5e-4, rtol=0)
+
+
+@pytest.mark.parametrize("recipe, task, want", [
+    ("upernet_convnext_tiny_160k_ade20k", "segment",
+     dict(model="convnext_tiny", head="upernet", input_size=512, scale=(0.5, 2.0), lr_base=1e-4, weight_decay=0.05,
+          layer_decay=0.9, layer_decay_type="stage_wise", num_layers=6, drop_path_rate=0.4, schedule="poly",
+          warmup_iters=1500, warmup_ratio=1e-6, min_lr=0.0, reduce_zero_label=True)),
+    ("upernet_convnext_base_160k_ade20k", "segment", dict(num_layers=12, drop_path_rate=0.4)),
+    ("mask_rcnn_convnext_tiny_3x_coco", "detect",
+     dict(model="convnext_tiny", arch="maskrcnn", input_size=800, max_size=1333, ms_scale=(0.6, 1.0), lr_base=1e-4,
+          layer_decay=0.95, layer_decay_type="layer_wise", num_layers=6, drop_path_rate=0.4, epochs=36,
+          schedule="step", lr_steps=(27, 33), warmup_iters=500, warmup_ratio=1e-3)),
+])
+def test_the_official_det_seg_recipes_are_packaged(recipe, task, want, tmp_path):
+    """The values of the official configs (ConvNeXt object_detection/ and semantic_segmentation/configs)."""
+    from convnext.cli import build_parser
+    from convnext.tasks import get_task
+    from convnext.train.config import from_args
+
+    args = build_parser().parse_args([task, "train", "--config", recipe, "--data", str(tmp_path)])
+    cfg = from_args(args, get_task(task).config)
+    assert {k: getattr(cfg, k) for k in want} == want
+    assert cfg.lr_base * 16 / cfg.lr_base_batch == pytest.approx(want.get("lr_base", cfg.lr_base))  # at batch 16

@@ -401,3 +401,62 @@ def test_the_recipe_reaches_the_data_the_loss_and_the_optimizer(fmnist, tmp_path
     # EMA: the first update copies the weights, then decay x previous + (1 - decay) x new
     torch.testing.assert_close(ema[k], 0.6 * w1[k] + 0.4 * w2[k])
     assert not torch.allclose(ema[k], w2[k])
+
+
+def _mmcv_poly(step, total, base, min_lr, power=1.0):  # mmcv/runner/hooks/lr_updater.py PolyLrUpdaterHook.get_lr
+    coeff = (1 - step / total) ** power
+    return (base - min_lr) * coeff + min_lr
+
+
+def _mmcv_step(epoch, base, step, gamma=0.1):  # StepLrUpdaterHook.get_lr (by_epoch, a list of steps)
+    exp = len(step)
+    for i, s in enumerate(step):
+        if epoch < s:
+            exp = i
+            break
+    return base * gamma**exp
+
+
+def _mmcv_warmup(cur_iters, regular, warmup_iters, ratio):  # LrUpdaterHook.get_warmup_lr, warmup="linear"
+    k = (1 - cur_iters / warmup_iters) * (1 - ratio)
+    return regular * (1 - k)
+
+
+@pytest.mark.parametrize("schedule", ["poly", "step"])
+def test_the_det_seg_schedules_are_mmcvs(fmnist, tmp_path, schedule):
+    """--schedule poly|step with --warmup-iters/--warmup-ratio: the lr of every logged step is mmcv's."""
+    from convnext.train.schedule import mmcv_lr_at
+
+    kw = dict(schedule=schedule, warmup_iters=5, warmup_ratio=1e-3, min_lr=0.0, epochs=3, lr=1e-3)
+    if schedule == "step":
+        kw["lr_steps"] = (1, 2)
+    summary = train(fmnist, tmp_path / "run", **kw)
+    history = summary["history"] if "history" in summary else [
+        json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    per_epoch = history[0]["step"]
+    total = per_epoch * 3
+    for line in history:
+        step = line["step"] - 1  # the epoch's last optimizer step
+        regular = (_mmcv_poly(step, total, 1e-3, 0.0) if schedule == "poly"
+                   else _mmcv_step(step // per_epoch, 1e-3, [1, 2]))
+        want = _mmcv_warmup(step, regular, 5, 1e-3) if step < 5 else regular
+        assert line["lr"] == pytest.approx(want, rel=1e-9)
+    for step in range(total):  # and every step in between, warm-up included
+        regular = (_mmcv_poly(step, total, 1e-3, 0.0) if schedule == "poly"
+                   else _mmcv_step(step // per_epoch, 1e-3, [1, 2]))
+        want = _mmcv_warmup(step, regular, 5, 1e-3) if step < 5 else regular
+        got = mmcv_lr_at(step, schedule=schedule, base_lr=1e-3, min_lr=0.0, warmup_steps=5, total_steps=total,
+                         warmup_ratio=1e-3, steps_per_epoch=per_epoch, milestones=(1, 2))
+        assert got == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (("--schedule", "step"), "--schedule step needs --lr-steps"),
+    (("--schedule", "step", "--lr-steps", "5"), "--schedule step needs --lr-steps"),
+    (("--lr-steps", "1"), "--lr-steps are the milestones of --schedule step"),
+    (("--warmup-ratio", "0.1"), "--warmup-ratio is for the poly and step schedules"),
+    (("--schedule", "linear"), "schedule"),
+])
+def test_schedule_flags_that_do_not_fit_are_one_line(fmnist, tmp_path, flags, needle):
+    r = cli("train", "--data", fmnist, "--output", tmp_path / "r", "--model", "convnext_atto", "--epochs", 3, *flags)
+    assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -66,6 +66,10 @@ class EngineConfig:
     lr_base_batch: int = 4096
     min_lr: float = 1e-6
     warmup_epochs: float = 20.0
+    warmup_iters: int | None = None  # warm-up in optimizer steps instead (the det/seg configs: 500 / 1500)
+    schedule: str = "cosine"  # cosine (classification) | poly (ADE20K) | step (COCO: x0.1 at --lr-steps epochs)
+    lr_steps: tuple[int, ...] = ()  # step schedule: the epochs where the lr drops by 10 (COCO 3x: 27, 33)
+    warmup_ratio: float = 0.0  # poly/step: warm-up starts at this fraction of the lr (mmcv; 1e-6 seg, 1e-3 det)
     weight_decay: float = 0.05  # AdamW; none on biases, norms, LayerScale and GRN parameters
     opt_eps: float = 1e-8
     opt_betas: tuple[float, float] = (0.9, 0.999)
@@ -135,7 +139,23 @@ class EngineConfig:
             _fail(f"--save-every-steps must be >= 0, got {self.save_every_steps}")
         self._check_choices({"precision": tuple(PRECISIONS), "device": ("auto", "cpu", "cuda"),
                              "nan_policy": ("abort", "skip"), "bad_images": ("skip", "error"),
-                             "layer_decay_type": self.LAYER_DECAY_TYPES})
+                             "layer_decay_type": self.LAYER_DECAY_TYPES, "schedule": ("cosine", "poly", "step")})
+        self._check_schedule()
+
+    def _check_schedule(self) -> None:
+        if self.warmup_iters is not None and self.warmup_iters < 0:
+            _fail(f"--warmup-iters must be >= 0, got {self.warmup_iters}")
+        if not (_finite(self.warmup_ratio) and 0 <= self.warmup_ratio <= 1):
+            _fail(f"--warmup-ratio must be in [0, 1], got {self.warmup_ratio}")
+        if self.lr_steps and self.schedule != "step":
+            _fail("--lr-steps are the milestones of --schedule step")
+        if self.schedule == "step" and not (self.lr_steps and all(0 < m < self.epochs for m in self.lr_steps)
+                                            and list(self.lr_steps) == sorted(set(self.lr_steps))):
+            _fail(f"--schedule step needs --lr-steps: increasing epochs between 0 and --epochs ({self.epochs}), got "
+                  f"{list(self.lr_steps)}")
+        if self.schedule == "cosine" and self.warmup_ratio:
+            _fail("--warmup-ratio is for the poly and step schedules (the cosine warm-up starts at 0, as the official "
+                  "classification code)")
 
     def _check_choices(self, choices: dict[str, tuple[str, ...]]) -> None:
         for name, allowed in choices.items():
@@ -233,8 +253,10 @@ def _coerce(cls: type, name: str, value: Any) -> Any:
         hint = next(a for a in args if a is not type(None))
     try:
         if typing.get_origin(hint) is tuple:
-            seq = value.split(",") if isinstance(value, str) else list(value)
+            seq = [v for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
             inner = typing.get_args(hint)
+            if len(inner) == 2 and inner[1] is Ellipsis:  # any length
+                return tuple(inner[0](v) for v in seq)
             if len(seq) != len(inner):
                 raise ValueError
             return tuple(t(v) for t, v in zip(inner, seq, strict=True))
@@ -304,8 +326,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type = ClassifyConfig) -
             parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                                 help=f"(default: {f.default})")
         elif typing.get_origin(hint) is tuple:
-            parser.add_argument(*flags, dest=f.name, nargs=len(typing.get_args(hint)), default=None, metavar="V",
-                                help=f"(default: {' '.join(map(str, f.default))})")
+            inner = typing.get_args(hint)
+            nargs = "+" if len(inner) == 2 and inner[1] is Ellipsis else len(inner)
+            parser.add_argument(*flags, dest=f.name, nargs=nargs, default=None, metavar="V",
+                                help=f"(default: {' '.join(map(str, f.default)) or 'none'})")
         else:
             parser.add_argument(*flags, dest=f.name, default=None, help=f"(default: {f.default})")
 

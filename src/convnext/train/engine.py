@@ -34,7 +34,7 @@ from . import distributed as D
 from .checkpoint import OutputLock, earlier_run, find_resume, load_state, save_state
 from .config import save_yaml
 from .distributed import PeerLostError
-from .schedule import lr_at
+from .schedule import lr_at, mmcv_lr_at
 from .task import Task
 
 logger = logging.getLogger(__name__)
@@ -189,7 +189,8 @@ class Trainer:
             raise DataError(f"one epoch has {len(self.train_loader)} batches, fewer than --grad-accum "
                             f"{self.cfg.grad_accum}")
         self.total_steps = self.cfg.epochs * self.steps_per_epoch
-        self.warmup_steps = round(self.cfg.warmup_epochs * self.steps_per_epoch)
+        self.warmup_steps = (round(self.cfg.warmup_epochs * self.steps_per_epoch) if self.cfg.warmup_iters is None
+                             else min(self.cfg.warmup_iters, self.total_steps))
         # bf16 on CPU: the compiled depthwise backward pays its ~20 s of compiling back over a long run only
         # (decided from the plan, not from timings, so that a resumed run computes exactly as before)
         fast.use_fused_depthwise_backward(self.state.model, self.cfg.precision == "bf16"
@@ -413,14 +414,22 @@ class Trainer:
         return ["loss"] if len(names) == 1 else ["loss", *names]
 
     # --- one micro-batch and one optimisation step ----------------------------------------------
+    def _lr(self, step: int) -> float:
+        cfg = self.cfg
+        if cfg.schedule == "cosine":
+            return lr_at(step, base_lr=self.peak_lr, min_lr=cfg.min_lr, warmup_steps=self.warmup_steps,
+                         total_steps=self.total_steps)
+        return mmcv_lr_at(step, schedule=cfg.schedule, base_lr=self.peak_lr, min_lr=cfg.min_lr,
+                          warmup_steps=self.warmup_steps, total_steps=self.total_steps, warmup_ratio=cfg.warmup_ratio,
+                          steps_per_epoch=self.steps_per_epoch, milestones=cfg.lr_steps)
+
     def train_batch(self, batch: Batch) -> None:
         """Forward and backward of one micro-batch, with the NaN decision shared by all ranks."""
         cfg, p = self.cfg, self.state.progress
         if batch.bad:
             self._report_bad(batch.bad)
         if p.batch % cfg.grad_accum == 0:  # first micro-batch of an optimizer step
-            self.lr = lr_at(p.step, base_lr=self.peak_lr, min_lr=cfg.min_lr, warmup_steps=self.warmup_steps,
-                            total_steps=self.total_steps)
+            self.lr = self._lr(p.step)
             for g in self.state.optimizer.param_groups:
                 g["lr"] = self.lr * g["lr_scale"]
             self.step_ok = True
