@@ -7,6 +7,8 @@ the official backbone's forward (ConvNeXt `semantic_segmentation/backbone/convne
 mmseg 0.x `PPM` / `UPerHead` / `FCNHead` / `BaseDecodeHead.cls_seg` and `EncoderDecoder.slide_inference`.
 """
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -275,3 +277,236 @@ def test_segment_eval_of_an_official_file_follows_mmsegs_test_pipeline(official,
     # (the resized pixels may differ by one grey level from a float-rounded resize: a few pixels flip)
     assert got["count"] == 2 and got["mIoU"] == pytest.approx(want["mIoU"], abs=2e-4)
     assert got["aAcc"] == pytest.approx(want["aAcc"], abs=2e-4)
+
+
+# --- Mask R-CNN: mmdet 2.x, transcribed ---------------------------------------------------------------------
+def mmdet_base_anchors(base_size, scales, ratios):  # mmdet/core/anchor/anchor_generator.py, center_offset=0
+    w = h = base_size
+    x_center, y_center = 0.0 * w, 0.0 * h
+    h_ratios = torch.sqrt(ratios)
+    w_ratios = 1 / h_ratios
+    ws = (w * w_ratios[:, None] * scales[None, :]).view(-1)
+    hs = (h * h_ratios[:, None] * scales[None, :]).view(-1)
+    return torch.stack([x_center - 0.5 * ws, y_center - 0.5 * hs, x_center + 0.5 * ws, y_center + 0.5 * hs], dim=-1)
+
+
+def mmdet_grid_priors(featmap_size, stride, base_anchors):  # AnchorGenerator.single_level_grid_priors
+    feat_h, feat_w = featmap_size
+    shift_x = torch.arange(0, feat_w).to(torch.float32) * stride
+    shift_y = torch.arange(0, feat_h).to(torch.float32) * stride
+    shift_xx = shift_x.repeat(len(shift_y))
+    shift_yy = shift_y.view(-1, 1).repeat(1, len(shift_x)).view(-1)
+    shifts = torch.stack([shift_xx, shift_yy, shift_xx, shift_yy], dim=-1)
+    return (base_anchors[None, :, :] + shifts[:, None, :]).view(-1, 4)
+
+
+def delta2bbox(rois, deltas, stds, max_shape, wh_ratio_clip=16 / 1000):  # DeltaXYWHBBoxCoder (means 0)
+    stds = deltas.new_tensor(stds).view(1, -1).repeat(1, deltas.size(1) // 4)
+    denorm = deltas * stds
+    dx, dy, dw, dh = denorm[:, 0::4], denorm[:, 1::4], denorm[:, 2::4], denorm[:, 3::4]
+    max_ratio = abs(math.log(wh_ratio_clip))
+    dw, dh = dw.clamp(min=-max_ratio, max=max_ratio), dh.clamp(min=-max_ratio, max=max_ratio)
+    px = ((rois[:, 0] + rois[:, 2]) * 0.5).unsqueeze(1).expand_as(dx)
+    py = ((rois[:, 1] + rois[:, 3]) * 0.5).unsqueeze(1).expand_as(dy)
+    pw = (rois[:, 2] - rois[:, 0]).unsqueeze(1).expand_as(dw)
+    ph = (rois[:, 3] - rois[:, 1]).unsqueeze(1).expand_as(dh)
+    gw, gh = pw * dw.exp(), ph * dh.exp()
+    gx, gy = px + pw * dx, py + ph * dy
+    x1, y1, x2, y2 = gx - gw * 0.5, gy - gh * 0.5, gx + gw * 0.5, gy + gh * 0.5
+    x1, x2 = x1.clamp(min=0, max=max_shape[1]), x2.clamp(min=0, max=max_shape[1])
+    y1, y2 = y1.clamp(min=0, max=max_shape[0]), y2.clamp(min=0, max=max_shape[0])
+    return torch.stack([x1, y1, x2, y2], dim=-1).view_as(deltas)
+
+
+def mmdet_fpn(sd, inputs):  # mmdet/models/necks/fpn.py, num_outs=5, add_extra_convs=False
+    laterals = [F.conv2d(x, sd[f"neck.lateral_convs.{i}.conv.weight"], sd[f"neck.lateral_convs.{i}.conv.bias"])
+                for i, x in enumerate(inputs)]
+    for i in range(len(laterals) - 1, 0, -1):
+        laterals[i - 1] = laterals[i - 1] + F.interpolate(laterals[i], size=laterals[i - 1].shape[2:], mode="nearest")
+    outs = [F.conv2d(x, sd[f"neck.fpn_convs.{i}.conv.weight"], sd[f"neck.fpn_convs.{i}.conv.bias"], padding=1)
+            for i, x in enumerate(laterals)]
+    return outs + [F.max_pool2d(outs[-1], 1, stride=2)]
+
+
+def map_roi_levels(rois, num_levels, finest_scale=56):  # SingleRoIExtractor.map_roi_levels
+    scale = torch.sqrt((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2]))
+    target_lvls = torch.floor(torch.log2(scale / finest_scale + 1e-6))
+    return target_lvls.clamp(min=0, max=num_levels - 1).long()
+
+
+def roi_extract(feats, rois, out_size, strides=(4, 8, 16, 32)):  # SingleRoIExtractor.forward, mmcv RoIAlign
+    from torchvision.ops import roi_align
+
+    out = feats[0].new_zeros(rois.size(0), feats[0].size(1), out_size, out_size)
+    lvls = map_roi_levels(rois, len(strides))
+    for i in range(len(strides)):
+        inds = lvls == i
+        if inds.any():
+            out[inds] = roi_align(feats[i], rois[inds], out_size, 1 / strides[i], 0, True)
+    return out
+
+
+def multiclass_nms(multi_bboxes, multi_scores, score_thr, iou, max_num):  # mmdet/core/post_processing
+    from torchvision.ops import batched_nms
+
+    num_classes = multi_scores.size(1) - 1
+    bboxes = multi_bboxes.view(multi_scores.size(0), -1, 4)
+    scores = multi_scores[:, :-1]
+    labels = torch.arange(num_classes).view(1, -1).expand_as(scores)
+    bboxes, scores, labels = bboxes.reshape(-1, 4), scores.reshape(-1), labels.reshape(-1)
+    inds = (scores > score_thr).nonzero(as_tuple=False).squeeze(1)
+    bboxes, scores, labels = bboxes[inds], scores[inds], labels[inds]
+    keep = batched_nms(bboxes, scores, labels, iou)[:max_num]
+    return bboxes[keep], scores[keep], labels[keep]
+
+
+def do_paste_mask(masks, boxes, img_h, img_w):  # mmdet roi_heads/mask_heads/fcn_mask_head.py, skip_empty=False
+    x0, y0, x1, y1 = torch.split(boxes, 1, dim=1)
+    n = masks.shape[0]
+    img_y = torch.arange(0, img_h).to(torch.float32) + 0.5
+    img_x = torch.arange(0, img_w).to(torch.float32) + 0.5
+    img_y = (img_y - y0) / (y1 - y0) * 2 - 1
+    img_x = (img_x - x0) / (x1 - x0) * 2 - 1
+    gx = img_x[:, None, :].expand(n, img_y.size(1), img_x.size(1))
+    gy = img_y[:, :, None].expand(n, img_y.size(1), img_x.size(1))
+    grid = torch.stack([gx, gy], dim=3)
+    return F.grid_sample(masks.to(dtype=torch.float32), grid, align_corners=False)[:, 0]
+
+
+def mmdet_mask_rcnn(sd, img):
+    """mmdet MaskRCNN.simple_test on a normalised, already resized (and 32-padded) image, rescale off."""
+    from torchvision.ops import batched_nms
+
+    h, w = img.shape[-2:]
+    feats = mmdet_fpn(sd, official_backbone(sd, img))
+    out = {"anchors": [], "objectness": [], "deltas": []}
+    scores_all, deltas_all, anchors_all, ids = [], [], [], []
+    for lvl, (f, stride) in enumerate(zip(feats, (4, 8, 16, 32, 64), strict=True)):  # RPNHead + _get_bboxes_single
+        x = F.relu(F.conv2d(f, sd["rpn_head.rpn_conv.weight"], sd["rpn_head.rpn_conv.bias"], padding=1))
+        cls = F.conv2d(x, sd["rpn_head.rpn_cls.weight"], sd["rpn_head.rpn_cls.bias"])[0]
+        reg = F.conv2d(x, sd["rpn_head.rpn_reg.weight"], sd["rpn_head.rpn_reg.bias"])[0]
+        anchors = mmdet_grid_priors(f.shape[-2:], stride, mmdet_base_anchors(stride, torch.tensor([8.0]),
+                                                                             torch.tensor([0.5, 1.0, 2.0])))
+        scores, deltas = cls.permute(1, 2, 0).reshape(-1).sigmoid(), reg.permute(1, 2, 0).reshape(-1, 4)
+        out["anchors"].append(anchors)
+        out["objectness"].append(cls.permute(1, 2, 0).reshape(-1))
+        out["deltas"].append(deltas)
+        if 1000 < scores.shape[0]:
+            ranked, rank_inds = scores.sort(descending=True)
+            scores, deltas, anchors = ranked[:1000], deltas[rank_inds[:1000]], anchors[rank_inds[:1000]]
+        scores_all.append(scores)
+        deltas_all.append(deltas)
+        anchors_all.append(anchors)
+        ids.append(scores.new_full((len(scores),), lvl, dtype=torch.long))
+    proposals = delta2bbox(torch.cat(anchors_all), torch.cat(deltas_all), (1.0, 1.0, 1.0, 1.0), (h, w))
+    scores, ids = torch.cat(scores_all), torch.cat(ids)
+    valid = ((proposals[:, 2] - proposals[:, 0]) > 0) & ((proposals[:, 3] - proposals[:, 1]) > 0)
+    proposals, scores, ids = proposals[valid], scores[valid], ids[valid]
+    keep = batched_nms(proposals, scores, ids, 0.7)[:1000]
+    out["proposals"] = proposals = proposals[keep]
+    rois = torch.cat([proposals.new_zeros(len(proposals), 1), proposals], 1)
+    x = roi_extract(feats[:4], rois, 7).flatten(1)  # Shared2FCBBoxHead
+    x = F.relu(F.linear(x, sd["roi_head.bbox_head.shared_fcs.0.weight"], sd["roi_head.bbox_head.shared_fcs.0.bias"]))
+    x = F.relu(F.linear(x, sd["roi_head.bbox_head.shared_fcs.1.weight"], sd["roi_head.bbox_head.shared_fcs.1.bias"]))
+    cls_score = F.linear(x, sd["roi_head.bbox_head.fc_cls.weight"], sd["roi_head.bbox_head.fc_cls.bias"])
+    bbox_pred = F.linear(x, sd["roi_head.bbox_head.fc_reg.weight"], sd["roi_head.bbox_head.fc_reg.bias"])
+    out["cls_score"], out["bbox_pred"] = cls_score, bbox_pred
+    bboxes = delta2bbox(proposals, bbox_pred, (0.1, 0.1, 0.2, 0.2), (h, w))
+    out["boxes"], out["scores"], out["labels"] = multiclass_nms(bboxes, F.softmax(cls_score, -1), 0.05, 0.5, 100)
+    mrois = torch.cat([out["boxes"].new_zeros(len(out["boxes"]), 1), out["boxes"]], 1)  # FCNMaskHead
+    m = roi_extract(feats[:4], mrois, 14)
+    for i in range(4):
+        m = F.relu(F.conv2d(m, sd[f"roi_head.mask_head.convs.{i}.conv.weight"],
+                            sd[f"roi_head.mask_head.convs.{i}.conv.bias"], padding=1))
+    m = F.relu(F.conv_transpose2d(m, sd["roi_head.mask_head.upsample.weight"], sd["roi_head.mask_head.upsample.bias"],
+                                  stride=2))
+    m = F.conv2d(m, sd["roi_head.mask_head.conv_logits.weight"], sd["roi_head.mask_head.conv_logits.bias"])
+    probs = m[torch.arange(len(m)), out["labels"]][:, None].sigmoid()
+    out["masks"] = do_paste_mask(probs, out["boxes"], h, w)  # get_seg_masks, before `>= mask_thr_binary`
+    return out
+
+
+@pytest.fixture(scope="module")
+def official_det(tmp_path_factory):
+    """An official-layout Mask R-CNN (80 classes, random weights) whose box head is sure of class 3."""
+    torch.manual_seed(1)
+    from convnext.dense import create_detector
+    from convnext.weights.dense_official import detector_to_official
+
+    model = create_detector(NAME, 80, min_size=256, max_size=427, conventions="mmdet")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+        model.roi_heads.box_predictor.cls_score.bias[4] += 6.0  # torchvision row 4 = mmdet class 3
+    sd = detector_to_official(model.state_dict())
+    path = tmp_path_factory.mktemp("det") / "mask_rcnn_convnext_tiny_1k_3x.pth"
+    torch.save({"state_dict": sd, "meta": {"epoch": 36}}, path)
+    return {"path": path, "sd": sd}
+
+
+@pytest.mark.slow
+def test_an_official_mask_rcnn_loads_whole_and_computes_what_mmdet_computes(official_det):
+    from convnext.dense import create_detector
+
+    sd = official_det["sd"]
+    model = create_detector(NAME, 80, pretrained=official_det["path"], min_size=256, max_size=427).eval()
+    assert set(sd) == set(detector_to_official_keys(model))  # every tensor, both ways
+    torch.manual_seed(0)
+    img = torch.rand(3, 256, 320)  # stays 256 x 320 (no resize), a multiple of 32 (no padding)
+    ref = mmdet_mask_rcnn(sd, ((img - torch.tensor([0.485, 0.456, 0.406])[:, None, None])
+                               / torch.tensor([0.229, 0.224, 0.225])[:, None, None])[None])
+    with torch.no_grad():
+        images, _ = model.transform([img])
+        assert images.tensors.shape[-2:] == (256, 320)
+        feats = model.backbone(images.tensors)
+        anchors = model.rpn.anchor_generator(images, list(feats.values()))[0]
+        assert (anchors - torch.cat(ref["anchors"])).abs().max().item() <= 1e-4
+        objectness, deltas = model.rpn.head(list(feats.values()))
+        for ours, theirs in zip(objectness, ref["objectness"], strict=True):
+            assert (ours[0].permute(1, 2, 0).reshape(-1) - theirs).abs().max().item() <= 1e-4
+        proposals, _ = model.rpn(images, feats)  # the same 1000 boxes (near-equal scores may swap places)
+        nearest = (proposals[0][:, None] - ref["proposals"][None]).abs().amax(-1)
+        assert proposals[0].shape == ref["proposals"].shape and nearest.min(1).values.max().item() <= 1e-3
+        assert len(set(nearest.argmin(1).tolist())) == len(proposals[0])  # one to one
+        det = model([img])[0]
+    assert len(det["boxes"]) == len(ref["boxes"]) > 0 and (det["labels"] - 1).tolist() == ref["labels"].tolist()
+    assert (det["boxes"] - ref["boxes"]).abs().max().item() <= 2e-3 and (det["scores"] - ref["scores"]).abs().max() <= 1e-4
+    assert (det["masks"][:, 0] - ref["masks"]).abs().max().item() <= 2e-3  # probabilities, pasted as mmdet pastes
+    assert ((det["masks"][:, 0] >= 0.5) == (ref["masks"] >= 0.5)).float().mean().item() >= 0.9999
+
+
+def detector_to_official_keys(model):
+    from convnext.weights.dense_official import detector_to_official
+
+    return detector_to_official(model.state_dict()).keys()
+
+
+def test_an_official_mask_rcnn_is_a_detector_with_coco_classes_and_round_trips(official_det, tmp_path, capsys):
+    from convnext.eval.dense import load_detector
+    from convnext.weights.dense_official import COCO_CATEGORY_IDS, detector_from_official, detector_to_official
+
+    model, spec = load_detector(official_det["path"])
+    assert spec["classes"][:3] == ["person", "bicycle", "car"] and len(spec["classes"]) == 80
+    assert spec["cat_ids"] == list(COCO_CATEGORY_IDS) and spec["conventions"] == "mmdet"
+    assert type(model.rpn.anchor_generator).__name__ == "MmdetAnchorGenerator"
+    sd = official_det["sd"]
+    again = detector_to_official(detector_from_official(sd))
+    assert again.keys() == sd.keys() and all(torch.equal(again[k], sd[k]) for k in sd)
+    code, _, err = run_main(capsys, "convert", official_det["path"], tmp_path / "ours.safetensors")
+    assert code == 0, err
+    code, _, err = run_main(capsys, "convert", tmp_path / "ours.safetensors", tmp_path / "back.pth", "--to",
+                            "official-det")
+    assert code == 0, err
+    back = torch.load(tmp_path / "back.pth", weights_only=True)["state_dict"]
+    assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
+    # torchvision's own conventions on the same weights: other anchors (rounded; 61-px stride on P6)
+    from convnext.dense import create_detector
+
+    tv = create_detector(NAME, 80, pretrained=official_det["path"], conventions="torchvision").eval()
+    assert type(tv.rpn.anchor_generator).__name__ == "AnchorGenerator"
+    cascade = {k.replace("roi_head.bbox_head.", "roi_head.bbox_head.0."): v for k, v in sd.items()}
+    torch.save({"state_dict": cascade}, tmp_path / "cascade.pth")
+    code, _, err = run_main(capsys, "detect", "eval", "--checkpoint", tmp_path / "cascade.pth", "--data", tmp_path)
+    assert code == 2 and "is an official Cascade Mask R-CNN: only its backbone is read yet" in err
+    with pytest.raises(Exception, match="roi_heads.box_head.fc6.bias is \\(1024,\\) there, \\(256,\\) here"):
+        create_detector(NAME, 80, pretrained=official_det["path"], conventions="torchvision", min_size=256)

@@ -312,7 +312,8 @@ def test_yaml_recipes_parse(tmp_path):
     # the other tasks' recipes
     config_of = {"demo_detect": DetectConfig, "demo_segment": SegmentConfig, "demo_fcmae_pretrain": PretrainConfig}
     for name in recipes:
-        cls = config_of.get(name, TrainConfig)
+        cls = config_of.get(name) or {"mask_rcnn": DetectConfig, "cascade_": DetectConfig, "upernet_": SegmentConfig}.get(
+            next((p for p in ("mask_rcnn", "cascade_", "upernet_") if name.startswith(p)), ""), TrainConfig)
         cls(**{"data": "x", **load_yaml(name, cls)})
     assert load_yaml("in1k_convnext_tiny.yaml") == load_yaml("in1k_convnext_tiny")
     (tmp_path / "bad.yaml").write_text("lerning_rate: 3\n")

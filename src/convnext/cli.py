@@ -180,10 +180,11 @@ def _add_list_info_convert(sub) -> None:
     p.add_argument("dst", help="output .safetensors file (--to fcmae: .pt, .pth or .safetensors)")
     p.add_argument("--model", help="architecture name (inferred from the weights when omitted)")
     p.add_argument("--key", help="state dict key inside the file, e.g. model_ema")
-    p.add_argument("--to", default="ours", choices=["ours", *TABLES, "fcmae", "official-seg"],
+    p.add_argument("--to", default="ours", choices=["ours", *TABLES, "fcmae", "official-seg", "official-det"],
                    help="layout to write (default: ours); fcmae: a whole pre-training model (convnext pretrain's "
                         "last.pt) in the official FCMAE layout, as a .pt file the official code loads; official-seg: "
-                        "an UperNet segmenter in the official mmseg layout (.pth as mmcv saves it, or .safetensors)")
+                        "an UperNet segmenter in the official mmseg layout (.pth as mmcv saves it, or .safetensors); "
+                        "official-det: a Mask R-CNN in the official mmdet layout")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.set_defaults(func=_cmd_convert)
 

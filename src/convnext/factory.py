@@ -255,7 +255,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, to: st
     from .utils import check_output
     from .weights import save_checkpoint
 
-    whole = to in ("fcmae", "official-seg")
+    whole = to in ("fcmae", "official-seg", "official-det")
     check_output(dst, inputs=(src,), force=force, suffixes=(".pt", ".pth", ".safetensors") if whole
                  else (".safetensors",))
     file = read_model_file(src)
@@ -264,6 +264,8 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, to: st
         return _convert_to_fcmae(src, dst, state_dict)
     if to == "official-seg" or file.task == "segment":
         return _convert_segmenter(file, dst, state_dict, to)
+    if to == "official-det" or file.task == "detect":
+        return _convert_detector(file, dst, state_dict, to)
     fmt, ours = to_ours(state_dict)
     name = check_model_name(model) if model else file.model_name or infer_model_name(ours, src)
     save_checkpoint(create_model(name, pretrained=state_dict), dst, fmt=to)
@@ -316,3 +318,30 @@ def _convert_segmenter(file: ModelFile, dst: str | os.PathLike, sd: Mapping[str,
         atomic_write(dst, lambda tmp: torch.save({"state_dict": official, "meta": {"CLASSES": tuple(spec["classes"])},
                                                   **header("segment", spec, "mmseg")}, tmp))
     return file.layout, name
+
+
+def _convert_detector(file: ModelFile, dst: str | os.PathLike, sd: Mapping[str, Any], to: str) -> tuple[str, str]:
+    """A Mask R-CNN (ours or an official mmdet file) -> the official mmdet 2.x layout (`{"state_dict", "meta":
+    {"CLASSES"}}` in a .pth, or safetensors; our header beside) or ours (`--to ours`). Our background rows of the
+    class-specific box and mask layers, which nothing reads, are not in the official layout."""
+    from .utils import atomic_write
+    from .weights import write_model_file
+    from .weights.dense_official import detector_from_official, detector_to_official
+    from .weights.header import header
+
+    if file.task != "detect" or file.spec.get("arch") != "maskrcnn":
+        raise CheckpointError(f"{file.path} holds no Mask R-CNN: --to official-det converts `convnext detect` Mask "
+                              f"R-CNN files, or official mask_rcnn_convnext_* files")
+    if to not in ("ours", "official-det"):
+        raise CheckpointError(f"{file.path} is a detector: convert it --to official-det or --to ours")
+    ours = detector_from_official(sd) if file.layout == "mmdet" else dict(sd)
+    spec = dict(file.spec)
+    if to == "ours":
+        write_model_file(dst, "detect", spec, ours)
+    elif str(dst).endswith(".safetensors"):
+        write_model_file(dst, "detect", spec, detector_to_official(ours), layout="mmdet")
+    else:
+        official = detector_to_official(ours)
+        atomic_write(dst, lambda tmp: torch.save({"state_dict": official, "meta": {"CLASSES": tuple(spec["classes"])},
+                                                  **header("detect", spec, "mmdet")}, tmp))
+    return file.layout, spec["model_name"]

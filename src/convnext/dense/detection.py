@@ -42,7 +42,7 @@ def create_detector(name: str, num_classes: int, *, arch: str = "maskrcnn",
                     pretrained: bool | str | os.PathLike | None = None, min_size: int | tuple[int, ...] = 800,
                     max_size: int = 1333,
                     drop_path_rate: float = 0.0, frozen_stages: int = -1, fpn_channels: int = 256,
-                    **kw: Any) -> nn.Module:
+                    conventions: str | None = None, **kw: Any) -> nn.Module:
     """A torchvision detection model on a ConvNeXt + FPN backbone.
 
     `num_classes` counts the object classes without the background (torchvision's R-CNNs add it).
@@ -53,7 +53,10 @@ def create_detector(name: str, num_classes: int, *, arch: str = "maskrcnn",
     images, where the 3x3 convs on the stride-4 level dominate). Other keywords: the head sizes of
     `head_defaults` (`rpn_*`, `box_batch_size_per_image`, `representation_size`, `anchor_scale`) and any
     keyword of the torchvision model.
-    """
+
+    `conventions`: "torchvision" (its anchors, box coder, RoIAlign and test settings) or "mmdet" (those of the
+    official checkpoints, `dense.mmdet`; Mask R-CNN / Faster R-CNN). An official `mask_rcnn_convnext_*` file
+    as `pretrained` loads whole (every tensor) and means "mmdet" unless said otherwise."""
     from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
@@ -61,9 +64,14 @@ def create_detector(name: str, num_classes: int, *, arch: str = "maskrcnn",
 
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
+    whole, conventions = _conventions(arch, pretrained, name, conventions)
+    bb_path, pretrained = pretrained, None if whole is not None else pretrained
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    opts = head_defaults(min_size[-1] if isinstance(min_size, (tuple, list)) else min_size) | kw
+    if conventions == "mmdet":  # the official configs' heads and anchors (32 .. 512 px) at any image size
+        opts = head_defaults(800) | {"rpn_post_nms_top_n_train": 1000} | kw
+    else:
+        opts = head_defaults(min_size[-1] if isinstance(min_size, (tuple, list)) else min_size) | kw
     min_size = tuple(min_size) if isinstance(min_size, (tuple, list)) else min_size
     scale = opts.pop("anchor_scale")
     common = dict(min_size=min_size, max_size=max_size, image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
@@ -89,8 +97,67 @@ def create_detector(name: str, num_classes: int, *, arch: str = "maskrcnn",
     else:
         model = MaskRCNN(backbone, **heads, mask_predictor=MaskRCNNPredictor(256, 256, num_classes + 1), **common,
                          **opts)
-    _fix_roi_scales(model, backbone.backbone.strides)
+    return _finish(model, backbone.backbone.strides, conventions, whole, bb_path)
+
+
+def _finish(model: nn.Module, strides: list[int], conventions: str, whole: dict | None, path: Any) -> nn.Module:
+    _fix_roi_scales(model, strides)
+    if conventions == "mmdet":
+        from .mmdet import apply
+
+        apply(model)
+    if whole is not None:
+        _load_whole(model, whole, path)
     return model
+
+
+def _conventions(arch: str, pretrained: Any, name: str, conventions: str | None) -> tuple[dict | None, str]:
+    """(our state dict of an official Mask R-CNN `pretrained`, or None; the conventions: mmdet for such a file)."""
+    whole = _official_detector(pretrained, name) if arch == "maskrcnn" else None
+    conventions = conventions or ("mmdet" if whole is not None else "torchvision")
+    if conventions not in ("torchvision", "mmdet") or (conventions == "mmdet" and arch not in ("maskrcnn", "fasterrcnn")):
+        raise ValueError(f"conventions must be torchvision or mmdet (mmdet: maskrcnn, fasterrcnn), got {conventions!r}"
+                         f" for {arch}")
+    return whole, conventions
+
+
+def _official_detector(pretrained: Any, name: str) -> dict[str, Any] | None:
+    """Our state dict of an official Mask R-CNN file (None for anything else); another backbone is an error."""
+    from ..weights import CheckpointError, read_checkpoint
+    from ..weights.dense_official import detector_from_official, is_official_detector, official_detector_spec
+
+    if isinstance(pretrained, bool) or not isinstance(pretrained, (str, os.PathLike)) or not os.path.isfile(pretrained):
+        return None
+    obj, _ = read_checkpoint(pretrained)
+    sd = obj.get("state_dict", obj) if hasattr(obj, "get") else obj
+    if not is_official_detector(sd):
+        return None
+    found = official_detector_spec(sd)["model_name"]
+    if found != name:
+        raise CheckpointError(f"{pretrained} is a Mask R-CNN on {found}, not {name}")
+    return detector_from_official(sd)
+
+
+def _load_whole(model: nn.Module, sd: dict[str, Any], path: Any) -> None:
+    """Every tensor of an official file; with another number of classes all but the class-specific layers."""
+    import logging
+
+    from ..weights import CheckpointError
+
+    own = model.state_dict()
+    fresh = sorted(k for k in sd if k in own and own[k].shape != sd[k].shape and k.startswith("roi_heads.")
+                   and k.split(".")[-2] in ("cls_score", "bbox_pred", "mask_fcn_logits"))
+    shapes = sorted(k for k in sd if k in own and own[k].shape != sd[k].shape and k not in fresh)
+    if shapes:
+        raise CheckpointError(f"{path}: the Mask R-CNN in it is not this one: {shapes[0]} is {tuple(sd[shapes[0]].shape)} "
+                              f"there, {tuple(own[shapes[0]].shape)} here (other head widths)")
+    missing, unexpected = model.load_state_dict({k: v for k, v in sd.items() if k not in fresh}, strict=False)
+    if sorted(missing) != fresh or unexpected:
+        raise CheckpointError(f"{path}: the Mask R-CNN in it is not this one (missing {sorted(set(missing) - set(fresh))[:3]}"
+                              f", unexpected {unexpected[:3]}): its head widths differ")
+    if fresh:
+        logging.getLogger(__name__).info("%s: every tensor loaded but the class-specific layers (%s), new for %d "
+                                         "classes", path, ", ".join(fresh), model.roi_heads.box_predictor.cls_score.out_features - 1)
 
 
 def detector_from_spec(spec: dict[str, Any], **backbone: Any) -> nn.Module:
@@ -98,7 +165,8 @@ def detector_from_spec(spec: dict[str, Any], **backbone: Any) -> nn.Module:
     frozen_stages (training)."""
     min_size = spec["train_sizes"] if spec.get("train_sizes") else spec["min_size"]
     return create_detector(spec["model_name"], len(spec["classes"]), arch=spec["arch"], min_size=min_size,
-                           max_size=spec["max_size"], **backbone, **spec.get("options", {}))
+                           max_size=spec["max_size"], conventions=spec.get("conventions", "torchvision"), **backbone,
+                           **spec.get("options", {}))
 
 
 def _fix_roi_scales(model: nn.Module, strides: list[int]) -> None:

@@ -27,10 +27,10 @@ def load_model(src: str | os.PathLike, task: str, build: Callable[[dict[str, Any
         raise CheckpointError(f"{file.path}: its header's spec does not describe a {task} model "
                               f"({type(e).__name__}: {e})") from None
     sd = file.state_dict(key)
-    if file.layout == "mmseg":  # an official UperNet checkpoint, whole
-        from ..weights.dense_official import segmenter_from_official
+    if file.layout in ("mmseg", "mmdet"):  # an official UperNet or Mask R-CNN checkpoint, whole
+        from ..weights.dense_official import detector_from_official, segmenter_from_official
 
-        sd = segmenter_from_official(sd)
+        sd = segmenter_from_official(sd) if file.layout == "mmseg" else detector_from_official(sd)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{file.path}: weights do not fit the {task} model they describe "

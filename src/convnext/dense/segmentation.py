@@ -197,6 +197,10 @@ def _load_whole(model: Segmenter, sd: dict[str, torch.Tensor], path: Any) -> Non
 
     own = model.state_dict()
     fresh = sorted(k for k in sd if k in own and k.split(".")[1] == "cls" and own[k].shape != sd[k].shape)
+    shapes = sorted(k for k in sd if k in own and own[k].shape != sd[k].shape and k not in fresh)
+    if shapes:
+        raise CheckpointError(f"{path}: the UperNet in it is not this one: {shapes[0]} is {tuple(sd[shapes[0]].shape)} "
+                              f"there, {tuple(own[shapes[0]].shape)} here (other head widths)")
     missing, unexpected = model.load_state_dict({k: v for k, v in sd.items() if k not in fresh}, strict=False)
     if sorted(missing) != fresh or unexpected:
         raise CheckpointError(f"{path}: the UperNet in it is not this one (missing {sorted(set(missing) - set(fresh))[:3]}, "

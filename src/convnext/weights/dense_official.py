@@ -125,3 +125,130 @@ def default_classes(n: int) -> list[str]:
         return [str(i) for i in range(n)]
     text = resources.files("convnext").joinpath("data", "classes", "ade20k.txt").read_text(encoding="utf-8")
     return [line for line in text.splitlines() if line and not line.startswith("#")]
+
+
+# ---- Mask R-CNN (mmdet 2.x `mask_rcnn_convnext_*`) <-> torchvision's MaskRCNN on our ConvNeXt + FPN ---------------
+
+# (our key, mmdet key); {i}: an index, {p}: weight or bias. Class rows are reordered by `_det_rows`.
+_DET_KEYS = (
+    ("backbone.fpn.inner_blocks.{i}.0.{p}", "neck.lateral_convs.{i}.conv.{p}"),
+    ("backbone.fpn.layer_blocks.{i}.0.{p}", "neck.fpn_convs.{i}.conv.{p}"),
+    ("rpn.head.conv.0.0.{p}", "rpn_head.rpn_conv.{p}"),
+    ("rpn.head.cls_logits.{p}", "rpn_head.rpn_cls.{p}"),
+    ("rpn.head.bbox_pred.{p}", "rpn_head.rpn_reg.{p}"),
+    ("roi_heads.box_head.fc6.{p}", "roi_head.bbox_head.shared_fcs.0.{p}"),
+    ("roi_heads.box_head.fc7.{p}", "roi_head.bbox_head.shared_fcs.1.{p}"),
+    ("roi_heads.box_predictor.cls_score.{p}", "roi_head.bbox_head.fc_cls.{p}"),
+    ("roi_heads.box_predictor.bbox_pred.{p}", "roi_head.bbox_head.fc_reg.{p}"),
+    ("roi_heads.mask_head.{i}.0.{p}", "roi_head.mask_head.convs.{i}.conv.{p}"),
+    ("roi_heads.mask_predictor.conv5_mask.{p}", "roi_head.mask_head.upsample.{p}"),
+    ("roi_heads.mask_predictor.mask_fcn_logits.{p}", "roi_head.mask_head.conv_logits.{p}"),
+)
+
+
+def _template(t: str) -> re.Pattern:
+    return re.compile(re.escape(t).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)") + "$")
+
+
+def _det_rows(key: str, v: torch.Tensor, to_official: bool) -> torch.Tensor:
+    """Class rows between torchvision (background first: class c at row c, box deltas at rows 4c..4c+3) and mmdet
+    (background last in fc_cls; no background rows in fc_reg and conv_logits). The background's box and mask rows,
+    which nothing reads, become zeros on the way to torchvision."""
+    if key.endswith("fc_cls.weight") or key.endswith("fc_cls.bias"):  # mmdet [c0 .. c79, bg] <-> tv [bg, c0 ..]
+        return torch.cat([v[1:], v[:1]]) if to_official else torch.cat([v[-1:], v[:-1]])
+    if "fc_reg" in key or "conv_logits" in key:
+        rows = 4 if "fc_reg" in key else 1
+        return v[rows:] if to_official else torch.cat([v.new_zeros((rows, *v.shape[1:])), v])
+    return v
+
+
+def detector_to_official(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our Mask R-CNN's state dict -> the official mmdet 2.x layout (every tensor that computes anything)."""
+    from .convert import from_ours
+    from .io import CheckpointError
+
+    prefix = "backbone.backbone.body."
+    body = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    out = {f"backbone.{k}": v for k, v in from_ours(body, "official").items()}
+    for k, v in sd.items():
+        if k.startswith(prefix):
+            continue
+        if re.match(r"backbone\.backbone\.norm\d\.", k):
+            out[k[len("backbone."):]] = v
+            continue
+        for ours, theirs in _DET_KEYS:
+            m = _template(ours).match(k)
+            if m:
+                new = theirs.replace("{i}", m.groupdict().get("i") or "").replace("{p}", m["p"])
+                out[new] = _det_rows(new, v, True)
+                break
+        else:
+            raise CheckpointError(f"{k} is not a tensor of the official Mask R-CNN; nothing was converted")
+    return out
+
+
+def detector_from_official(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The official mmdet 2.x Mask R-CNN layout -> our detector's state dict (an unknown key is an error)."""
+    from .convert import to_ours
+    from .io import CheckpointError
+
+    body = {k[len("backbone."):]: v for k, v in sd.items()
+            if k.startswith("backbone.") and not re.match(r"backbone\.norm\d\.", k)}
+    out = {f"backbone.backbone.body.{k}": v for k, v in to_ours(body, "official")[1].items()}
+    for k, v in sd.items():
+        if k.startswith("backbone."):
+            if re.match(r"backbone\.norm\d\.", k):
+                out[f"backbone.{k}"] = v
+            continue
+        for ours, theirs in _DET_KEYS:
+            m = _template(theirs).match(k)
+            if m:
+                out[ours.replace("{i}", m.groupdict().get("i") or "").replace("{p}", m["p"])] = _det_rows(k, v, False)
+                break
+        else:
+            raise CheckpointError(f"{k} is not a tensor of the mmdet Mask R-CNN layout this library reads "
+                                  f"(Cascade Mask R-CNN files are not read yet); nothing was converted")
+    return out
+
+
+def is_official_detector(sd: Mapping[str, Any]) -> bool:
+    return "roi_head.bbox_head.fc_cls.weight" in sd and "rpn_head.rpn_cls.weight" in sd
+
+
+COCO_CATEGORY_IDS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31,
+                     32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57,
+                     58, 59, 60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87,
+                     88, 89, 90)  # mmdet's label i is COCO category COCO_CATEGORY_IDS[i] (sorted ids, as CocoDataset)
+
+
+def official_detector_spec(sd: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The spec (`train.detection` fields) an official Mask R-CNN file describes: its backbone, its classes
+    (meta CLASSES, else COCO's 80 names for 80 classes, else indices) with their COCO category ids, the official
+    test scale (1333 x 800) and mmdet's conventions."""
+    from .convert import infer_model_name, to_ours
+    from .io import CheckpointError
+
+    body = {k[len("backbone."):]: v for k, v in sd.items()
+            if k.startswith("backbone.") and not re.match(r"backbone\.norm\d\.", k)}
+    try:
+        name = infer_model_name(to_ours(body, "official")[1])
+    except (CheckpointError, KeyError, ValueError):
+        raise CheckpointError("the backbone of this Mask R-CNN checkpoint is no ConvNeXt this library knows") from None
+    n = int(sd["roi_head.bbox_head.fc_cls.weight"].shape[0]) - 1
+    classes = list((meta or {}).get("CLASSES") or _coco_names(n))
+    if len(classes) != n:
+        raise CheckpointError(f"its meta names {len(classes)} classes for an {n}-class head")
+    spec = {"model_name": name, "arch": "maskrcnn", "classes": [str(c) for c in classes], "min_size": 800,
+            "max_size": 1333, "train_sizes": None, "conventions": "mmdet",
+            "options": {"representation_size": int(sd["roi_head.bbox_head.shared_fcs.1.weight"].shape[0])}}
+    spec["cat_ids"] = list(COCO_CATEGORY_IDS) if n == 80 else list(range(1, n + 1))
+    return spec
+
+
+def _coco_names(n: int) -> list[str]:
+    if n != 80:
+        return [str(i) for i in range(n)]
+    from importlib import resources
+
+    text = resources.files("convnext").joinpath("data", "classes", "coco.txt").read_text(encoding="utf-8")
+    return [line for line in text.splitlines() if line and not line.startswith("#")]
