@@ -262,10 +262,8 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, to: st
     state_dict = file.state_dict(key)
     if to == "fcmae":
         return _convert_to_fcmae(src, dst, state_dict)
-    if to == "official-seg" or file.task == "segment":
-        return _convert_segmenter(file, dst, state_dict, to)
-    if to == "official-det" or file.task == "detect":
-        return _convert_detector(file, dst, state_dict, to)
+    if to in ("official-seg", "official-det") or file.task in _DENSE_OFFICIAL:
+        return _convert_dense(file, dst, state_dict, to)
     fmt, ours = to_ours(state_dict)
     name = check_model_name(model) if model else file.model_name or infer_model_name(ours, src)
     save_checkpoint(create_model(name, pretrained=state_dict), dst, fmt=to)
@@ -294,54 +292,38 @@ def _convert_to_fcmae(src: str | os.PathLike, dst: str | os.PathLike, sd: Mappin
     return "fcmae", name
 
 
-def _convert_segmenter(file: ModelFile, dst: str | os.PathLike, sd: Mapping[str, Any], to: str) -> tuple[str, str]:
-    """An UperNet segmenter (ours or an official mmseg file) -> the official mmseg layout (`{"state_dict", "meta":
-    {"CLASSES"}}` in a .pth as mmcv saves it, or safetensors; our header beside) or ours (`--to ours`)."""
+# task -> (the model it must be, its --to name, the official layout, where to read it: our file spec key and value)
+_DENSE_OFFICIAL = {"segment": ("UperNet segmenter", "official-seg", "mmseg", ("head", "upernet")),
+                   "detect": ("Mask R-CNN", "official-det", "mmdet", ("arch", "maskrcnn"))}
+
+
+def _convert_dense(file: ModelFile, dst: str | os.PathLike, sd: Mapping[str, Any], to: str) -> tuple[str, str]:
+    """An UperNet or Mask R-CNN (ours, or an official mmseg / mmdet file) -> the official layout (`{"state_dict",
+    "meta": {"CLASSES"}}` in a .pth as mmcv saves it, or safetensors; our header beside) or ours (`--to ours`).
+    Our Mask R-CNN's background rows of the class-specific box and mask layers, which nothing reads, are not in
+    the official layout."""
     from .utils import atomic_write
+    from .weights import dense_official as official
     from .weights import write_model_file
-    from .weights.dense_official import segmenter_from_official, segmenter_to_official
     from .weights.header import header
 
-    if file.task != "segment" or file.spec.get("head") != "upernet":
-        raise CheckpointError(f"{file.path} holds no UperNet segmenter: --to official-seg converts `convnext segment` "
-                              f"files with the UperNet head, or official upernet_convnext_* files")
-    if to not in ("ours", "official-seg"):
-        raise CheckpointError(f"{file.path} is a segmenter: convert it --to official-seg or --to ours")
-    ours = segmenter_from_official(sd) if file.layout == "mmseg" else dict(sd)
-    name, spec = file.spec["model_name"], dict(file.spec)
+    task = file.task if file.task in _DENSE_OFFICIAL else {"official-seg": "segment", "official-det": "detect"}[to]
+    what, target, layout, (field, value) = _DENSE_OFFICIAL[task]
+    if file.task != task or file.spec.get(field) != value:
+        raise CheckpointError(f"{file.path} holds no {what}: --to {target} converts `convnext {task}` {what} files, "
+                              f"or the official ones")
+    if to not in ("ours", target):
+        raise CheckpointError(f"{file.path} is a {what}: convert it --to {target} or --to ours")
+    seg = task == "segment"
+    to_ours, to_official = ((official.segmenter_from_official, official.segmenter_to_official) if seg
+                            else (official.detector_from_official, official.detector_to_official))
+    ours, spec = to_ours(sd) if file.layout == layout else dict(sd), dict(file.spec)
     if to == "ours":
-        write_model_file(dst, "segment", spec, ours)
+        write_model_file(dst, task, spec, ours)
     elif str(dst).endswith(".safetensors"):
-        write_model_file(dst, "segment", spec, segmenter_to_official(ours), layout="mmseg")
+        write_model_file(dst, task, spec, to_official(ours), layout=layout)
     else:
-        official = segmenter_to_official(ours)
-        atomic_write(dst, lambda tmp: torch.save({"state_dict": official, "meta": {"CLASSES": tuple(spec["classes"])},
-                                                  **header("segment", spec, "mmseg")}, tmp))
-    return file.layout, name
-
-
-def _convert_detector(file: ModelFile, dst: str | os.PathLike, sd: Mapping[str, Any], to: str) -> tuple[str, str]:
-    """A Mask R-CNN (ours or an official mmdet file) -> the official mmdet 2.x layout (`{"state_dict", "meta":
-    {"CLASSES"}}` in a .pth, or safetensors; our header beside) or ours (`--to ours`). Our background rows of the
-    class-specific box and mask layers, which nothing reads, are not in the official layout."""
-    from .utils import atomic_write
-    from .weights import write_model_file
-    from .weights.dense_official import detector_from_official, detector_to_official
-    from .weights.header import header
-
-    if file.task != "detect" or file.spec.get("arch") != "maskrcnn":
-        raise CheckpointError(f"{file.path} holds no Mask R-CNN: --to official-det converts `convnext detect` Mask "
-                              f"R-CNN files, or official mask_rcnn_convnext_* files")
-    if to not in ("ours", "official-det"):
-        raise CheckpointError(f"{file.path} is a detector: convert it --to official-det or --to ours")
-    ours = detector_from_official(sd) if file.layout == "mmdet" else dict(sd)
-    spec = dict(file.spec)
-    if to == "ours":
-        write_model_file(dst, "detect", spec, ours)
-    elif str(dst).endswith(".safetensors"):
-        write_model_file(dst, "detect", spec, detector_to_official(ours), layout="mmdet")
-    else:
-        official = detector_to_official(ours)
-        atomic_write(dst, lambda tmp: torch.save({"state_dict": official, "meta": {"CLASSES": tuple(spec["classes"])},
-                                                  **header("detect", spec, "mmdet")}, tmp))
+        weights = to_official(ours)
+        atomic_write(dst, lambda tmp: torch.save({"state_dict": weights, "meta": {"CLASSES": tuple(spec["classes"])},
+                                                  **header(task, spec, layout)}, tmp))
     return file.layout, spec["model_name"]

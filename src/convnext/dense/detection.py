@@ -107,57 +107,23 @@ def _finish(model: nn.Module, strides: list[int], conventions: str, whole: dict 
 
         apply(model)
     if whole is not None:
-        _load_whole(model, whole, path)
+        from .io import load_whole
+
+        load_whole(model, whole, path, "Mask R-CNN", ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits."),
+                   model.roi_heads.box_predictor.cls_score.out_features - 1)
     return model
 
 
 def _conventions(arch: str, pretrained: Any, name: str, conventions: str | None) -> tuple[dict | None, str]:
     """(our state dict of an official Mask R-CNN `pretrained`, or None; the conventions: mmdet for such a file)."""
-    whole = _official_detector(pretrained, name) if arch == "maskrcnn" else None
+    from .io import read_official
+
+    whole = read_official(pretrained, name, "detect") if arch == "maskrcnn" else None
     conventions = conventions or ("mmdet" if whole is not None else "torchvision")
     if conventions not in ("torchvision", "mmdet") or (conventions == "mmdet" and arch not in ("maskrcnn", "fasterrcnn")):
         raise ValueError(f"conventions must be torchvision or mmdet (mmdet: maskrcnn, fasterrcnn), got {conventions!r}"
                          f" for {arch}")
     return whole, conventions
-
-
-def _official_detector(pretrained: Any, name: str) -> dict[str, Any] | None:
-    """Our state dict of an official Mask R-CNN file (None for anything else); another backbone is an error."""
-    from ..weights import CheckpointError, read_checkpoint
-    from ..weights.dense_official import detector_from_official, is_official_detector, official_detector_spec
-
-    if isinstance(pretrained, bool) or not isinstance(pretrained, (str, os.PathLike)) or not os.path.isfile(pretrained):
-        return None
-    obj, _ = read_checkpoint(pretrained)
-    sd = obj.get("state_dict", obj) if hasattr(obj, "get") else obj
-    if not is_official_detector(sd):
-        return None
-    found = official_detector_spec(sd)["model_name"]
-    if found != name:
-        raise CheckpointError(f"{pretrained} is a Mask R-CNN on {found}, not {name}")
-    return detector_from_official(sd)
-
-
-def _load_whole(model: nn.Module, sd: dict[str, Any], path: Any) -> None:
-    """Every tensor of an official file; with another number of classes all but the class-specific layers."""
-    import logging
-
-    from ..weights import CheckpointError
-
-    own = model.state_dict()
-    fresh = sorted(k for k in sd if k in own and own[k].shape != sd[k].shape and k.startswith("roi_heads.")
-                   and k.split(".")[-2] in ("cls_score", "bbox_pred", "mask_fcn_logits"))
-    shapes = sorted(k for k in sd if k in own and own[k].shape != sd[k].shape and k not in fresh)
-    if shapes:
-        raise CheckpointError(f"{path}: the Mask R-CNN in it is not this one: {shapes[0]} is {tuple(sd[shapes[0]].shape)} "
-                              f"there, {tuple(own[shapes[0]].shape)} here (other head widths)")
-    missing, unexpected = model.load_state_dict({k: v for k, v in sd.items() if k not in fresh}, strict=False)
-    if sorted(missing) != fresh or unexpected:
-        raise CheckpointError(f"{path}: the Mask R-CNN in it is not this one (missing {sorted(set(missing) - set(fresh))[:3]}"
-                              f", unexpected {unexpected[:3]}): its head widths differ")
-    if fresh:
-        logging.getLogger(__name__).info("%s: every tensor loaded but the class-specific layers (%s), new for %d "
-                                         "classes", path, ", ".join(fresh), model.roi_heads.box_predictor.cls_score.out_features - 1)
 
 
 def detector_from_spec(spec: dict[str, Any], **backbone: Any) -> nn.Module:

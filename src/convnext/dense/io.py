@@ -36,3 +36,46 @@ def load_model(src: str | os.PathLike, task: str, build: Callable[[dict[str, Any
         raise CheckpointError(f"{file.path}: weights do not fit the {task} model they describe "
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     return model.eval(), file.spec
+
+
+def read_official(pretrained: Any, name: str, task: str) -> dict[str, Any] | None:
+    """Our state dict of an official UperNet (`task` "segment") or Mask R-CNN ("detect") file given as
+    `pretrained`; None for anything else (another checkpoint initialises the backbone only). An official file
+    on another backbone than `name` is an error."""
+    from ..weights import CheckpointError, read_checkpoint
+    from ..weights import dense_official as official
+
+    if isinstance(pretrained, bool) or not isinstance(pretrained, (str, os.PathLike)) or not os.path.isfile(pretrained):
+        return None
+    obj, _ = read_checkpoint(pretrained)
+    sd = obj.get("state_dict", obj) if hasattr(obj, "get") else obj
+    seg = task == "segment"
+    if not (official.is_official_segmenter(sd) if seg else official.is_official_detector(sd)):
+        return None
+    found = (official.official_segmenter_spec(sd) if seg else official.official_detector_spec(sd))["model_name"]
+    if found != name:
+        raise CheckpointError(f"{pretrained} is {'an UperNet' if seg else 'a Mask R-CNN'} on {found}, not {name}")
+    return official.segmenter_from_official(sd) if seg else official.detector_from_official(sd)
+
+
+def load_whole(model: nn.Module, sd: dict[str, Any], path: Any, what: str, classifiers: tuple[str, ...],
+               num_classes: int) -> None:
+    """Every tensor of an official file into `model`; the `classifiers` (key prefixes) may differ in shape only
+    (another number of classes: they start afresh, said in the log). Anything else that does not fit is an error."""
+    import logging
+
+    from ..weights import CheckpointError
+
+    own = model.state_dict()
+    fresh = sorted(k for k in sd if k in own and own[k].shape != sd[k].shape and k.startswith(classifiers))
+    shapes = sorted(k for k in sd if k in own and own[k].shape != sd[k].shape and k not in fresh)
+    if shapes:
+        raise CheckpointError(f"{path}: the {what} in it is not this one: {shapes[0]} is {tuple(sd[shapes[0]].shape)} "
+                              f"there, {tuple(own[shapes[0]].shape)} here (other head widths)")
+    missing, unexpected = model.load_state_dict({k: v for k, v in sd.items() if k not in fresh}, strict=False)
+    if sorted(missing) != fresh or unexpected:
+        raise CheckpointError(f"{path}: the {what} in it is not this one (missing {sorted(set(missing) - set(fresh))[:3]}, "
+                              f"unexpected {unexpected[:3]}): its heads differ (widths, auxiliary head)")
+    if fresh:
+        logging.getLogger(__name__).info("%s: every tensor loaded but the classifiers (%s), new for %d classes",
+                                         path, ", ".join(fresh), num_classes)

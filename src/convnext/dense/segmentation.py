@@ -164,50 +164,15 @@ def create_segmenter(name: str, num_classes: int, *, head: str = "upernet",
     another `num_classes` all but the two classifier convs, which start afresh (said in the log)."""
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    whole = _official_segmenter(pretrained, name) if head == "upernet" else None
+    from .io import load_whole, read_official
+
+    whole = read_official(pretrained, name, "segment") if head == "upernet" else None
     backbone = ConvNeXtBackbone(name, pretrained=None if whole else pretrained, drop_path_rate=drop_path_rate,
                                 frozen_stages=frozen_stages)
     model = Segmenter(backbone, num_classes, head=head, aux_head=aux_head, **kw)
     if whole is not None:
-        _load_whole(model, whole, pretrained)
+        load_whole(model, whole, pretrained, "UperNet", ("decode_head.cls.", "aux_head.cls."), num_classes)
     return model
-
-
-def _official_segmenter(pretrained: Any, name: str) -> dict[str, torch.Tensor] | None:
-    """Our state dict of an official UperNet file (None for anything else); another backbone is an error."""
-    from ..weights import CheckpointError, read_checkpoint
-    from ..weights.dense_official import is_official_segmenter, official_segmenter_spec, segmenter_from_official
-
-    if isinstance(pretrained, bool) or not isinstance(pretrained, (str, os.PathLike)) or not os.path.isfile(pretrained):
-        return None
-    obj, _ = read_checkpoint(pretrained)
-    sd = obj.get("state_dict", obj) if hasattr(obj, "get") else obj
-    if not is_official_segmenter(sd):
-        return None
-    found = official_segmenter_spec(sd)["model_name"]
-    if found != name:
-        raise CheckpointError(f"{pretrained} is an UperNet on {found}, not {name}")
-    return segmenter_from_official(sd)
-
-
-def _load_whole(model: Segmenter, sd: dict[str, torch.Tensor], path: Any) -> None:
-    import logging
-
-    from ..weights import CheckpointError
-
-    own = model.state_dict()
-    fresh = sorted(k for k in sd if k in own and k.split(".")[1] == "cls" and own[k].shape != sd[k].shape)
-    shapes = sorted(k for k in sd if k in own and own[k].shape != sd[k].shape and k not in fresh)
-    if shapes:
-        raise CheckpointError(f"{path}: the UperNet in it is not this one: {shapes[0]} is {tuple(sd[shapes[0]].shape)} "
-                              f"there, {tuple(own[shapes[0]].shape)} here (other head widths)")
-    missing, unexpected = model.load_state_dict({k: v for k, v in sd.items() if k not in fresh}, strict=False)
-    if sorted(missing) != fresh or unexpected:
-        raise CheckpointError(f"{path}: the UperNet in it is not this one (missing {sorted(set(missing) - set(fresh))[:3]}, "
-                              f"unexpected {unexpected[:3]}); its heads' widths or auxiliary head differ")
-    if fresh:
-        logging.getLogger(__name__).info("%s: every tensor loaded but the classifiers (%s), new for %d classes",
-                                         path, ", ".join(fresh), model.num_classes)
 
 
 def segmenter_from_spec(spec: dict[str, Any], **backbone: Any) -> Segmenter:

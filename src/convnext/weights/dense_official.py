@@ -72,12 +72,37 @@ def segmenter_from_official(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.T
     """The official mmseg UperNet layout -> our segmenter's state dict (every tensor; an unknown key is an error)."""
     from .convert import to_ours
 
-    body = {k[len("backbone."):]: v for k, v in sd.items()
-            if k.startswith("backbone.") and not re.match(r"backbone\.norm\d\.", k)}
+    body = _backbone_body(sd)
     norms = {k: v for k, v in sd.items() if re.match(r"backbone\.norm\d\.", k)}
     heads = {k: v for k, v in sd.items() if not k.startswith("backbone.")}
     _, ours = to_ours(body, "official")
     return {f"backbone.body.{k}": v for k, v in ours.items()} | norms | _rename_heads(heads, False)
+
+
+def _backbone_body(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The classifier-layout backbone of an official det/seg state dict (`backbone.*` without the level norms)."""
+    return {k[len("backbone."):]: v for k, v in sd.items()
+            if k.startswith("backbone.") and not re.match(r"backbone\.norm\d\.", k)}
+
+
+def _backbone_name(sd: Mapping[str, torch.Tensor], what: str) -> str:
+    from .convert import infer_model_name, to_ours
+    from .io import CheckpointError
+
+    try:
+        return infer_model_name(to_ours(_backbone_body(sd), "official")[1])
+    except (CheckpointError, KeyError, ValueError):
+        raise CheckpointError(f"the backbone of this {what} checkpoint is no ConvNeXt this library knows") from None
+
+
+def packaged_classes(filename: str, n: int, size: int) -> list[str]:
+    """The class names in package data `data/classes/<filename>` for a head of `size` outputs, else "0" .. "N-1"."""
+    from importlib import resources
+
+    if n != size:
+        return [str(i) for i in range(n)]
+    text = resources.files("convnext").joinpath("data", "classes", filename).read_text(encoding="utf-8")
+    return [line for line in text.splitlines() if line and not line.startswith("#")]
 
 
 def is_official_segmenter(sd: Mapping[str, Any]) -> bool:
@@ -90,21 +115,15 @@ def official_segmenter_spec(sd: Mapping[str, torch.Tensor], meta: Mapping[str, A
     (mmseg's meta CLASSES, else ADE20K's 150 names for 150 outputs, else indices), heads and widths; the
     official single-scale test (`*_ss.py` configs): slide inference, 512-px windows 341 apart, 640 / 426 for the
     22k-pretrained files (L, XL, and B when its file name says 640)."""
-    from .convert import infer_model_name, to_ours
     from .io import CheckpointError
 
-    body = {k[len("backbone."):]: v for k, v in sd.items()
-            if k.startswith("backbone.") and not re.match(r"backbone\.norm\d\.", k)}
-    try:
-        name = infer_model_name(to_ours(body, "official")[1])
-    except (CheckpointError, KeyError, ValueError):
-        raise CheckpointError("the backbone of this UperNet checkpoint is no ConvNeXt this library knows") from None
+    name = _backbone_name(sd, "UperNet")
     n = int(sd["decode_head.conv_seg.weight"].shape[0])
     channels = int(sd["decode_head.conv_seg.weight"].shape[1])
     aux = "auxiliary_head.conv_seg.weight" in sd
     if aux and int(sd["auxiliary_head.convs.0.conv.weight"].shape[0]) != (256 if channels == 512 else max(channels // 2, 16)):
         raise CheckpointError("the auxiliary head's width is not the official 256 (half the decode head's)")
-    classes = list((meta or {}).get("CLASSES") or default_classes(n))
+    classes = list((meta or {}).get("CLASSES") or packaged_classes("ade20k.txt", n, 150))
     if len(classes) != n:
         raise CheckpointError(f"its meta names {len(classes)} classes for a {n}-class head")
     size = 640 if name in _AT_640 or "640" in str(filename) else 512
@@ -115,16 +134,6 @@ def official_segmenter_spec(sd: Mapping[str, torch.Tensor], meta: Mapping[str, A
 
 
 _AT_640 = ("convnext_large", "convnext_xlarge")  # (B has both 512 and 640 files; its width cannot tell them apart)
-
-
-def default_classes(n: int) -> list[str]:
-    """ADE20K's 150 class names for a 150-class head (package data), else "0" .. "N-1"."""
-    from importlib import resources
-
-    if n != 150:
-        return [str(i) for i in range(n)]
-    text = resources.files("convnext").joinpath("data", "classes", "ade20k.txt").read_text(encoding="utf-8")
-    return [line for line in text.splitlines() if line and not line.startswith("#")]
 
 
 # ---- Mask R-CNN (mmdet 2.x `mask_rcnn_convnext_*`) <-> torchvision's MaskRCNN on our ConvNeXt + FPN ---------------
@@ -192,8 +201,7 @@ def detector_from_official(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
     from .convert import to_ours
     from .io import CheckpointError
 
-    body = {k[len("backbone."):]: v for k, v in sd.items()
-            if k.startswith("backbone.") and not re.match(r"backbone\.norm\d\.", k)}
+    body = _backbone_body(sd)
     out = {f"backbone.backbone.body.{k}": v for k, v in to_ours(body, "official")[1].items()}
     for k, v in sd.items():
         if k.startswith("backbone."):
@@ -225,17 +233,11 @@ def official_detector_spec(sd: Mapping[str, torch.Tensor], meta: Mapping[str, An
     """The spec (`train.detection` fields) an official Mask R-CNN file describes: its backbone, its classes
     (meta CLASSES, else COCO's 80 names for 80 classes, else indices) with their COCO category ids, the official
     test scale (1333 x 800) and mmdet's conventions."""
-    from .convert import infer_model_name, to_ours
     from .io import CheckpointError
 
-    body = {k[len("backbone."):]: v for k, v in sd.items()
-            if k.startswith("backbone.") and not re.match(r"backbone\.norm\d\.", k)}
-    try:
-        name = infer_model_name(to_ours(body, "official")[1])
-    except (CheckpointError, KeyError, ValueError):
-        raise CheckpointError("the backbone of this Mask R-CNN checkpoint is no ConvNeXt this library knows") from None
+    name = _backbone_name(sd, "Mask R-CNN")
     n = int(sd["roi_head.bbox_head.fc_cls.weight"].shape[0]) - 1
-    classes = list((meta or {}).get("CLASSES") or _coco_names(n))
+    classes = list((meta or {}).get("CLASSES") or packaged_classes("coco.txt", n, 80))
     if len(classes) != n:
         raise CheckpointError(f"its meta names {len(classes)} classes for an {n}-class head")
     spec = {"model_name": name, "arch": "maskrcnn", "classes": [str(c) for c in classes], "min_size": 800,
@@ -243,12 +245,3 @@ def official_detector_spec(sd: Mapping[str, torch.Tensor], meta: Mapping[str, An
             "options": {"representation_size": int(sd["roi_head.bbox_head.shared_fcs.1.weight"].shape[0])}}
     spec["cat_ids"] = list(COCO_CATEGORY_IDS) if n == 80 else list(range(1, n + 1))
     return spec
-
-
-def _coco_names(n: int) -> list[str]:
-    if n != 80:
-        return [str(i) for i in range(n)]
-    from importlib import resources
-
-    text = resources.files("convnext").joinpath("data", "classes", "coco.txt").read_text(encoding="utf-8")
-    return [line for line in text.splitlines() if line and not line.startswith("#")]
