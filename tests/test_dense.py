@@ -65,7 +65,7 @@ def test_frozen_stages_freeze_the_stem_and_the_first_stages():
     assert all(p.requires_grad for n, p in b.named_parameters() if n.startswith(("body.stages.2", "norm")))
 
 
-@pytest.mark.parametrize("arch", ["maskrcnn", "fasterrcnn", "retinanet", "fcos"])
+@pytest.mark.parametrize("arch", ["maskrcnn", "fasterrcnn", "retinanet", "fcos"])  # cascade: test_official_dense
 def test_each_torchvision_detector_trains_and_predicts_on_the_convnext_fpn(arch):
     model = create_detector("convnext_atto", 3, arch=arch, min_size=128, max_size=160)
     images = [torch.rand(3, 128, 150), torch.rand(3, 140, 128)]
@@ -84,6 +84,17 @@ def test_each_torchvision_detector_trains_and_predicts_on_the_convnext_fpn(arch)
         out = model.eval()(images)
     assert len(out) == 2 and {"boxes", "scores", "labels"} <= set(out[0])
     assert ("masks" in out[0]) == (arch == "maskrcnn")
+
+
+def test_the_detectors_have_the_published_sizes():
+    """ConvNeXt-T's COCO detectors as the official README counts them: Mask R-CNN 48M parameters, Cascade Mask
+    R-CNN 86M (3 stages of 4conv1fc box heads and mask heads)."""
+    with torch.device("meta"):
+        mask = create_detector("convnext_tiny", 80, arch="maskrcnn")
+        cascade = create_detector("convnext_tiny", 80, arch="cascade_maskrcnn")
+    assert round(sum(p.numel() for p in mask.parameters()) / 1e6) == 48
+    assert round(sum(p.numel() for p in cascade.parameters()) / 1e6) == 86
+    assert len(cascade.roi_heads.box_head) == len(cascade.roi_heads.mask_head) == 3
 
 
 def test_roi_pooler_scales_are_the_strides_whatever_the_first_image():
@@ -487,9 +498,9 @@ def small_scenes(tmp_path_factory):
     return {t: write_scenes(root / t, t, n_train=4, n_val=2, spec=spec) for t in ("detect", "segment")}
 
 
-@pytest.mark.parametrize("arch", ["fasterrcnn", "retinanet", "fcos"])
+@pytest.mark.parametrize("arch", ["cascade_maskrcnn", "fasterrcnn", "retinanet", "fcos"])
 def test_every_detector_trains_resumes_bitwise_evaluates_and_predicts(small_scenes, tmp_path, capsys, arch):
-    """Faster R-CNN, RetinaNet and FCOS as Mask R-CNN: named losses on the engine; a run resumed from one of
+    """Cascade Mask R-CNN, Faster R-CNN, RetinaNet and FCOS as Mask R-CNN: named losses on the engine; a run resumed from one of
     its mid-epoch checkpoints ends bitwise where the uninterrupted one does (the SIGKILL itself:
     test_detection_sigkill_then_resume_is_bitwise); `detect eval` reproduces the run's AP; predict writes."""
     from convnext.dense.detection import LOSS_NAMES
@@ -506,7 +517,7 @@ def test_every_detector_trains_resumes_bitwise_evaluates_and_predicts(small_scen
     assert_same_run(a, b)
     line = [json.loads(x) for x in (ref / "metrics.jsonl").read_text().splitlines()][-1]
     assert {f"train_{n}" for n in LOSS_NAMES[arch]} | {"bbox_mAP", "bbox_mAP_50"} <= set(line)
-    assert "segm_mAP" not in line  # masks are Mask R-CNN's only
+    assert ("segm_mAP" in line) == (arch == "cascade_maskrcnn")  # the Mask R-CNNs' only
     code, out, err = run_main(capsys, "detect", "eval", "--checkpoint", ref / "last.pt", "--data", data, "--json")
     assert code == 0, err
     assert json.loads(out)["bbox_mAP"] == pytest.approx(line["bbox_mAP"], abs=1e-9)
@@ -566,7 +577,14 @@ def test_segmentation_on_two_processes_equals_one_process(small_scenes, tmp_path
     ("mask_rcnn_convnext_tiny_3x_coco", "detect",
      dict(model="convnext_tiny", arch="maskrcnn", input_size=800, max_size=1333, ms_scale=(0.6, 1.0), lr_base=1e-4,
           layer_decay=0.95, layer_decay_type="layer_wise", num_layers=6, drop_path_rate=0.4, epochs=36,
-          schedule="step", lr_steps=(27, 33), warmup_iters=500, warmup_ratio=1e-3)),
+          schedule="step", lr_steps=(27, 33), warmup_iters=500, warmup_ratio=1e-3, conventions="mmdet")),
+    ("cascade_mask_rcnn_convnext_tiny_3x_coco", "detect",
+     dict(model="convnext_tiny", arch="cascade_maskrcnn", conventions="mmdet", lr_base=2e-4, layer_decay=0.7,
+          layer_decay_type="layer_wise", num_layers=6, drop_path_rate=0.4, epochs=36, lr_steps=(27, 33))),
+    ("cascade_mask_rcnn_convnext_small_3x_coco", "detect", dict(lr_base=2e-4, layer_decay=0.7, num_layers=12,
+                                                                 drop_path_rate=0.6)),
+    ("cascade_mask_rcnn_convnext_base_3x_coco", "detect", dict(lr_base=2e-4, layer_decay=0.8, num_layers=12,
+                                                                drop_path_rate=0.7)),
 ])
 def test_the_official_det_seg_recipes_are_packaged(recipe, task, want, tmp_path):
     """The values of the official configs (ConvNeXt object_detection/ and semantic_segmentation/configs)."""
@@ -578,3 +596,31 @@ def test_the_official_det_seg_recipes_are_packaged(recipe, task, want, tmp_path)
     cfg = from_args(args, get_task(task).config)
     assert {k: getattr(cfg, k) for k in want} == want
     assert cfg.lr_base * 16 / cfg.lr_base_batch == pytest.approx(want.get("lr_base", cfg.lr_base))  # at batch 16
+
+
+def test_the_detection_demo_takes_the_detector_to_train(monkeypatch, capsys, tmp_path):
+    """`convnext demo --task detect --arch cascade_maskrcnn` trains the packaged demo recipe with that detector
+    (the run itself: the demo's own budget, not a unit test's); --arch is not the segmentation demo's."""
+    from helpers import run_main
+
+    from convnext.train import scenes_demo
+    from convnext.train.config import recipe
+    from convnext.train.detection import DetectConfig
+
+    seen = {}
+
+    def fake_run(spec, recipe_name, **kw):
+        seen["cfg"] = recipe(recipe_name, spec.config, data=str(tmp_path / "d"), output=str(tmp_path / "o"),
+                             **(kw["overrides"] or {}))
+        seen["what"] = kw["what"](seen["cfg"])
+        return {}
+
+    monkeypatch.setattr(scenes_demo, "run", fake_run)
+    code, _, err = run_main(capsys, "demo", "--task", "detect", "--arch", "cascade_maskrcnn", "--output", tmp_path)
+    assert code == 0, err
+    assert isinstance(seen["cfg"], DetectConfig) and seen["cfg"].arch == "cascade_maskrcnn"
+    assert seen["what"] == "cascade_maskrcnn (Cascade Mask R-CNN)"
+    code, _, err = run_main(capsys, "demo", "--task", "segment", "--arch", "cascade_maskrcnn", "--output", tmp_path)
+    assert code == 2 and "--arch not for --task segment" in err
+    code, _, err = run_main(capsys, "demo", "--task", "detect", "--arch", "yolo", "--output", tmp_path)
+    assert code == 2 and "yolo" in err and "cascade_maskrcnn" in err

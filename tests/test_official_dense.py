@@ -9,6 +9,7 @@ mmseg 0.x `PPM` / `UPerHead` / `FCNHead` / `BaseDecodeHead.cls_seg` and `Encoder
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -300,7 +301,7 @@ def mmdet_grid_priors(featmap_size, stride, base_anchors):  # AnchorGenerator.si
     return (base_anchors[None, :, :] + shifts[:, None, :]).view(-1, 4)
 
 
-def delta2bbox(rois, deltas, stds, max_shape, wh_ratio_clip=16 / 1000):  # DeltaXYWHBBoxCoder (means 0)
+def delta2bbox(rois, deltas, stds, max_shape=None, wh_ratio_clip=16 / 1000):  # DeltaXYWHBBoxCoder (means 0)
     stds = deltas.new_tensor(stds).view(1, -1).repeat(1, deltas.size(1) // 4)
     denorm = deltas * stds
     dx, dy, dw, dh = denorm[:, 0::4], denorm[:, 1::4], denorm[:, 2::4], denorm[:, 3::4]
@@ -313,8 +314,9 @@ def delta2bbox(rois, deltas, stds, max_shape, wh_ratio_clip=16 / 1000):  # Delta
     gw, gh = pw * dw.exp(), ph * dh.exp()
     gx, gy = px + pw * dx, py + ph * dy
     x1, y1, x2, y2 = gx - gw * 0.5, gy - gh * 0.5, gx + gw * 0.5, gy + gh * 0.5
-    x1, x2 = x1.clamp(min=0, max=max_shape[1]), x2.clamp(min=0, max=max_shape[1])
-    y1, y2 = y1.clamp(min=0, max=max_shape[0]), y2.clamp(min=0, max=max_shape[0])
+    if max_shape is not None:
+        x1, x2 = x1.clamp(min=0, max=max_shape[1]), x2.clamp(min=0, max=max_shape[1])
+        y1, y2 = y1.clamp(min=0, max=max_shape[0]), y2.clamp(min=0, max=max_shape[0])
     return torch.stack([x1, y1, x2, y2], dim=-1).view_as(deltas)
 
 
@@ -367,21 +369,24 @@ def do_paste_mask(masks, boxes, img_h, img_w):  # mmdet roi_heads/mask_heads/fcn
     img_x = torch.arange(0, img_w).to(torch.float32) + 0.5
     img_y = (img_y - y0) / (y1 - y0) * 2 - 1
     img_x = (img_x - x0) / (x1 - x0) * 2 - 1
+    img_x[torch.isinf(img_x)] = 0  # (zero-width or zero-height boxes)
+    img_y[torch.isinf(img_y)] = 0
     gx = img_x[:, None, :].expand(n, img_y.size(1), img_x.size(1))
     gy = img_y[:, :, None].expand(n, img_y.size(1), img_x.size(1))
     grid = torch.stack([gx, gy], dim=3)
-    return F.grid_sample(masks.to(dtype=torch.float32), grid, align_corners=False)[:, 0]
+    return F.grid_sample(masks.to(dtype=grid.dtype), grid, align_corners=False)[:, 0]
 
 
-def mmdet_mask_rcnn(sd, img):
-    """mmdet MaskRCNN.simple_test on a normalised, already resized (and 32-padded) image, rescale off."""
+def mmdet_rpn(sd, img, max_per_img=1000):
+    """mmdet RPNHead + `_get_bboxes_single` (test cfg: nms_pre 1000 per level, NMS 0.7, `max_per_img`) on the
+    official backbone + FPN: (FPN features, {"anchors", "objectness", "deltas", "proposals"})."""
     from torchvision.ops import batched_nms
 
     h, w = img.shape[-2:]
     feats = mmdet_fpn(sd, official_backbone(sd, img))
     out = {"anchors": [], "objectness": [], "deltas": []}
     scores_all, deltas_all, anchors_all, ids = [], [], [], []
-    for lvl, (f, stride) in enumerate(zip(feats, (4, 8, 16, 32, 64), strict=True)):  # RPNHead + _get_bboxes_single
+    for lvl, (f, stride) in enumerate(zip(feats, (4, 8, 16, 32, 64), strict=True)):
         x = F.relu(F.conv2d(f, sd["rpn_head.rpn_conv.weight"], sd["rpn_head.rpn_conv.bias"], padding=1))
         cls = F.conv2d(x, sd["rpn_head.rpn_cls.weight"], sd["rpn_head.rpn_cls.bias"])[0]
         reg = F.conv2d(x, sd["rpn_head.rpn_reg.weight"], sd["rpn_head.rpn_reg.bias"])[0]
@@ -402,10 +407,28 @@ def mmdet_mask_rcnn(sd, img):
     scores, ids = torch.cat(scores_all), torch.cat(ids)
     valid = ((proposals[:, 2] - proposals[:, 0]) > 0) & ((proposals[:, 3] - proposals[:, 1]) > 0)
     proposals, scores, ids = proposals[valid], scores[valid], ids[valid]
-    keep = batched_nms(proposals, scores, ids, 0.7)[:1000]
-    out["proposals"] = proposals = proposals[keep]
-    rois = torch.cat([proposals.new_zeros(len(proposals), 1), proposals], 1)
-    x = roi_extract(feats[:4], rois, 7).flatten(1)  # Shared2FCBBoxHead
+    keep = batched_nms(proposals, scores, ids, 0.7)[:max_per_img]
+    out["proposals"] = proposals[keep]
+    return feats, out
+
+
+def fcn_mask_head(sd, prefix, m):  # mmdet FCNMaskHead: 4 convs + ReLU, deconv + ReLU, conv_logits
+    for i in range(4):
+        m = F.relu(F.conv2d(m, sd[f"{prefix}convs.{i}.conv.weight"], sd[f"{prefix}convs.{i}.conv.bias"], padding=1))
+    m = F.relu(F.conv_transpose2d(m, sd[f"{prefix}upsample.weight"], sd[f"{prefix}upsample.bias"], stride=2))
+    return F.conv2d(m, sd[f"{prefix}conv_logits.weight"], sd[f"{prefix}conv_logits.bias"])
+
+
+def with_batch_index(boxes):  # mmdet bbox2roi for one image
+    return torch.cat([boxes.new_zeros(len(boxes), 1), boxes], 1)
+
+
+def mmdet_mask_rcnn(sd, img):
+    """mmdet MaskRCNN.simple_test on a normalised, already resized (and 32-padded) image, rescale off."""
+    h, w = img.shape[-2:]
+    feats, out = mmdet_rpn(sd, img)
+    proposals = out["proposals"]
+    x = roi_extract(feats[:4], with_batch_index(proposals), 7).flatten(1)  # Shared2FCBBoxHead
     x = F.relu(F.linear(x, sd["roi_head.bbox_head.shared_fcs.0.weight"], sd["roi_head.bbox_head.shared_fcs.0.bias"]))
     x = F.relu(F.linear(x, sd["roi_head.bbox_head.shared_fcs.1.weight"], sd["roi_head.bbox_head.shared_fcs.1.bias"]))
     cls_score = F.linear(x, sd["roi_head.bbox_head.fc_cls.weight"], sd["roi_head.bbox_head.fc_cls.bias"])
@@ -413,14 +436,7 @@ def mmdet_mask_rcnn(sd, img):
     out["cls_score"], out["bbox_pred"] = cls_score, bbox_pred
     bboxes = delta2bbox(proposals, bbox_pred, (0.1, 0.1, 0.2, 0.2), (h, w))
     out["boxes"], out["scores"], out["labels"] = multiclass_nms(bboxes, F.softmax(cls_score, -1), 0.05, 0.5, 100)
-    mrois = torch.cat([out["boxes"].new_zeros(len(out["boxes"]), 1), out["boxes"]], 1)  # FCNMaskHead
-    m = roi_extract(feats[:4], mrois, 14)
-    for i in range(4):
-        m = F.relu(F.conv2d(m, sd[f"roi_head.mask_head.convs.{i}.conv.weight"],
-                            sd[f"roi_head.mask_head.convs.{i}.conv.bias"], padding=1))
-    m = F.relu(F.conv_transpose2d(m, sd["roi_head.mask_head.upsample.weight"], sd["roi_head.mask_head.upsample.bias"],
-                                  stride=2))
-    m = F.conv2d(m, sd["roi_head.mask_head.conv_logits.weight"], sd["roi_head.mask_head.conv_logits.bias"])
+    m = fcn_mask_head(sd, "roi_head.mask_head.", roi_extract(feats[:4], with_batch_index(out["boxes"]), 14))
     probs = m[torch.arange(len(m)), out["labels"]][:, None].sigmoid()
     out["masks"] = do_paste_mask(probs, out["boxes"], h, w)  # get_seg_masks, before `>= mask_thr_binary`
     return out
@@ -504,9 +520,302 @@ def test_an_official_mask_rcnn_is_a_detector_with_coco_classes_and_round_trips(o
 
     tv = create_detector(NAME, 80, pretrained=official_det["path"], conventions="torchvision").eval()
     assert type(tv.rpn.anchor_generator).__name__ == "AnchorGenerator"
-    cascade = {k.replace("roi_head.bbox_head.", "roi_head.bbox_head.0."): v for k, v in sd.items()}
-    torch.save({"state_dict": cascade}, tmp_path / "cascade.pth")
-    code, _, err = run_main(capsys, "detect", "eval", "--checkpoint", tmp_path / "cascade.pth", "--data", tmp_path)
-    assert code == 2 and "is an official Cascade Mask R-CNN: only its backbone is read yet" in err
     with pytest.raises(Exception, match="roi_heads.box_head.fc6.bias is \\(1024,\\) there, \\(256,\\) here"):
         create_detector(NAME, 80, pretrained=official_det["path"], conventions="torchvision", min_size=256)
+
+
+# --- Cascade Mask R-CNN: mmdet 2.x CascadeRoIHead as the official `cascade_mask_rcnn_convnext_*_giou_4conv1f_*`
+# configs build it (3 stages of ConvFCBBoxHead(4 shared convs + SyncBN, 1 fc), class-specific regression,
+# reg_decoded_bbox + GIoULoss(10), a mask head per stage) ------------------------------------------------------
+CASCADE_STDS = ((0.1, 0.1, 0.2, 0.2), (0.05, 0.05, 0.1, 0.1), (0.033, 0.033, 0.067, 0.067))
+
+
+def conv_fc_bbox_head(sd, s, x):  # mmdet ConvFCBBoxHead.forward, num_shared_convs=4, num_shared_fcs=1 (BN in eval)
+    h = f"roi_head.bbox_head.{s}."
+    for j in range(4):
+        c = f"{h}shared_convs.{j}."
+        x = F.conv2d(x, sd[c + "conv.weight"], None, padding=1)  # ConvModule: bias=False with a norm
+        x = F.relu(F.batch_norm(x, sd[c + "bn.running_mean"], sd[c + "bn.running_var"], sd[c + "bn.weight"],
+                                sd[c + "bn.bias"], False, 0.0, 1e-5))
+    x = F.relu(F.linear(x.flatten(1), sd[h + "shared_fcs.0.weight"], sd[h + "shared_fcs.0.bias"]))
+    return (F.linear(x, sd[h + "fc_cls.weight"], sd[h + "fc_cls.bias"]),
+            F.linear(x, sd[h + "fc_reg.weight"], sd[h + "fc_reg.bias"]))
+
+
+def regress_by_class(rois, label, bbox_pred, stds, max_shape):  # BBoxHead.regress_by_class, class-specific
+    label = label * 4
+    inds = torch.stack((label, label + 1, label + 2, label + 3), 1)
+    return delta2bbox(rois, torch.gather(bbox_pred, 1, inds), stds, max_shape)
+
+
+def mmdet_cascade(sd, img, max_proposals, max_per_img=100):
+    """mmdet CascadeRCNN.simple_test (CascadeRoIHead.simple_test + merge_aug_masks) on a normalised, resized,
+    32-padded image, rescale off; the RPN keeps `max_proposals`, the R-CNN `max_per_img` (test cfg: 1000, 100)."""
+    h, w = img.shape[-2:]
+    feats, out = mmdet_rpn(sd, img, max_proposals)
+    rois, ms_scores = out["proposals"], []
+    for i, stds in enumerate(CASCADE_STDS):
+        cls_score, bbox_pred = conv_fc_bbox_head(sd, i, roi_extract(feats[:4], with_batch_index(rois), 7))
+        ms_scores.append(cls_score)
+        if i < len(CASCADE_STDS) - 1:
+            rois = regress_by_class(rois, cls_score[:, :-1].argmax(dim=1), bbox_pred, stds, (h, w))
+    out["last_rois"] = rois
+    cls_score = sum(ms_scores) / float(len(ms_scores))  # the stages' logits averaged
+    bboxes = delta2bbox(rois, bbox_pred, CASCADE_STDS[-1], (h, w))  # bbox_head[-1].get_bboxes
+    out["boxes"], out["scores"], out["labels"] = multiclass_nms(bboxes, F.softmax(cls_score, -1), 0.05, 0.5,
+                                                                max_per_img)
+    mask_feats = roi_extract(feats[:4], with_batch_index(out["boxes"]), 14)
+    merged = sum(fcn_mask_head(sd, f"roi_head.mask_head.{i}.", mask_feats).sigmoid() for i in range(3)) / 3
+    probs = merged[torch.arange(len(merged)), out["labels"]][:, None]
+    out["masks"] = do_paste_mask(probs, out["boxes"], h, w)
+    return out
+
+
+def mmdet_giou_loss(pred, target, avg_factor, eps=1e-6, loss_weight=10.0):
+    """mmdet GIoULoss: bbox_overlaps(mode="giou", is_aligned=True, eps) -> 1 - giou, summed / avg_factor."""
+    area1 = (pred[:, 2] - pred[:, 0]) * (pred[:, 3] - pred[:, 1])
+    area2 = (target[:, 2] - target[:, 0]) * (target[:, 3] - target[:, 1])
+    lt, rb = torch.max(pred[:, :2], target[:, :2]), torch.min(pred[:, 2:], target[:, 2:])
+    wh = (rb - lt).clamp(min=0)
+    overlap = wh[:, 0] * wh[:, 1]
+    union = torch.max(area1 + area2 - overlap, torch.tensor([eps]))
+    ious = overlap / union
+    enclose_wh = (torch.max(pred[:, 2:], target[:, 2:]) - torch.min(pred[:, :2], target[:, :2])).clamp(min=0)
+    enclose_area = torch.max(enclose_wh[:, 0] * enclose_wh[:, 1], torch.tensor([eps]))
+    gious = ious - (enclose_area - union) / enclose_area
+    return loss_weight * (1 - gious).sum() / avg_factor
+
+
+def to_mmdet_classes(logits, deltas, labels):  # torchvision (background first) -> mmdet (background last)
+    n = logits.shape[1] - 1
+    return (torch.cat([logits[:, 1:], logits[:, :1]], 1), deltas[:, 4:],
+            torch.where(labels > 0, labels - 1, torch.full_like(labels, n)))
+
+
+@pytest.fixture(scope="module")
+def official_cascade(tmp_path_factory):
+    """An official-layout Cascade Mask R-CNN (80 classes, random weights and BN statistics) sure of class 3."""
+    torch.manual_seed(2)
+    from convnext.dense import create_detector
+    from convnext.weights.dense_official import detector_to_official
+
+    model = create_detector(NAME, 80, arch="cascade_maskrcnn", min_size=256, max_size=427, conventions="mmdet")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+        for name, b in model.named_buffers():
+            if name.endswith("running_mean"):
+                b.normal_(0, 0.1)
+            elif name.endswith("running_var"):
+                b.uniform_(0.5, 1.5)
+        for predictor in model.roi_heads.box_predictor:
+            predictor.cls_score.bias[4] += 6.0  # torchvision row 4 = mmdet class 3
+    sd = detector_to_official(model.state_dict())
+    path = tmp_path_factory.mktemp("cascade") / "cascade_mask_rcnn_convnext_tiny_1k_3x.pth"
+    torch.save({"state_dict": sd, "meta": {"epoch": 36}}, path)
+    return {"path": path, "sd": sd}
+
+
+@pytest.mark.slow
+def test_an_official_cascade_mask_rcnn_loads_whole_and_computes_what_mmdet_computes(official_cascade):
+    """In float64 on both sides (random weights make the cascade chaotic: a 1e-7 change of the input moves float32
+    boxes by 1e-3 px after three stages), on our normalised input (its normalisation: to float32 rounding), the
+    RoI heads on mmdet's proposals."""
+    from convnext.dense import create_detector
+
+    sd = official_cascade["sd"]
+    model = create_detector(NAME, 80, arch="cascade_maskrcnn", pretrained=official_cascade["path"], min_size=160,
+                            max_size=267).eval()
+    assert type(model.roi_heads).__name__ == "MmdetCascadeRoIHeads"  # mmdet's conventions for an official file
+    assert set(sd) == set(detector_to_official_keys(model))  # every tensor, both ways
+    model.rpn._post_nms_top_n["testing"] = 100  # fewer proposals than the official 1000 and fewer detections than
+    model.roi_heads.detections_per_img = 30  # its 100, on both sides (float64 CPU time)
+    model.double()
+    torch.manual_seed(0)
+    img = torch.rand(3, 160, 224, dtype=torch.float64)  # stays 160 x 224, no padding
+    with torch.no_grad():
+        images, _ = model.transform([img])
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    assert (images.tensors[0] - (img - mean[:, None, None]) / std[:, None, None]).abs().max() <= 1e-6
+    sd64 = {k: v.double() if v.is_floating_point() else v for k, v in sd.items()}
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        ref = mmdet_cascade(sd64, images.tensors, 100, 30)
+    finally:
+        torch.set_default_dtype(default)
+    with torch.no_grad():
+        feats = model.backbone(images.tensors)
+        proposals, _ = model.rpn(images, feats)  # (torchvision's cell anchors are float32 whatever the model's dtype)
+        assert (proposals[0] - ref["proposals"]).abs().max().item() <= 1e-5  # the same boxes, in the same order
+        heads, _ = model.roi_heads(feats, [ref["proposals"]], images.image_sizes)  # the cascade on mmdet's proposals
+        det = model.transform.postprocess(heads, images.image_sizes, [(160, 224)])[0]
+        rois = [ref["proposals"]]
+        for i in range(2):  # our stages on mmdet's proposals: the boxes the last stage sees
+            logits, deltas = model.roi_heads.stage(i, feats, rois, images.image_sizes)
+            rois = model.roi_heads.refine(i, deltas, rois, logits[:, 1:].argmax(1) + 1, images.image_sizes)
+    assert (rois[0] - ref["last_rois"]).abs().max().item() <= 1e-6
+    assert len(det["boxes"]) == len(ref["boxes"]) > 0 and (det["labels"] - 1).tolist() == ref["labels"].tolist()
+    assert (det["boxes"] - ref["boxes"]).abs().max().item() <= 1e-6 and (det["scores"] - ref["scores"]).abs().max() <= 1e-9
+    assert (det["masks"][:, 0] - ref["masks"]).abs().max().item() <= 1e-3  # pasted in float32, as mmdet pastes
+    assert ((det["masks"][:, 0] >= 0.5) == (ref["masks"] >= 0.5)).double().mean().item() >= 0.9999
+    # the cascade matters: the first stage alone would score otherwise
+    with torch.no_grad():
+        logits, _ = model.roi_heads.stage(0, feats, [ref["proposals"]], images.image_sizes)
+    first = F.softmax(logits, -1)[:, 1:].amax(1).sort(descending=True).values[:len(det["scores"])]
+    assert (first - det["scores"]).abs().max() > 1e-3
+
+
+def test_an_official_cascade_is_a_detector_that_round_trips_and_is_refused_where_it_does_not_fit(
+        official_cascade, tmp_path, capsys):
+    from convnext.dense import create_detector
+    from convnext.eval.dense import load_detector
+    from convnext.weights import CheckpointError
+    from convnext.weights.dense_official import detector_from_official, detector_to_official
+
+    model, spec = load_detector(official_cascade["path"])
+    assert spec["arch"] == "cascade_maskrcnn" and spec["conventions"] == "mmdet" and len(spec["classes"]) == 80
+    assert spec["options"] == {"representation_size": 1024}
+    sd = official_cascade["sd"]
+    again = detector_to_official(detector_from_official(sd))
+    assert again.keys() == sd.keys() and all(torch.equal(again[k], sd[k]) for k in sd)
+    assert sum(k.endswith("running_var") for k in sd) == 12  # 3 stages x 4 BatchNorms, statistics kept
+    code, _, err = run_main(capsys, "convert", official_cascade["path"], tmp_path / "ours.safetensors")
+    assert code == 0, err
+    code, _, err = run_main(capsys, "convert", tmp_path / "ours.safetensors", tmp_path / "back.pth", "--to",
+                            "official-det")
+    assert code == 0, err
+    back = torch.load(tmp_path / "back.pth", weights_only=True)["state_dict"]
+    assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
+    with pytest.raises(CheckpointError, match="is a Cascade Mask R-CNN, not a Mask R-CNN: build it with "
+                                              "arch='cascade_maskrcnn'"):
+        create_detector(NAME, 80, pretrained=official_cascade["path"])
+    two_fc = {k: v for k, v in sd.items() if ".shared_convs." not in k}
+    two_fc |= {f"roi_head.bbox_head.{s}.shared_fcs.1.weight": torch.zeros(1024, 1024) for s in range(3)}
+    torch.save({"state_dict": two_fc}, tmp_path / "two_fc.pth")
+    code, _, err = run_main(capsys, "detect", "eval", "--checkpoint", tmp_path / "two_fc.pth", "--data", tmp_path)
+    assert code == 2 and "not the published 4conv1fc heads" in err and "Traceback" not in err
+
+
+def coco_stats(gt_json, results, iou_type):  # pycocotools, the reference: AP of `results` against `gt_json`
+    import contextlib
+    import io
+    import json
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(gt_json)
+        ev = COCOeval(gt, gt.loadRes(json.loads(json.dumps(results))), iou_type)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return ev.stats[0]
+
+
+@pytest.mark.slow
+def test_detect_eval_of_an_official_cascade_is_cocoeval_of_its_detections(official_cascade, tmp_path, capsys):
+    """A COCO set whose ground truth is the file's own detections of at least 2 x 2 px (boxes and masks in the
+    original image, COCO category ids): `detect eval` of that file finds what pycocotools finds for the
+    detections the model returns on the image (about 0.5: its degenerate boxes, clipped to zero height at the
+    border, are false positives; a wrong test resize, box or mask rescaling or label -> category id mapping
+    would score near 0)."""
+    import json
+
+    from PIL import Image
+    from pycocotools import mask as mask_utils
+
+    from convnext.eval.dense import load_detector
+    from convnext.weights.dense_official import COCO_CATEGORY_IDS
+
+    torch.manual_seed(3)
+    (tmp_path / "val").mkdir()
+    (tmp_path / "annotations").mkdir()
+    pixels = (torch.rand(120, 150, 3) * 255).to(torch.uint8)
+    Image.fromarray(pixels.numpy()).save(tmp_path / "val" / "a.png")
+    model, _ = load_detector(official_cascade["path"])
+    with torch.no_grad():
+        det = model([pixels.permute(2, 0, 1).float() / 255])[0]
+    anns, results = [], []
+    for box, score, label, m in zip(det["boxes"], det["scores"], det["labels"], det["masks"], strict=True):
+        x1, y1, x2, y2 = box.tolist()
+        rle = mask_utils.encode(np.asfortranarray((m[0] > 0.5).numpy().astype(np.uint8)))
+        rle["counts"] = rle["counts"].decode()
+        cat = COCO_CATEGORY_IDS[int(label) - 1]
+        results.append({"image_id": 1, "category_id": cat, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score),
+                        "segmentation": rle})
+        if x2 - x1 >= 2 and y2 - y1 >= 2 and rle_area(rle) > 0:
+            anns.append({"id": len(anns) + 1, "image_id": 1, "category_id": cat, "bbox": [x1, y1, x2 - x1, y2 - y1],
+                         "area": (x2 - x1) * (y2 - y1), "iscrowd": 0, "segmentation": rle})
+    assert len(anns) >= 10
+    gt = tmp_path / "annotations" / "instances_val.json"
+    gt.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png", "height": 120, "width": 150}],
+                              "annotations": anns, "categories": [{"id": c, "name": str(c)} for c in COCO_CATEGORY_IDS]}))
+    want = {t: coco_stats(str(gt), results, t) for t in ("bbox", "segm")}
+    assert want["bbox"] > 0.3 and want["segm"] > 0.3
+    code, out, err = run_main(capsys, "detect", "eval", "--checkpoint", official_cascade["path"], "--data", tmp_path,
+                              "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["bbox_mAP"] == pytest.approx(want["bbox"], abs=0.01) and res["segm_mAP"] == pytest.approx(want["segm"], abs=0.01)
+
+
+def rle_area(rle):
+    from pycocotools import mask as mask_utils
+
+    return float(mask_utils.area(rle))
+
+
+def mmdet_refine_bboxes(rois, labels, bbox_pred, pos_is_gts, stds, max_shape):
+    """BBoxHead.refine_bboxes for one image: `rois` ordered as SamplingResult.bboxes (positives first)."""
+    bboxes = regress_by_class(rois, labels, bbox_pred, stds, max_shape)
+    keep = torch.ones(len(rois), dtype=torch.bool)
+    keep[:len(pos_is_gts)] = ~pos_is_gts
+    return bboxes[keep]
+
+
+def test_cascade_training_is_mmdets_stage_loop():
+    """CascadeRoIHead.forward_train as mmdet 2.x runs it: stage t labels its RoIs at IoU 0.5 / 0.6 / 0.7, its
+    losses (cross-entropy; GIoU x 10 of the decoded boxes over all sampled RoIs) are weighted 1 / 0.5 / 0.25, and
+    its refined boxes (ground-truth class for positives, the predicted one for the rest), without the
+    ground-truth proposals, are the next stage's proposals (`refine_bboxes`)."""
+    from torchvision.ops import box_iou
+
+    from convnext.dense import create_detector
+
+    torch.manual_seed(0)
+    model = create_detector("convnext_atto", 3, arch="cascade_maskrcnn", min_size=128, max_size=160,
+                            fpn_channels=32, conventions="mmdet").train()
+    heads, seen = model.roi_heads, {"sample": [], "stage": []}
+    sample, stage = heads.sample, heads.stage
+    heads.sample = lambda i, p, t: seen["sample"].append(([x.clone() for x in p], sample(i, p, t))) or seen["sample"][-1][1]
+    heads.stage = lambda i, f, b, s: seen["stage"].append((s, stage(i, f, b, s))) or seen["stage"][-1][1]
+    masks = torch.zeros(2, 128, 150, dtype=torch.uint8)
+    masks[0, 10:50, 20:60] = masks[1, 60:100, 70:120] = 1
+    gt_boxes, gt_labels = torch.tensor([[20.0, 10, 60, 50], [70, 60, 120, 100]]), torch.tensor([1, 3])
+    losses = model([torch.rand(3, 128, 150)], [{"boxes": gt_boxes, "labels": gt_labels, "masks": masks}])
+    assert len(seen["sample"]) == len(seen["stage"]) == 3
+    for i, (iou_thr, w, stds) in enumerate(zip((0.5, 0.6, 0.7), (1.0, 0.5, 0.25), CASCADE_STDS, strict=True)):
+        proposals, (boxes, matched, labels, is_gt) = seen["sample"][i]
+        (shape,), (logits, deltas) = seen["stage"][i]
+        boxes, matched, labels, is_gt = boxes[0], matched[0], labels[0], is_gt[0]
+        iou = box_iou(boxes, gt_boxes).amax(1)
+        assert ((labels > 0) == (iou >= iou_thr)).all() and (labels > 0).sum() >= 2
+        assert torch.equal(labels[labels > 0], gt_labels[matched[labels > 0]])
+        assert len(proposals[0]) + 2 >= len(boxes) and is_gt.sum() >= 1  # the ground truth among the RoIs
+        cls_mm, deltas_mm, labels_mm = to_mmdet_classes(logits, deltas, labels)
+        torch.testing.assert_close(losses[f"s{i}.loss_classifier"], w * F.cross_entropy(cls_mm, labels_mm))
+        pos = torch.where(labels_mm < 3)[0]
+        decoded = delta2bbox(boxes, deltas_mm, stds).view(len(boxes), -1, 4)[pos, labels_mm[pos]]
+        want = w * mmdet_giou_loss(decoded, gt_boxes[matched[pos]], avg_factor=len(boxes))
+        torch.testing.assert_close(losses[f"s{i}.loss_box_reg"], want, rtol=1e-5, atol=1e-6)
+        assert losses[f"s{i}.loss_mask"] > 0
+        if i < 2:
+            order = torch.cat([torch.where(labels > 0)[0], torch.where(labels == 0)[0]])  # mmdet: positives first
+            refine_labels = torch.where(labels_mm == 3, cls_mm[:, :-1].argmax(1), labels_mm)
+            want = mmdet_refine_bboxes(boxes[order], refine_labels[order], deltas_mm[order],
+                                       is_gt[order][: int((labels > 0).sum())], stds, shape)
+            got = seen["sample"][i + 1][0][0]
+            assert len(got) == len(want) == len(boxes) - int(is_gt.sum())
+            torch.testing.assert_close(sorted(map(tuple, got.tolist())), sorted(map(tuple, want.tolist())))

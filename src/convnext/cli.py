@@ -184,7 +184,7 @@ def _add_list_info_convert(sub) -> None:
                    help="layout to write (default: ours); fcmae: a whole pre-training model (convnext pretrain's "
                         "last.pt) in the official FCMAE layout, as a .pt file the official code loads; official-seg: "
                         "an UperNet segmenter in the official mmseg layout (.pth as mmcv saves it, or .safetensors); "
-                        "official-det: a Mask R-CNN in the official mmdet layout")
+                        "official-det: a (Cascade) Mask R-CNN in the official mmdet layout")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.set_defaults(func=_cmd_convert)
 

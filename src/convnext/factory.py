@@ -293,12 +293,12 @@ def _convert_to_fcmae(src: str | os.PathLike, dst: str | os.PathLike, sd: Mappin
 
 
 # task -> (the model it must be, its --to name, the official layout, where to read it: our file spec key and value)
-_DENSE_OFFICIAL = {"segment": ("UperNet segmenter", "official-seg", "mmseg", ("head", "upernet")),
-                   "detect": ("Mask R-CNN", "official-det", "mmdet", ("arch", "maskrcnn"))}
+_DENSE_OFFICIAL = {"segment": ("UperNet segmenter", "official-seg", "mmseg", ("head", ("upernet",))),
+                   "detect": ("(Cascade) Mask R-CNN", "official-det", "mmdet", ("arch", ("maskrcnn", "cascade_maskrcnn")))}
 
 
 def _convert_dense(file: ModelFile, dst: str | os.PathLike, sd: Mapping[str, Any], to: str) -> tuple[str, str]:
-    """An UperNet or Mask R-CNN (ours, or an official mmseg / mmdet file) -> the official layout (`{"state_dict",
+    """An UperNet or (Cascade) Mask R-CNN (ours, or an official mmseg / mmdet file) -> the official layout (`{"state_dict",
     "meta": {"CLASSES"}}` in a .pth as mmcv saves it, or safetensors; our header beside) or ours (`--to ours`).
     Our Mask R-CNN's background rows of the class-specific box and mask layers, which nothing reads, are not in
     the official layout."""
@@ -309,7 +309,7 @@ def _convert_dense(file: ModelFile, dst: str | os.PathLike, sd: Mapping[str, Any
 
     task = file.task if file.task in _DENSE_OFFICIAL else {"official-seg": "segment", "official-det": "detect"}[to]
     what, target, layout, (field, value) = _DENSE_OFFICIAL[task]
-    if file.task != task or file.spec.get(field) != value:
+    if file.task != task or file.spec.get(field) not in value:
         raise CheckpointError(f"{file.path} holds no {what}: --to {target} converts `convnext {task}` {what} files, "
                               f"or the official ones")
     if to not in ("ours", target):

@@ -18,9 +18,13 @@ from torch import nn
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD
 from .backbone import ConvNeXtFPN
 
-ARCHS = ("maskrcnn", "fasterrcnn", "retinanet", "fcos")
+ARCHS = ("maskrcnn", "cascade_maskrcnn", "fasterrcnn", "retinanet", "fcos")
+MASK_ARCHS = ("maskrcnn", "cascade_maskrcnn")  # the detectors that also segment each object
+RCNN_ARCHS = ("maskrcnn", "cascade_maskrcnn", "fasterrcnn")  # two-stage (RPN + RoI heads)
 LOSS_NAMES = {
     "maskrcnn": ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"),
+    "cascade_maskrcnn": (*(f"s{i}.{n}" for i in range(3) for n in ("loss_classifier", "loss_box_reg", "loss_mask")),
+                         "loss_objectness", "loss_rpn_box_reg"),
     "fasterrcnn": ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"),
     "retinanet": ("classification", "bbox_regression"),
     "fcos": ("classification", "bbox_regression", "bbox_ctrness"),
@@ -45,6 +49,7 @@ def create_detector(name: str, num_classes: int, *, arch: str = "maskrcnn",
                     conventions: str | None = None, **kw: Any) -> nn.Module:
     """A torchvision detection model on a ConvNeXt + FPN backbone.
 
+    `arch`: maskrcnn, cascade_maskrcnn (the paper's COCO detector, `dense.cascade`), fasterrcnn, retinanet, fcos.
     `num_classes` counts the object classes without the background (torchvision's R-CNNs add it).
     `min_size`: the shorter image side; a tuple trains at a random one of them per batch (multi-scale)
     and evaluates at the last, as torchvision's detectors do.
@@ -55,13 +60,9 @@ def create_detector(name: str, num_classes: int, *, arch: str = "maskrcnn",
     keyword of the torchvision model.
 
     `conventions`: "torchvision" (its anchors, box coder, RoIAlign and test settings) or "mmdet" (those of the
-    official checkpoints, `dense.mmdet`; Mask R-CNN / Faster R-CNN). An official `mask_rcnn_convnext_*` file
-    as `pretrained` loads whole (every tensor) and means "mmdet" unless said otherwise."""
-    from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
-    from torchvision.models.detection.anchor_utils import AnchorGenerator
-    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-    from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
-
+    official checkpoints, `dense.mmdet`; the R-CNNs). An official `mask_rcnn_convnext_*` or
+    `cascade_mask_rcnn_convnext_*` file as `pretrained` (with the arch it is) loads whole (every tensor) and means
+    "mmdet" unless said otherwise."""
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
     whole, conventions = _conventions(arch, pretrained, name, conventions)
@@ -69,35 +70,64 @@ def create_detector(name: str, num_classes: int, *, arch: str = "maskrcnn",
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if conventions == "mmdet":  # the official configs' heads and anchors (32 .. 512 px) at any image size
-        opts = head_defaults(800) | {"rpn_post_nms_top_n_train": 1000} | kw
+        opts = head_defaults(800) | {"rpn_post_nms_top_n_train": 2000 if arch == "cascade_maskrcnn" else 1000} | kw
     else:
         opts = head_defaults(min_size[-1] if isinstance(min_size, (tuple, list)) else min_size) | kw
     min_size = tuple(min_size) if isinstance(min_size, (tuple, list)) else min_size
-    scale = opts.pop("anchor_scale")
     common = dict(min_size=min_size, max_size=max_size, image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
     bb = dict(pretrained=pretrained, drop_path_rate=drop_path_rate, frozen_stages=frozen_stages)
-    if arch in ("retinanet", "fcos"):  # P3-P7 (strides 8-128), as torchvision's ResNet versions
-        backbone = ConvNeXtFPN(name, extra="p6p7", returned_levels=(1, 2, 3), out_channels=fpn_channels, **bb)
-        keep = {k: opts[k] for k in list(opts) if not k.startswith(("rpn_", "box_batch", "representation"))}
-        if arch == "retinanet":
-            sizes = tuple((round(32 * scale * 2 ** i), round(32 * scale * 2 ** (i + 1 / 3)),
-                           round(32 * scale * 2 ** (i + 2 / 3))) for i in range(5))
-            anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 5)
-            return RetinaNet(backbone, num_classes + 1, anchor_generator=anchors, **common, **keep)
-        anchors = AnchorGenerator(tuple((round(8 * 2 ** i * max(scale, 0.5)),) for i in range(5)), ((1.0,),) * 5)
-        return FCOS(backbone, num_classes + 1, anchor_generator=anchors, **common, **keep)
+    if arch in ("retinanet", "fcos"):
+        return _one_stage(arch, name, num_classes, fpn_channels, bb, common, opts)
     backbone = ConvNeXtFPN(name, out_channels=fpn_channels, **bb)
-    rep = opts.pop("representation_size")
-    sizes = tuple((round(32 * scale * 2 ** i),) for i in range(5))
-    anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 5)
+    model = _rcnn(arch, backbone, num_classes, common, opts)
+    return _finish(model, backbone.backbone.strides, conventions, whole, bb_path)
+
+
+def _one_stage(arch: str, name: str, num_classes: int, fpn_channels: int, bb: dict, common: dict,
+               opts: dict) -> nn.Module:
+    """RetinaNet or FCOS on P3-P7 (strides 8-128), as torchvision's ResNet versions."""
+    from torchvision.models.detection import FCOS, RetinaNet
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+
+    backbone = ConvNeXtFPN(name, extra="p6p7", returned_levels=(1, 2, 3), out_channels=fpn_channels, **bb)
+    scale = opts.pop("anchor_scale")
+    keep = {k: opts[k] for k in list(opts) if not k.startswith(("rpn_", "box_batch", "representation"))}
+    if arch == "retinanet":
+        sizes = tuple((round(32 * scale * 2 ** i), round(32 * scale * 2 ** (i + 1 / 3)),
+                       round(32 * scale * 2 ** (i + 2 / 3))) for i in range(5))
+        anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 5)
+        return RetinaNet(backbone, num_classes + 1, anchor_generator=anchors, **common, **keep)
+    anchors = AnchorGenerator(tuple((round(8 * 2 ** i * max(scale, 0.5)),) for i in range(5)), ((1.0,),) * 5)
+    return FCOS(backbone, num_classes + 1, anchor_generator=anchors, **common, **keep)
+
+
+def _rcnn(arch: str, backbone: nn.Module, num_classes: int, common: dict, opts: dict) -> nn.Module:
+    """Faster / Mask R-CNN, or Cascade Mask R-CNN: torchvision's Faster R-CNN with `dense.cascade`'s RoI heads."""
+    from torchvision.models.detection import FasterRCNN, MaskRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
+
+    scale, rep = opts.pop("anchor_scale"), opts.pop("representation_size")
+    anchors = AnchorGenerator(tuple((round(32 * scale * 2 ** i),) for i in range(5)), ((0.5, 1.0, 2.0),) * 5)
     box_head = TwoMLPHead(backbone.out_channels * 7 * 7, rep)
     heads = dict(rpn_anchor_generator=anchors, box_head=box_head, box_predictor=FastRCNNPredictor(rep, num_classes + 1))
-    if arch == "fasterrcnn":
-        model = FasterRCNN(backbone, **heads, **common, **opts)
-    else:
-        model = MaskRCNN(backbone, **heads, mask_predictor=MaskRCNNPredictor(256, 256, num_classes + 1), **common,
-                         **opts)
-    return _finish(model, backbone.backbone.strides, conventions, whole, bb_path)
+    if arch == "maskrcnn":
+        return MaskRCNN(backbone, **heads, mask_predictor=MaskRCNNPredictor(256, 256, num_classes + 1), **common, **opts)
+    model = FasterRCNN(backbone, **heads, **common, **opts)
+    if arch == "cascade_maskrcnn":
+        from torchvision.ops import MultiScaleRoIAlign
+
+        from .cascade import CascadeRoIHeads, stage_heads
+
+        one = model.roi_heads
+        model.roi_heads = CascadeRoIHeads(
+            one.box_roi_pool, stage_heads(backbone.out_channels, rep, num_classes, masks=True),
+            batch_size_per_image=one.fg_bg_sampler.batch_size_per_image,
+            positive_fraction=one.fg_bg_sampler.positive_fraction, score_thresh=one.score_thresh,
+            nms_thresh=one.nms_thresh, detections_per_img=one.detections_per_img,
+            mask_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], 14, 2))
+    return model
 
 
 def _finish(model: nn.Module, strides: list[int], conventions: str, whole: dict | None, path: Any) -> nn.Module:
@@ -109,8 +139,12 @@ def _finish(model: nn.Module, strides: list[int], conventions: str, whole: dict 
     if whole is not None:
         from .io import load_whole
 
-        load_whole(model, whole, path, "Mask R-CNN", ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits."),
-                   model.roi_heads.box_predictor.cls_score.out_features - 1)
+        cascade = hasattr(model.roi_heads, "box_coders")
+        n = (model.roi_heads.box_predictor[0] if cascade else model.roi_heads.box_predictor).cls_score.out_features
+        logits = ([f"roi_heads.mask_predictor.{i}.mask_fcn_logits." for i in range(model.roi_heads.num_stages)]
+                  if cascade else ["roi_heads.mask_predictor.mask_fcn_logits."])
+        load_whole(model, whole, path, "Cascade Mask R-CNN" if cascade else "Mask R-CNN",
+                   ("roi_heads.box_predictor.", *logits), n - 1)
     return model
 
 
@@ -118,11 +152,11 @@ def _conventions(arch: str, pretrained: Any, name: str, conventions: str | None)
     """(our state dict of an official Mask R-CNN `pretrained`, or None; the conventions: mmdet for such a file)."""
     from .io import read_official
 
-    whole = read_official(pretrained, name, "detect") if arch == "maskrcnn" else None
+    whole = read_official(pretrained, name, "detect", arch) if arch in MASK_ARCHS else None
     conventions = conventions or ("mmdet" if whole is not None else "torchvision")
-    if conventions not in ("torchvision", "mmdet") or (conventions == "mmdet" and arch not in ("maskrcnn", "fasterrcnn")):
-        raise ValueError(f"conventions must be torchvision or mmdet (mmdet: maskrcnn, fasterrcnn), got {conventions!r}"
-                         f" for {arch}")
+    if conventions not in ("torchvision", "mmdet") or (conventions == "mmdet" and arch not in RCNN_ARCHS):
+        raise ValueError(f"conventions must be torchvision or mmdet (mmdet: {', '.join(RCNN_ARCHS)}), got "
+                         f"{conventions!r} for {arch}")
     return whole, conventions
 
 

@@ -27,7 +27,7 @@ def load_model(src: str | os.PathLike, task: str, build: Callable[[dict[str, Any
         raise CheckpointError(f"{file.path}: its header's spec does not describe a {task} model "
                               f"({type(e).__name__}: {e})") from None
     sd = file.state_dict(key)
-    if file.layout in ("mmseg", "mmdet"):  # an official UperNet or Mask R-CNN checkpoint, whole
+    if file.layout in ("mmseg", "mmdet"):  # an official UperNet or (Cascade) Mask R-CNN checkpoint, whole
         from ..weights.dense_official import detector_from_official, segmenter_from_official
 
         sd = segmenter_from_official(sd) if file.layout == "mmseg" else detector_from_official(sd)
@@ -38,10 +38,11 @@ def load_model(src: str | os.PathLike, task: str, build: Callable[[dict[str, Any
     return model.eval(), file.spec
 
 
-def read_official(pretrained: Any, name: str, task: str) -> dict[str, Any] | None:
-    """Our state dict of an official UperNet (`task` "segment") or Mask R-CNN ("detect") file given as
-    `pretrained`; None for anything else (another checkpoint initialises the backbone only). An official file
-    on another backbone than `name` is an error."""
+def read_official(pretrained: Any, name: str, task: str, arch: str | None = None) -> dict[str, Any] | None:
+    """Our state dict of an official UperNet (`task` "segment"), Mask R-CNN or Cascade Mask R-CNN ("detect", the
+    detector `arch` being built) file given as `pretrained`; None for anything else (another checkpoint
+    initialises the backbone only). An official file on another backbone than `name`, or of another detector than
+    `arch`, is an error."""
     from ..weights import CheckpointError, read_checkpoint
     from ..weights import dense_official as official
 
@@ -52,9 +53,13 @@ def read_official(pretrained: Any, name: str, task: str) -> dict[str, Any] | Non
     seg = task == "segment"
     if not (official.is_official_segmenter(sd) if seg else official.is_official_detector(sd)):
         return None
-    found = (official.official_segmenter_spec(sd) if seg else official.official_detector_spec(sd))["model_name"]
-    if found != name:
-        raise CheckpointError(f"{pretrained} is {'an UperNet' if seg else 'a Mask R-CNN'} on {found}, not {name}")
+    spec = official.official_segmenter_spec(sd) if seg else official.official_detector_spec(sd)
+    what = "an UperNet" if seg else official.DETECTOR_NAMES[spec["arch"]]
+    if spec["model_name"] != name:
+        raise CheckpointError(f"{pretrained} is {what} on {spec['model_name']}, not {name}")
+    if not seg and arch is not None and spec["arch"] != arch:
+        raise CheckpointError(f"{pretrained} is {what}, not {official.DETECTOR_NAMES.get(arch, arch)}: build it with "
+                              f"arch={spec['arch']!r} (--arch {spec['arch']})")
     return official.segmenter_from_official(sd) if seg else official.detector_from_official(sd)
 
 

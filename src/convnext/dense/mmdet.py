@@ -1,10 +1,11 @@
-"""mmdet 2.x's inference conventions for torchvision's Mask R-CNN (`create_detector(..., conventions="mmdet")`): what
-an official `mask_rcnn_convnext_*` checkpoint was trained and evaluated with, where torchvision differs:
+"""mmdet 2.x's inference conventions for torchvision's Mask R-CNN and our Cascade Mask R-CNN (`create_detector(...,
+conventions="mmdet")`): what an official `mask_rcnn_convnext_*` / `cascade_mask_rcnn_convnext_*` checkpoint was
+trained and evaluated with, where torchvision differs:
 
 - anchors: base size = stride, scale 8, ratios 0.5/1/2, centred on the cell's corner, **not rounded**
   (torchvision rounds the base anchors to integers);
 - box decoding: mmdet's `delta2bbox` (log-ratio clamped at +-log(1000/16), torchvision clamps only above),
-  stds 1 (RPN) and 0.1/0.1/0.2/0.2 (box head), clipped to the image;
+  stds 1 (RPN) and 0.1/0.1/0.2/0.2 (box head; the cascade's stages their own), clipped to the image;
 - RoI features: mmcv `RoIAlign(aligned=True, sampling_ratio=0)` at the level `floor(log2(sqrt(area) / 56 + 1e-6))`
   (torchvision: aligned=False, sampling_ratio=2, its own level formula);
 - test settings: RPN 1000 per level before NMS 0.7, 1000 after, boxes of any positive size; R-CNN score > 0.05,
@@ -26,6 +27,8 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, _resize_image_and_masks, resize_boxes
 from torchvision.ops import boxes as box_ops
 from torchvision.ops import roi_align
+
+from .cascade import CascadeRoIHeads
 
 WH_RATIO_CLIP = 16 / 1000
 
@@ -161,19 +164,31 @@ def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int])
     return F.grid_sample(masks.to(torch.float32), grid, align_corners=False)
 
 
+class MmdetCascadeRoIHeads(CascadeRoIHeads):
+    """The cascade's RoI heads; detections as mmdet's `multiclass_nms` selects them."""
+
+    postprocess_detections = MmdetRoIHeads.postprocess_detections
+
+
 def apply(model: nn.Module) -> nn.Module:
-    """A torchvision Mask R-CNN (`create_detector`'s, 800 x 1333) switched to mmdet's conventions, in place."""
+    """A torchvision (Cascade) Mask R-CNN or Faster R-CNN (`create_detector`'s, 800 x 1333) switched to mmdet's
+    conventions, in place."""
     rpn, heads = model.rpn, model.roi_heads
+    cascade = isinstance(heads, CascadeRoIHeads)
     rpn.anchor_generator = MmdetAnchorGenerator(rpn.anchor_generator.sizes, rpn.anchor_generator.aspect_ratios)
     rpn.box_coder = MmdetBoxCoder((1.0, 1.0, 1.0, 1.0))
     rpn._pre_nms_top_n["testing"], rpn._post_nms_top_n["testing"], rpn.nms_thresh = 1000, 1000, 0.7
     rpn.min_size = torch.finfo(torch.float32).tiny  # mmdet keeps every box of positive width and height
-    heads.box_coder = MmdetBoxCoder((10.0, 10.0, 5.0, 5.0))
+    if cascade:
+        heads.box_coders = [MmdetBoxCoder(c.weights) for c in heads.box_coders]
+        heads.box_coder = heads.box_coders[-1]
+    else:
+        heads.box_coder = MmdetBoxCoder((10.0, 10.0, 5.0, 5.0))
     heads.box_roi_pool = MmdetRoIExtractor(7)
     if getattr(heads, "mask_roi_pool", None) is not None:
         heads.mask_roi_pool = MmdetRoIExtractor(14)
     heads.score_thresh, heads.nms_thresh, heads.detections_per_img = 0.05, 0.5, 100
-    heads.__class__ = MmdetRoIHeads  # the same module, its detections selected as mmdet's
+    heads.__class__ = MmdetCascadeRoIHeads if cascade else MmdetRoIHeads  # the same module, mmdet's selection
     t = model.transform
     model.transform = MmdetTransform(t.min_size, t.max_size, t.image_mean, t.image_std,
                                      size_divisible=t.size_divisible, fixed_size=t.fixed_size)

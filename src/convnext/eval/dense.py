@@ -165,8 +165,10 @@ def evaluate_detection_checkpoint(checkpoint, data: str, *, batch_size: int = 4,
 
     from ..data.coco import CocoDetection, collate_detection, detection_transform
 
+    from ..dense.detection import MASK_ARCHS
+
     model, spec = load_detector(checkpoint, key)
-    masks = spec["arch"] == "maskrcnn"
+    masks = spec["arch"] in MASK_ARCHS
     ds = CocoDetection(val_ann or Path(data) / "annotations" / "instances_val.json", val_images or Path(data) / "val",
                        detection_transform(False), masks=masks)
     if ds.cat_ids != spec["cat_ids"]:

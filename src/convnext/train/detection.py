@@ -1,4 +1,5 @@
-"""Object detection (Mask R-CNN, Faster R-CNN, RetinaNet, FCOS on ConvNeXt + FPN): a task on the engine.
+"""Object detection (Mask R-CNN, Cascade Mask R-CNN, Faster R-CNN, RetinaNet, FCOS on ConvNeXt + FPN): a task on
+the engine.
 
 Data in COCO format (`DATA/annotations/instances_{train,val}.json`, images in `DATA/train/`, `DATA/val/`,
 or any layout through `--train-ann/--train-images/--val-ann/--val-images`). The model is torchvision's
@@ -30,7 +31,8 @@ class DetectConfig(DenseConfig):
 
     LAYER_DECAY_TYPES = ("layer_wise",)
 
-    arch: str = "maskrcnn"  # maskrcnn | fasterrcnn | retinanet | fcos
+    arch: str = "maskrcnn"  # maskrcnn | cascade_maskrcnn | fasterrcnn | retinanet | fcos
+    conventions: str = "torchvision"  # or mmdet: the official configs' anchors, box coder, RoIAlign, test settings
     input_size: int = 800  # shorter side at evaluation (and the largest in multi-scale training)
     max_size: int | None = None  # longer side limit; None: input_size * 1333 / 800 (torchvision's ratio)
     ms_scale: tuple[float, float] = (0.6, 1.0)  # multi-scale training: shorter sides in this range x input_size
@@ -52,10 +54,12 @@ class DetectConfig(DenseConfig):
     layer_decay_type: str = "layer_wise"  # num_layers None: 6 for T, 12 for S/B/L/XL (official)
 
     def __post_init__(self) -> None:
-        from ..dense.detection import ARCHS
+        from ..dense.detection import ARCHS, RCNN_ARCHS
 
         super().__post_init__()
-        self._check_choices({"arch": ARCHS})
+        self._check_choices({"arch": ARCHS, "conventions": ("torchvision", "mmdet")})
+        if self.conventions == "mmdet" and self.arch not in RCNN_ARCHS:
+            _fail(f"--conventions mmdet is for the R-CNNs ({', '.join(RCNN_ARCHS)}), not --arch {self.arch}")
         if not 0 < self.ms_scale[0] <= self.ms_scale[1] <= 1:
             _fail(f"--ms-scale must be two numbers 0 < min <= max <= 1, got {self.ms_scale}")
         if not 0 <= self.crop <= 1:
@@ -105,7 +109,7 @@ class DetectionTask(Task):
                                      ("representation_size", cfg.box_head_width)) if v is not None}
         if cfg.fpn_channels != 256:
             options["fpn_channels"] = cfg.fpn_channels
-        return {"model_name": cfg.model, "arch": cfg.arch, "classes": self.classes,
+        return {"model_name": cfg.model, "arch": cfg.arch, "conventions": cfg.conventions, "classes": self.classes,
                 "cat_ids": self.cat_ids, "min_size": cfg.input_size,
                 "train_sizes": list(train_sizes(cfg.input_size, cfg.ms_scale)),
                 "max_size": cfg.max_size or math.ceil(cfg.input_size * 1333 / 800), "options": options}
@@ -114,7 +118,9 @@ class DetectionTask(Task):
         from ..data.coco import CocoDetection, detection_transform
 
         cfg, f = self.cfg, self.cfg.files()
-        masks = cfg.arch == "maskrcnn"
+        from ..dense.detection import MASK_ARCHS
+
+        masks = cfg.arch in MASK_ARCHS
         train = CocoDetection(f["train_ann"], f["train_images"], detection_transform(
             True, hflip=cfg.hflip, crop=cfg.crop, photometric=cfg.photometric), seed=cfg.seed, masks=masks)
         val = CocoDetection(f["val_ann"], f["val_images"], detection_transform(False), masks=masks,
@@ -148,10 +154,11 @@ class DetectionTask(Task):
 
     def evaluate(self, model: nn.Module, loader: DataLoader, device: torch.device, *, progress: bool,
                  lockstep: bool) -> dict[str, float]:
+        from ..dense.detection import MASK_ARCHS
         from ..eval.dense import evaluate_detection
 
         res = evaluate_detection(model, loader, device, loader.dataset, precision=self.cfg.precision,
-                                 masks=self.cfg.arch == "maskrcnn", progress=progress)
+                                 masks=self.cfg.arch in MASK_ARCHS, progress=progress)
         return {k: v for k, v in res.items() if k != "bad_images"}
 
     def summary(self, train, val) -> str:
@@ -180,15 +187,19 @@ def _summarize(s: dict[str, Any]) -> str:
     return f"done: {s['model']} epoch {s.get('epoch', 0)}  {shown}  best {s['best_metric']} {s['best']:.4f}  -> {s['output']}"
 
 
+_ARCH_NAMES = {"maskrcnn": "Mask R-CNN", "cascade_maskrcnn": "Cascade Mask R-CNN", "fasterrcnn": "Faster R-CNN",
+               "retinanet": "RetinaNet", "fcos": "FCOS"}
+
+
 def demo(output: str | None = None, epochs: int | None = None, backbone: str | None = None,
-         scenes: int | None = None, force: bool = False) -> dict:
-    """`convnext demo --task detect`: Mask R-CNN on convnext_atto, trained on generated scenes (Fashion-MNIST
-    garments on photographs); see `train.scenes_demo.run`."""
+         scenes: int | None = None, force: bool = False, arch: str | None = None) -> dict:
+    """`convnext demo --task detect`: Mask R-CNN (or `arch`) on convnext_atto, trained on generated scenes
+    (Fashion-MNIST garments on photographs); see `train.scenes_demo.run`."""
     from .scenes_demo import run
 
     return run(SPEC, "demo_detect", output=output, epochs=epochs, backbone=backbone, scenes=scenes, force=force,
-               metric="bbox_mAP_50", what=lambda cfg: f"{cfg.arch} (Mask R-CNN)" if cfg.arch == "maskrcnn" else cfg.arch,
-               samples="val", predict_options={"score_threshold": 0.3})
+               metric="bbox_mAP_50", what=lambda cfg: f"{cfg.arch} ({_ARCH_NAMES.get(cfg.arch, cfg.arch)})",
+               samples="val", predict_options={"score_threshold": 0.3}, overrides={"arch": arch} if arch else None)
 
 
 DENSE_EVAL = (opt("--key", help="state dict key: model_ema for the EMA weights of a last.pt"),
@@ -199,7 +210,7 @@ DENSE_DEMO = (opt("--backbone", help="initialise the backbone from this checkpoi
               opt("--scenes", type=int, help="number of training scenes to generate"))
 
 SPEC = register(TaskSpec(
-    name="detect", help="object detection and instance segmentation (Mask/Faster R-CNN, RetinaNet, FCOS) on "
+    name="detect", help="object detection and instance segmentation (Mask/Cascade Mask/Faster R-CNN, RetinaNet, FCOS) on "
                         "COCO-format data",
     config=DetectConfig, task=DetectionTask, load=lazy("convnext.eval.dense:load_detector"),
     evaluate=lazy("convnext.eval.dense:evaluate_detection_checkpoint"),
@@ -210,5 +221,7 @@ SPEC = register(TaskSpec(
                   opt("--val-images", help="image folder (default: DATA/val)"), *DENSE_EVAL),
     predict_options=(*DENSE_PREDICT, opt("--score-threshold", type=float, default=0.5,
                                          help="detections below are not kept")),
-    demo_options=DENSE_DEMO, eval_batch_size=4,
+    demo_options=(*DENSE_DEMO, opt("--arch", help="--task detect: the detector (maskrcnn, cascade_maskrcnn, "
+                                                    "fasterrcnn, retinanet, fcos; default maskrcnn)")),
+    eval_batch_size=4,
 ))

@@ -12,12 +12,13 @@ TRAIN_SCENES = 3000
 
 def run(spec, recipe_name: str, *, output: str | None, epochs: int | None, backbone: str | None,
         scenes: int | None, force: bool, metric: str, what: Callable[[Any], str], samples: str,
-        predict_options: dict[str, Any] | None = None) -> dict[str, Any]:
+        predict_options: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Generate scenes (Fashion-MNIST garments on photographs), train the task's packaged demo recipe on
     convnext_atto, evaluate on 500 held-out scenes, draw predictions of four. `backbone`: initialise the
     backbone from a checkpoint (e.g. the classification demo's runs/demo/train/best.safetensors); `scenes`:
     training scenes to generate. The task says: `metric` (of the summary line), `what(cfg)` (how to call the
-    model), `samples` (the folder of `data` the predicted images come from), `predict_options`."""
+    model), `samples` (the folder of `data` the predicted images come from), `predict_options`, `overrides` (of
+    the recipe's fields)."""
     from ..data.scenes import write_scenes
     from ..eval.predict import run_predictor
     from ..utils import machine_line
@@ -28,7 +29,7 @@ def run(spec, recipe_name: str, *, output: str | None, epochs: int | None, backb
     out = Path(output or f"runs/demo-{spec.name}")
     data = write_scenes(out / "data", spec.name, n_train=scenes or TRAIN_SCENES, n_val=500)
     cfg = recipe(recipe_name, spec.config, epochs=epochs, data=str(data), output=str(out / "train"), force=force,
-                 **({"pretrained": str(backbone)} if backbone else {}))
+                 **({"pretrained": str(backbone)} if backbone else {}), **(overrides or {}))
     what = what(cfg)
     print(f"demo: training {what} on {cfg.model} ({'backbone from ' + str(backbone) if backbone else 'from scratch'}) "
           f"on generated scenes ({data}), {cfg.epochs} epochs")

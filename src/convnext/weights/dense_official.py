@@ -136,9 +136,12 @@ def official_segmenter_spec(sd: Mapping[str, torch.Tensor], meta: Mapping[str, A
 _AT_640 = ("convnext_large", "convnext_xlarge")  # (B has both 512 and 640 files; its width cannot tell them apart)
 
 
-# ---- Mask R-CNN (mmdet 2.x `mask_rcnn_convnext_*`) <-> torchvision's MaskRCNN on our ConvNeXt + FPN ---------------
+# ---- (Cascade) Mask R-CNN (mmdet 2.x `mask_rcnn_convnext_*`, `cascade_mask_rcnn_convnext_*`) <-> torchvision's
+# MaskRCNN (and `dense.cascade`) on our ConvNeXt + FPN ----------------------------------------------------------------
 
-# (our key, mmdet key); {i}: an index, {p}: weight or bias. Class rows are reordered by `_det_rows`.
+# (our key, mmdet key); {i}: an index, {s}: a cascade stage, {p}: a parameter (weight, bias, BatchNorm's buffers).
+# Class rows are reordered by `_det_rows`. Cascade: each stage's box head is torchvision's FastRCNNConvFCHead
+# (4 x conv-BN-ReLU at 0..3, Flatten at 4, the fc at 5), mmdet's ConvFCBBoxHead (shared_convs ConvModules, shared_fcs).
 _DET_KEYS = (
     ("backbone.fpn.inner_blocks.{i}.0.{p}", "neck.lateral_convs.{i}.conv.{p}"),
     ("backbone.fpn.layer_blocks.{i}.0.{p}", "neck.fpn_convs.{i}.conv.{p}"),
@@ -152,11 +155,26 @@ _DET_KEYS = (
     ("roi_heads.mask_head.{i}.0.{p}", "roi_head.mask_head.convs.{i}.conv.{p}"),
     ("roi_heads.mask_predictor.conv5_mask.{p}", "roi_head.mask_head.upsample.{p}"),
     ("roi_heads.mask_predictor.mask_fcn_logits.{p}", "roi_head.mask_head.conv_logits.{p}"),
+    ("roi_heads.box_head.{s}.{i}.0.{p}", "roi_head.bbox_head.{s}.shared_convs.{i}.conv.{p}"),
+    ("roi_heads.box_head.{s}.{i}.1.{p}", "roi_head.bbox_head.{s}.shared_convs.{i}.bn.{p}"),
+    ("roi_heads.box_head.{s}.5.{p}", "roi_head.bbox_head.{s}.shared_fcs.0.{p}"),
+    ("roi_heads.box_predictor.{s}.cls_score.{p}", "roi_head.bbox_head.{s}.fc_cls.{p}"),
+    ("roi_heads.box_predictor.{s}.bbox_pred.{p}", "roi_head.bbox_head.{s}.fc_reg.{p}"),
+    ("roi_heads.mask_head.{s}.{i}.0.{p}", "roi_head.mask_head.{s}.convs.{i}.conv.{p}"),
+    ("roi_heads.mask_predictor.{s}.conv5_mask.{p}", "roi_head.mask_head.{s}.upsample.{p}"),
+    ("roi_heads.mask_predictor.{s}.mask_fcn_logits.{p}", "roi_head.mask_head.{s}.conv_logits.{p}"),
 )
+DETECTOR_NAMES = {"maskrcnn": "a Mask R-CNN", "cascade_maskrcnn": "a Cascade Mask R-CNN"}
 
 
 def _template(t: str) -> re.Pattern:
-    return re.compile(re.escape(t).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)") + "$")
+    return re.compile(re.escape(t).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{s\}", r"(?P<s>\d+)")
+                      .replace(r"\{p\}", "(?P<p>" + "|".join(_BN) + ")") + "$")
+
+
+def _fill(t: str, m: re.Match) -> str:
+    g = m.groupdict()
+    return t.replace("{i}", g.get("i") or "").replace("{s}", g.get("s") or "").replace("{p}", m["p"])
 
 
 def _det_rows(key: str, v: torch.Tensor, to_official: bool) -> torch.Tensor:
@@ -172,7 +190,7 @@ def _det_rows(key: str, v: torch.Tensor, to_official: bool) -> torch.Tensor:
 
 
 def detector_to_official(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our Mask R-CNN's state dict -> the official mmdet 2.x layout (every tensor that computes anything)."""
+    """Our (Cascade) Mask R-CNN's state dict -> the official mmdet 2.x layout (every tensor that computes anything)."""
     from .convert import from_ours
     from .io import CheckpointError
 
@@ -188,16 +206,16 @@ def detector_to_official(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
         for ours, theirs in _DET_KEYS:
             m = _template(ours).match(k)
             if m:
-                new = theirs.replace("{i}", m.groupdict().get("i") or "").replace("{p}", m["p"])
+                new = _fill(theirs, m)
                 out[new] = _det_rows(new, v, True)
                 break
         else:
-            raise CheckpointError(f"{k} is not a tensor of the official Mask R-CNN; nothing was converted")
+            raise CheckpointError(f"{k} is not a tensor of the official (Cascade) Mask R-CNN; nothing was converted")
     return out
 
 
 def detector_from_official(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The official mmdet 2.x Mask R-CNN layout -> our detector's state dict (an unknown key is an error)."""
+    """The official mmdet 2.x (Cascade) Mask R-CNN layout -> our detector's state dict (an unknown key is an error)."""
     from .convert import to_ours
     from .io import CheckpointError
 
@@ -211,16 +229,18 @@ def detector_from_official(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
         for ours, theirs in _DET_KEYS:
             m = _template(theirs).match(k)
             if m:
-                out[ours.replace("{i}", m.groupdict().get("i") or "").replace("{p}", m["p"])] = _det_rows(k, v, False)
+                out[_fill(ours, m)] = _det_rows(k, v, False)
                 break
         else:
-            raise CheckpointError(f"{k} is not a tensor of the mmdet Mask R-CNN layout this library reads "
-                                  f"(Cascade Mask R-CNN files are not read yet); nothing was converted")
+            raise CheckpointError(f"{k} is not a tensor of the mmdet (Cascade) Mask R-CNN layouts this library reads "
+                                  f"(the published `mask_rcnn_convnext_*` and `cascade_mask_rcnn_convnext_*_giou_4conv1f` "
+                                  f"heads); nothing was converted")
     return out
 
 
 def is_official_detector(sd: Mapping[str, Any]) -> bool:
-    return "roi_head.bbox_head.fc_cls.weight" in sd and "rpn_head.rpn_cls.weight" in sd
+    return "rpn_head.rpn_cls.weight" in sd and ("roi_head.bbox_head.fc_cls.weight" in sd
+                                                 or "roi_head.bbox_head.0.fc_cls.weight" in sd)
 
 
 COCO_CATEGORY_IDS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31,
@@ -230,18 +250,44 @@ COCO_CATEGORY_IDS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 
 
 
 def official_detector_spec(sd: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The spec (`train.detection` fields) an official Mask R-CNN file describes: its backbone, its classes
-    (meta CLASSES, else COCO's 80 names for 80 classes, else indices) with their COCO category ids, the official
-    test scale (1333 x 800) and mmdet's conventions."""
+    """The spec (`train.detection` fields) an official Mask R-CNN or Cascade Mask R-CNN file describes: its
+    backbone, the detector (`arch`), its classes (meta CLASSES, else COCO's 80 names for 80 classes, else indices)
+    with their COCO category ids, the official test scale (1333 x 800) and mmdet's conventions."""
     from .io import CheckpointError
 
-    name = _backbone_name(sd, "Mask R-CNN")
-    n = int(sd["roi_head.bbox_head.fc_cls.weight"].shape[0]) - 1
+    cascade = "roi_head.bbox_head.0.fc_cls.weight" in sd
+    name = _backbone_name(sd, "Cascade Mask R-CNN" if cascade else "Mask R-CNN")
+    head = "roi_head.bbox_head.0." if cascade else "roi_head.bbox_head."
+    if cascade:
+        _check_cascade(sd)
+    n = int(sd[head + "fc_cls.weight"].shape[0]) - 1
     classes = list((meta or {}).get("CLASSES") or packaged_classes("coco.txt", n, 80))
     if len(classes) != n:
         raise CheckpointError(f"its meta names {len(classes)} classes for an {n}-class head")
-    spec = {"model_name": name, "arch": "maskrcnn", "classes": [str(c) for c in classes], "min_size": 800,
-            "max_size": 1333, "train_sizes": None, "conventions": "mmdet",
-            "options": {"representation_size": int(sd["roi_head.bbox_head.shared_fcs.1.weight"].shape[0])}}
+    fc = head + ("shared_fcs.0.weight" if cascade else "shared_fcs.1.weight")
+    spec = {"model_name": name, "arch": "cascade_maskrcnn" if cascade else "maskrcnn",
+            "classes": [str(c) for c in classes], "min_size": 800, "max_size": 1333, "train_sizes": None,
+            "conventions": "mmdet", "options": {"representation_size": int(sd[fc].shape[0])}}
     spec["cat_ids"] = list(COCO_CATEGORY_IDS) if n == 80 else list(range(1, n + 1))
     return spec
+
+
+def _check_cascade(sd: Mapping[str, torch.Tensor]) -> None:
+    """The published cascade files' heads: 3 stages of 4conv1fc box heads with BatchNorm, class-specific boxes,
+    a mask head each (the non-GIoU `cascade_mask_rcnn_convnext_fpn.py` base with 2-fc heads published no file)."""
+    from .io import CheckpointError
+
+    stages = sorted({int(m[1]) for k in sd if (m := re.match(r"roi_head\.bbox_head\.(\d+)\.fc_cls\.weight$", k))})
+    n = int(sd["roi_head.bbox_head.0.fc_cls.weight"].shape[0])
+    if stages != [0, 1, 2]:
+        raise CheckpointError(f"a Cascade Mask R-CNN of stages {stages}: the published ones have 3 (0, 1, 2)")
+    for s in stages:
+        h = f"roi_head.bbox_head.{s}."
+        if f"{h}shared_convs.3.bn.weight" not in sd or f"{h}shared_fcs.1.weight" in sd:
+            raise CheckpointError("its box heads are not the published 4conv1fc heads with BatchNorm "
+                                  "(`*_giou_4conv1f_*` configs): 2-fc cascade heads are not built here")
+        if int(sd[f"{h}fc_reg.weight"].shape[0]) != 4 * (n - 1):
+            raise CheckpointError("its box regression is not class-specific (reg_class_agnostic=False in the published "
+                                  "configs)")
+        if f"roi_head.mask_head.{s}.conv_logits.weight" not in sd:
+            raise CheckpointError(f"stage {s} has no mask head: a Cascade R-CNN without masks is not built here")

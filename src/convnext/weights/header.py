@@ -160,10 +160,7 @@ def _foreign(obj: Mapping[str, Any], path: object) -> tuple[str, dict[str, Any],
         return "pretrain", {"model_name": _guess_name(sd, "fcmae_official")}, "fcmae_official"
     from .dense_official import is_official_detector, is_official_segmenter, official_detector_spec, official_segmenter_spec
 
-    if "roi_head.bbox_head.0.fc_cls.weight" in sd:
-        raise CheckpointError(f"{path} is an official Cascade Mask R-CNN: only its backbone is read yet "
-                              f"(`--pretrained` of `convnext detect train`); Mask R-CNN files load whole")
-    if is_official_detector(sd):  # an official Mask R-CNN (mmdet) file
+    if is_official_detector(sd):  # an official Mask R-CNN or Cascade Mask R-CNN (mmdet) file
         meta = obj.get("meta") if isinstance(obj.get("meta"), Mapping) else None
         return "detect", official_detector_spec(sd, meta), "mmdet"
     if is_official_segmenter(sd):  # an official UperNet (mmseg) file: its spec from its keys and meta
