@@ -577,7 +577,8 @@ def test_segmentation_on_two_processes_equals_one_process(small_scenes, tmp_path
     ("mask_rcnn_convnext_tiny_3x_coco", "detect",
      dict(model="convnext_tiny", arch="maskrcnn", input_size=800, max_size=1333, ms_scale=(0.6, 1.0), lr_base=1e-4,
           layer_decay=0.95, layer_decay_type="layer_wise", num_layers=6, drop_path_rate=0.4, epochs=36,
-          schedule="step", lr_steps=(27, 33), warmup_iters=500, warmup_ratio=1e-3, conventions="mmdet")),
+          schedule="step", lr_steps=(27, 33), warmup_iters=500, warmup_ratio=1e-3, conventions="mmdet",
+          crop_policy="detr", crop=0.5, ms_sizes=11)),
     ("cascade_mask_rcnn_convnext_tiny_3x_coco", "detect",
      dict(model="convnext_tiny", arch="cascade_maskrcnn", conventions="mmdet", lr_base=2e-4, layer_decay=0.7,
           layer_decay_type="layer_wise", num_layers=6, drop_path_rate=0.4, epochs=36, lr_steps=(27, 33))),
@@ -624,3 +625,44 @@ def test_the_detection_demo_takes_the_detector_to_train(monkeypatch, capsys, tmp
     assert code == 2 and "--arch not for --task segment" in err
     code, _, err = run_main(capsys, "demo", "--task", "detect", "--arch", "yolo", "--output", tmp_path)
     assert code == 2 and "yolo" in err and "cascade_maskrcnn" in err
+
+
+def test_the_official_detr_crop_policy_and_multi_scale_sizes():
+    """The official COCO configs' AutoAugment branch (mmdet Resize to (400|500|600, 1333) + RandomCrop
+    absolute_range (384, 600), allow_negative_crop) and their 11 training scales 480..800."""
+    from torchvision import tv_tensors
+
+    from convnext.data.coco import RandomRangeCrop, detection_transform
+    from convnext.train.detection import train_sizes
+
+    assert train_sizes(800, (0.6, 1.0), 11) == tuple(range(480, 801, 32))
+    torch.manual_seed(0)
+    img = tv_tensors.Image(torch.randint(0, 255, (3, 500, 700), dtype=torch.uint8))
+    box = tv_tensors.BoundingBoxes(torch.tensor([[300.0, 200, 340, 260]]), format="XYXY", canvas_size=(500, 700))
+    sizes = set()
+    for _ in range(300):
+        h, w = RandomRangeCrop(384, 600)(img, box)[0].shape[-2:]
+        sizes |= {(h, w)}
+        assert 384 <= h <= 500 and 384 <= w <= 600  # min(side, 600): the 500-px side bounds the height
+    assert min(h for h, _ in sizes) <= 390 and max(h for h, _ in sizes) >= 495 and max(w for _, w in sizes) >= 590
+    torch.manual_seed(1)
+    crop = RandomRangeCrop(384, 600)
+    params = crop.make_params([img, box])
+    torch.manual_seed(1)
+    _, moved = crop(img, box)
+    want = torch.tensor([[300.0, 200, 340, 260]]) - torch.tensor([params["left"], params["top"]] * 2)
+    assert torch.equal(moved.as_subclass(torch.Tensor), want.clamp(min=0).minimum(
+        torch.tensor([params["width"], params["height"]] * 2)))  # shifted (and clipped) with the window
+    t = detection_transform(True, crop=1.0, photometric=0.0, hflip=0.0, crop_policy="detr")
+    short = set()
+    for i in range(40):
+        torch.manual_seed(i)
+        out, _ = t(tv_tensors.Image(torch.zeros(3, 480, 640, dtype=torch.uint8)),
+                   {"boxes": tv_tensors.BoundingBoxes(torch.tensor([[10.0, 10, 600, 470]]), format="XYXY",
+                                                      canvas_size=(480, 640)), "labels": torch.tensor([1])})
+        h, w = out.shape[-2:]
+        assert 384 <= h <= 600 and 384 <= w <= 600 and out.dtype == torch.float32
+        short.add(min(h, w))
+    assert len(short) > 5  # random windows
+    with pytest.raises(ValueError, match="crop_policy must be one of iou, detr"):
+        detection_transform(True, crop_policy="ssd")

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from torchvision.transforms import v2
 
 from .folder import Batch, DataError, _sample_seed, seeded
 from .images import load_rgb
@@ -255,17 +256,51 @@ class CocoDetection(Dataset):
         return coco
 
 
-def detection_transform(train: bool, hflip: float = 0.5, crop: float = 0.5, photometric: float = 0.5) -> Callable:
-    """uint8 image + target -> float image in [0, 1] + target; in training: photometric distortion, an
-    IoU-constrained random crop (boxes clipped, emptied ones removed with their masks), flips.
-    Resizing is the detector's own (torchvision's `min_size`/`max_size`; several min sizes = multi-scale)."""
-    from torchvision.transforms import v2
+CROP_POLICIES = ("iou", "detr")
 
+
+def detection_transform(train: bool, hflip: float = 0.5, crop: float = 0.5, photometric: float = 0.5,
+                        crop_policy: str = "iou", input_size: int = 800) -> Callable:
+    """uint8 image + target -> float image in [0, 1] + target; in training: photometric distortion, a random
+    crop with probability `crop` (boxes clipped, emptied ones removed with their masks), flips.
+    Resizing is the detector's own (torchvision's `min_size`/`max_size`; several min sizes = multi-scale).
+
+    `crop_policy`: "iou" (torchvision's IoU-constrained `RandomIoUCrop`, SSD's) or "detr" (the official ConvNeXt
+    COCO configs' AutoAugment policy, from DETR: resize the shorter side to 400, 500 or 600 (longer <= 1333),
+    crop a random 384-600 x 384-600 window, leave the final resize to the detector's multi-scale; the sizes scale
+    with `input_size` / 800)."""
+    if crop_policy not in CROP_POLICIES:
+        raise ValueError(f"crop_policy must be one of {', '.join(CROP_POLICIES)}, got {crop_policy!r}")
     steps = []
     if train:
-        steps = [v2.RandomPhotometricDistort(p=photometric), v2.RandomApply([v2.RandomIoUCrop()], p=crop),
+        if crop_policy == "detr":
+            k = input_size / 800
+            cropper = v2.Compose([v2.RandomShortestSize([round(s * k) for s in (400, 500, 600)], round(1333 * k)),
+                                  RandomRangeCrop(round(384 * k), round(600 * k))])
+        else:
+            cropper = v2.RandomIoUCrop()
+        steps = [v2.RandomPhotometricDistort(p=photometric), v2.RandomApply([cropper], p=crop),
                  v2.RandomHorizontalFlip(hflip), v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(min_size=2)]
     return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True)])
+
+
+class RandomRangeCrop(v2.RandomCrop):
+    """mmdet `RandomCrop(crop_type="absolute_range", crop_size=(lo, hi), allow_negative_crop=True)`: a window whose
+    height and width are each uniform in [min(side, lo), min(side, hi)], at a uniform position (a crop with no box
+    left is kept)."""
+
+    def __init__(self, lo: int, hi: int) -> None:
+        super().__init__(size=(lo, lo))
+        self.lo, self.hi = lo, hi
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        from torchvision.transforms.v2._utils import query_size
+
+        h, w = query_size(flat_inputs)
+        ch = int(torch.randint(min(h, self.lo), min(h, self.hi) + 1, ()))
+        cw = int(torch.randint(min(w, self.lo), min(w, self.hi) + 1, ()))
+        top, left = int(torch.randint(0, h - ch + 1, ())), int(torch.randint(0, w - cw + 1, ()))
+        return dict(needs_crop=True, top=top, left=left, height=ch, width=cw, needs_pad=False, padding=[0, 0, 0, 0])
 
 
 def collate_detection(items: list[tuple[Any, dict | None, int]]) -> Batch:

@@ -36,6 +36,7 @@ class DetectConfig(DenseConfig):
     input_size: int = 800  # shorter side at evaluation (and the largest in multi-scale training)
     max_size: int | None = None  # longer side limit; None: input_size * 1333 / 800 (torchvision's ratio)
     ms_scale: tuple[float, float] = (0.6, 1.0)  # multi-scale training: shorter sides in this range x input_size
+    ms_sizes: int = 5  # how many, evenly spaced (the official COCO configs: 11, 480 to 800 every 32)
     train_ann: str | None = None  # default DATA/annotations/instances_train.json
     train_images: str | None = None  # default DATA/train
     val_ann: str | None = None
@@ -45,7 +46,8 @@ class DetectConfig(DenseConfig):
     rois_per_image: int | None = None  # RoIs sampled per image for the box head
     box_head_width: int | None = None
     fpn_channels: int = 256  # 128 halves a CPU training step on small images
-    crop: float = 0.5  # probability of an IoU-constrained random crop
+    crop: float = 0.5  # probability of a random crop
+    crop_policy: str = "iou"  # iou: torchvision's RandomIoUCrop; detr: the official configs' (data.coco)
     # optimisation: official COCO 3x recipe's AdamW
     epochs: int = 36
     batch_size: int = 2
@@ -57,11 +59,15 @@ class DetectConfig(DenseConfig):
         from ..dense.detection import ARCHS, RCNN_ARCHS
 
         super().__post_init__()
-        self._check_choices({"arch": ARCHS, "conventions": ("torchvision", "mmdet")})
+        from ..data.coco import CROP_POLICIES
+
+        self._check_choices({"arch": ARCHS, "conventions": ("torchvision", "mmdet"), "crop_policy": CROP_POLICIES})
         if self.conventions == "mmdet" and self.arch not in RCNN_ARCHS:
             _fail(f"--conventions mmdet is for the R-CNNs ({', '.join(RCNN_ARCHS)}), not --arch {self.arch}")
         if not 0 < self.ms_scale[0] <= self.ms_scale[1] <= 1:
             _fail(f"--ms-scale must be two numbers 0 < min <= max <= 1, got {self.ms_scale}")
+        if self.ms_sizes < 1:
+            _fail(f"--ms-sizes must be >= 1, got {self.ms_sizes}")
         if not 0 <= self.crop <= 1:
             _fail(f"--crop must be in [0, 1], got {self.crop}")
         if self.arch == "fcos" and (self.fpn_channels % 32 or self.fpn_channels < 64):
@@ -111,7 +117,7 @@ class DetectionTask(Task):
             options["fpn_channels"] = cfg.fpn_channels
         return {"model_name": cfg.model, "arch": cfg.arch, "conventions": cfg.conventions, "classes": self.classes,
                 "cat_ids": self.cat_ids, "min_size": cfg.input_size,
-                "train_sizes": list(train_sizes(cfg.input_size, cfg.ms_scale)),
+                "train_sizes": list(train_sizes(cfg.input_size, cfg.ms_scale, cfg.ms_sizes)),
                 "max_size": cfg.max_size or math.ceil(cfg.input_size * 1333 / 800), "options": options}
 
     def datasets(self):
@@ -122,7 +128,8 @@ class DetectionTask(Task):
 
         masks = cfg.arch in MASK_ARCHS
         train = CocoDetection(f["train_ann"], f["train_images"], detection_transform(
-            True, hflip=cfg.hflip, crop=cfg.crop, photometric=cfg.photometric), seed=cfg.seed, masks=masks)
+            True, hflip=cfg.hflip, crop=cfg.crop, photometric=cfg.photometric, crop_policy=cfg.crop_policy,
+            input_size=cfg.input_size), seed=cfg.seed, masks=masks)
         val = CocoDetection(f["val_ann"], f["val_images"], detection_transform(False), masks=masks,
                             cat_ids=train.cat_ids)
         self.classes, self.cat_ids = train.classes, train.cat_ids
