@@ -180,13 +180,36 @@ class ImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    @property
+    def targets(self) -> list[int]:
+        return [t for _, t in self.samples]
+
+    def target(self, index: int) -> int:
+        return self.samples[index][1]
+
+    def load(self, index: int):
+        """Sample `index`'s image (decoded RGB PIL); raises for an unreadable one."""
+        return load_rgb(self.samples[index][0], self.exif)
+
+    def sample_name(self, index: int) -> str:
+        """What names sample `index` in messages and in a run's data fingerprint."""
+        return self.samples[index][0]
+
+    def unreadable_reason(self, index: int) -> str:
+        """Why sample `index` failed in a loader worker (decoded again here, to say why)."""
+        try:
+            self.load(index)
+            return "failed to decode in a worker"
+        except Exception as e:  # noqa: BLE001 - any decoder failure is the reason we report
+            return f"{type(e).__name__}: {e}"
+
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, int, int]:
         epoch, index = key if isinstance(key, tuple) else (0, key)
-        path, target = self.samples[index]
+        target = self.target(index)
         img = self.cache.get(index) if self.cache is not None else None
         if img is None:
             try:
-                img = load_rgb(path, self.exif)
+                img = self.load(index)
             except Exception:  # noqa: BLE001 - any decoder failure means "bad image", never a dead worker
                 return None, target, index
             if self.cache is not None:
@@ -325,6 +348,13 @@ class ImageFiles(ImageFolder):
         sub.transform = transform if transform is not None else self.transform
         sub.cache = {} if self.cache is not None else None  # indices differ: not the same cache
         return sub
+
+
+def split_folder(root: str | os.PathLike, split: str) -> Path:
+    """`root/split`; "validation" and "val" find each other (the hub's name and ours), as do "valid"."""
+    root = Path(root)
+    names = ("validation", "val", "valid") if split in ("validation", "val", "valid") else (split,)
+    return next((root / n for n in (split, *names) if (root / n).is_dir()), root / split)
 
 
 def check_same_classes(train: ImageFolder, val: ImageFolder) -> None:

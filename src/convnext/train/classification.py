@@ -38,23 +38,32 @@ class ClassificationTask(Task):
 
     def datasets(self) -> tuple[ImageFolder, ImageFolder]:
         from ..data import (DataError, ImageFolder, LabelledFiles, check_same_classes, eval_transform, mixup_cutmix,
-                            train_transform)
+                            split_folder, train_transform)
 
         cfg, root = self.cfg, Path(self.cfg.data)
         augment = train_transform(cfg.input_size, scale=cfg.scale, hflip=cfg.hflip, aa=cfg.aa,
                                   color_jitter=cfg.color_jitter, reprob=cfg.reprob,
                                   interpolation_name=cfg.train_interpolation)
-        if cfg.labels is not None:  # any folder, its images listed with their labels
+        if cfg.data.startswith("hf:"):  # a Hugging Face dataset's splits
+            from ..data.hf import HFImages
+
+            keys = dict(image_key=cfg.image_key, label_key=cfg.label_key, cache=cfg.cache_images)
+            train = HFImages(cfg.data, cfg.train_split, augment, seed=cfg.seed, **keys)
+            val = HFImages(cfg.data, cfg.val_split, eval_transform(self.preprocess()), classes=train.classes,
+                           seed=None, **keys)
+        elif cfg.labels is not None:  # any folder, its images listed with their labels
             train = LabelledFiles(root, cfg.labels, augment, seed=cfg.seed, cache=cfg.cache_images)
             val = LabelledFiles(root, cfg.val_labels, eval_transform(self.preprocess()), classes=train.classes,
                                 cache=cfg.cache_images)
         else:
-            for split in ("train", "val"):
-                if not (root / split).is_dir():
-                    raise DataError(f"{root / split} not found: --data must hold train/<class>/* and val/<class>/* "
-                                    f"(or pass --labels and --val-labels files)")
-            train = ImageFolder(root / "train", seed=cfg.seed, cache=cfg.cache_images, transform=augment)
-            val = ImageFolder(root / "val", cache=cfg.cache_images, transform=eval_transform(self.preprocess()))
+            train_dir, val_dir = root / cfg.train_split, split_folder(root, cfg.val_split)
+            for d in (train_dir, val_dir):
+                if not d.is_dir():
+                    raise DataError(f"{d} not found: --data must hold {cfg.train_split}/<class>/* and "
+                                    f"{cfg.val_split}/<class>/* (or pass --labels and --val-labels files, or "
+                                    f"hf:PATH for a Hugging Face dataset)")
+            train = ImageFolder(train_dir, seed=cfg.seed, cache=cfg.cache_images, transform=augment)
+            val = ImageFolder(val_dir, cache=cfg.cache_images, transform=eval_transform(self.preprocess()))
         check_same_classes(train, val)
         self.classes = train.classes
         self.mix = mixup_cutmix(len(self.classes), mixup=cfg.mixup, cutmix=cfg.cutmix,
@@ -102,17 +111,16 @@ class ClassificationTask(Task):
                         extra_metadata={"epoch": str(epoch), "val_acc1": f"{metrics['val_acc1']:.4f}"})
 
     def sample_name(self, dataset: ImageFolder, index: int) -> str:
-        """The image's path; with a labels file (whose labels the path does not say) also its class, so that a
-        relabelled file is another run's data on resume."""
-        from ..data import LabelledFiles
+        """The image's name (path, or source/split#index); with labels that the name does not say (a labels file,
+        a Hugging Face dataset) also its class, so that a relabelled set is another run's data on resume."""
+        from ..data import ImageFolder
 
-        path, target = dataset.samples[index]
-        return f"{path}\t{dataset.classes[target]}" if isinstance(dataset, LabelledFiles) else path
+        name = dataset.sample_name(index)
+        own = type(dataset) is ImageFolder  # the folder is the label
+        return name if own else f"{name}\t{dataset.classes[dataset.target(index)]}"
 
     def unreadable_reason(self, dataset: ImageFolder, index: int) -> str:
-        from ..data import why_unreadable
-
-        return why_unreadable(dataset.samples[index][0])
+        return dataset.unreadable_reason(index)
 
 
 def summarize(s: dict[str, Any]) -> str:
@@ -205,6 +213,9 @@ def _eval_options() -> tuple:
         opt("--valid-classes", help="restrict the logits to these classes: 'folder' (those in --data), imagenet-a, "
                                     "imagenet-r, or a file of class indices or names, one per line"),
         opt("--real-labels", help="the ReaL labels (real.json): ReaL top-1/top-5 beside the original"),
+        opt("--split", help="hf:DATA: the split to evaluate (default: validation, also found as val)"),
+        opt("--image-key", help="hf:DATA: the image column (default: the Image feature)"),
+        opt("--label-key", help="hf:DATA: the label column (default: the ClassLabel feature, else 'label')"),
         opt("--results-file", help="append one row per run to this .csv, .json or .jsonl (model, weights, "
                                    "dataset, preprocessing, top-1, top-5, ReaL, mCE, count, img/s, device)"),
         opt("--output", help="folder for confusion_matrix.png (<= 100 classes; default: beside the checkpoint) "

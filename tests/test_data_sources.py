@@ -1,0 +1,140 @@
+"""Data at scale (issue 22): the same images as a folder and as a Hugging Face dataset (`save_to_disk`, parquet
+files as a hub snapshot holds them) train to bitwise the same weights, evaluate to the same numbers, and fail in
+one line where they do not fit. The datasets are written by the `datasets` library itself."""
+
+import io
+import json
+
+import datasets  # the [data] extra, part of the test install
+import pytest
+import torch
+from helpers import run_main
+from PIL import Image
+
+CLASSES = ["cat", "dog", "fox"]
+COLORS = {"cat": (200, 30, 30), "dog": (30, 30, 200), "fox": (30, 200, 30)}
+
+
+def _png(color, i):
+    torch.manual_seed(i)
+    noise = (torch.rand(20, 24, 3) * 60).to(torch.uint8)
+    img = Image.fromarray((torch.tensor(color, dtype=torch.uint8) // 2 + noise).numpy())
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """One image set four ways: train/ + validation/ folders, save_to_disk, parquet files, and a copy whose label
+    column is plain strings (no ClassLabel)."""
+    root = tmp_path_factory.mktemp("sources")
+    rows = {"train": [], "validation": []}
+    for split, n in (("train", 4), ("validation", 2)):
+        for c in CLASSES:
+            for i in range(n):
+                data = _png(COLORS[c], hash((split, c, i)) % 1000)
+                (root / "folder" / split / c).mkdir(parents=True, exist_ok=True)
+                (root / "folder" / split / c / f"{i:03d}.png").write_bytes(data)
+                rows[split].append((data, c))  # the folder's order: class, then file name
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASSES),
+                               "note": datasets.Value("string")})
+    dd = datasets.DatasetDict({s: datasets.Dataset.from_dict(
+        {"image": [{"bytes": b, "path": None} for b, _ in r], "label": [CLASSES.index(c) for _, c in r],
+         "note": ["x"] * len(r)}, features=feats) for s, r in rows.items()})
+    dd.save_to_disk(str(root / "disk"))
+    (root / "parquet" / "data").mkdir(parents=True)
+    for s, d in dd.items():
+        d.to_parquet(str(root / "parquet" / "data" / f"{s}-00000-of-00001.parquet"))
+    strings = datasets.DatasetDict({s: datasets.Dataset.from_dict(
+        {"picture": [{"bytes": b, "path": None} for b, _ in r], "kind": [c for _, c in r]},
+        features=datasets.Features({"picture": datasets.Image(), "kind": datasets.Value("string")}))
+        for s, r in rows.items()})
+    strings.save_to_disk(str(root / "strings"))
+    return root
+
+
+TRAIN = ["--model", "convnext_atto", "--epochs", 1, "--batch-size", 4, "--input-size", 32, "--aa", "none", "--mixup",
+         0, "--cutmix", 0, "--reprob", 0, "--workers", 0, "--no-progress", "--threads", 1]
+
+
+def test_a_folder_and_its_hf_datasets_train_to_the_same_weights(sources, tmp_path, capsys):
+    runs = {}
+    for name, data, extra in (("folder", sources / "folder", []), ("disk", f"hf:{sources / 'disk'}", []),
+                              ("parquet", f"hf:{sources / 'parquet'}", []),
+                              ("strings", f"hf:{sources / 'strings'}", ["--image-key", "picture", "--label-key", "kind"])):
+        code, _, err = run_main(capsys, "train", "--data", data, "--output", tmp_path / name, *TRAIN, *extra)
+        assert code == 0, (name, err)
+        runs[name] = torch.load(tmp_path / name / "last.pt", weights_only=True)["model"]
+    for name in ("disk", "parquet", "strings"):
+        assert runs[name].keys() == runs["folder"].keys()
+        assert all(torch.equal(runs[name][k], runs["folder"][k]) for k in runs["folder"]), name
+    from convnext.factory import load_for_inference
+
+    _, info = load_for_inference(tmp_path / "disk" / "best.safetensors")
+    assert info.classes == CLASSES  # the ClassLabel's names
+    got = {}
+    for name, data in (("folder", sources / "folder" / "validation"), ("disk", f"hf:{sources / 'disk'}"),
+                       ("parquet", f"hf:{sources / 'parquet'}")):
+        code, out, err = run_main(capsys, "eval", "--checkpoint", tmp_path / "folder" / "best.safetensors", "--data",
+                                  data, "--json", "--output", tmp_path / f"eval-{name}")
+        assert code == 0, (name, err)
+        got[name] = json.loads(out)
+    for name in ("disk", "parquet"):
+        assert got[name]["count"] == got["folder"]["count"] == 6
+        assert got[name]["acc1"] == got["folder"]["acc1"] and got[name]["loss"] == pytest.approx(got["folder"]["loss"])
+    code, out, err = run_main(capsys, "eval", "--checkpoint", tmp_path / "folder" / "best.safetensors", "--data",
+                              f"hf:{sources / 'disk'}", "--split", "train", "--json", "--output", tmp_path / "eval-t")
+    assert code == 0 and json.loads(out)["count"] == 12, err
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--train-split", "training"], "has no split 'training' (it has train, validation)"),
+    (["--image-key", "photo"], "no image column 'photo' (columns: image, label, note); name it with --image-key"),
+    (["--label-key", "tag"], "no label column 'tag' (columns: image, label, note)"),
+    (["--label-key", "image"], "the 'image' column holds Image("),
+])
+def test_an_hf_dataset_that_does_not_fit_is_one_line(sources, tmp_path, capsys, args, needle):
+    code, _, err = run_main(capsys, "train", "--data", f"hf:{sources / 'disk'}", "--output", tmp_path / "r", *TRAIN,
+                            *args)
+    assert code == 2 and needle in err and "Traceback" not in err, err
+    assert not (tmp_path / "r" / "last.pt").exists()
+
+
+def test_a_hub_name_not_in_the_local_cache_is_one_line_and_no_download(sources, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # an empty cache
+    code, _, err = run_main(capsys, "train", "--data", "hf:someone/no-such-dataset", "--output", tmp_path / "r",
+                            *TRAIN)
+    assert code == 2 and "hf:someone/no-such-dataset: cannot open it as a Hugging Face dataset" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_an_unreadable_image_in_an_hf_dataset_is_skipped_and_named(sources, tmp_path, capsys, caplog):
+    d = datasets.load_from_disk(str(sources / "disk"))
+    train = d["train"].cast_column("image", datasets.Image(decode=False))
+    images = list(train["image"])
+    images[1] = {"bytes": b"not a png", "path": None}
+    broken = datasets.DatasetDict({"train": datasets.Dataset.from_dict(
+        {"image": images, "label": list(train["label"])},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASSES)})),
+        "validation": d["validation"].remove_columns("note")})
+    broken.save_to_disk(str(tmp_path / "broken"))
+    code, _, err = run_main(capsys, "train", "--data", f"hf:{tmp_path / 'broken'}", "--output", tmp_path / "r", *TRAIN)
+    assert code == 0, err
+    assert f"skipping unreadable image hf:{tmp_path / 'broken'}[train]#1" in caplog.text
+    assert "UnidentifiedImageError" in caplog.text
+    assert json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])["bad_images"] == 1
+
+
+def test_the_validation_split_is_found_as_val_or_validation_in_folders(sources, tmp_path, capsys):
+    import shutil
+
+    shutil.copytree(sources / "folder" / "train", tmp_path / "d" / "train")
+    shutil.copytree(sources / "folder" / "validation", tmp_path / "d" / "val")
+    code, _, err = run_main(capsys, "train", "--data", tmp_path / "d", "--output", tmp_path / "r", *TRAIN)
+    assert code == 0, err
+    code, _, err = run_main(capsys, "train", "--data", tmp_path / "d", "--output", tmp_path / "r2", *TRAIN,
+                            "--val-split", "holdout")
+    assert code == 2 and "holdout not found" in err
