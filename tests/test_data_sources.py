@@ -4,6 +4,9 @@ one line where they do not fit. The datasets are written by the `datasets` libra
 
 import io
 import json
+import os
+import subprocess
+import sys
 
 import datasets  # the [data] extra, part of the test install
 import pytest
@@ -51,6 +54,14 @@ def sources(tmp_path_factory):
         features=datasets.Features({"picture": datasets.Image(), "kind": datasets.Value("string")}))
         for s, r in rows.items()})
     strings.save_to_disk(str(root / "strings"))
+    import webdataset  # the shards as the webdataset library itself writes them, 5 samples a shard
+
+    (root / "shards").mkdir()
+    for split, r in rows.items():
+        with webdataset.ShardWriter(str(root / "shards" / f"toy-{split}-%06d.tar"), maxcount=5, verbose=0) as sink:
+            for i, (b, c) in enumerate(r):
+                sink.write({"__key__": f"{split}_{i:04d}", "png": b, "cls": str(CLASSES.index(c))})
+    (root / "shards" / "_info.json").write_text(json.dumps({"name": "toy", "classes": CLASSES}))
     return root
 
 
@@ -62,11 +73,12 @@ def test_a_folder_and_its_hf_datasets_train_to_the_same_weights(sources, tmp_pat
     runs = {}
     for name, data, extra in (("folder", sources / "folder", []), ("disk", f"hf:{sources / 'disk'}", []),
                               ("parquet", f"hf:{sources / 'parquet'}", []),
-                              ("strings", f"hf:{sources / 'strings'}", ["--image-key", "picture", "--label-key", "kind"])):
+                              ("strings", f"hf:{sources / 'strings'}", ["--image-key", "picture", "--label-key", "kind"]),
+                              ("shards", f"wds:{sources / 'shards'}", [])):
         code, _, err = run_main(capsys, "train", "--data", data, "--output", tmp_path / name, *TRAIN, *extra)
         assert code == 0, (name, err)
         runs[name] = torch.load(tmp_path / name / "last.pt", weights_only=True)["model"]
-    for name in ("disk", "parquet", "strings"):
+    for name in ("disk", "parquet", "strings", "shards"):
         assert runs[name].keys() == runs["folder"].keys()
         assert all(torch.equal(runs[name][k], runs["folder"][k]) for k in runs["folder"]), name
     from convnext.factory import load_for_inference
@@ -75,12 +87,12 @@ def test_a_folder_and_its_hf_datasets_train_to_the_same_weights(sources, tmp_pat
     assert info.classes == CLASSES  # the ClassLabel's names
     got = {}
     for name, data in (("folder", sources / "folder" / "validation"), ("disk", f"hf:{sources / 'disk'}"),
-                       ("parquet", f"hf:{sources / 'parquet'}")):
+                       ("parquet", f"hf:{sources / 'parquet'}"), ("shards", f"wds:{sources / 'shards'}")):
         code, out, err = run_main(capsys, "eval", "--checkpoint", tmp_path / "folder" / "best.safetensors", "--data",
                                   data, "--json", "--output", tmp_path / f"eval-{name}")
         assert code == 0, (name, err)
         got[name] = json.loads(out)
-    for name in ("disk", "parquet"):
+    for name in ("disk", "parquet", "shards"):
         assert got[name]["count"] == got["folder"]["count"] == 6
         assert got[name]["acc1"] == got["folder"]["acc1"] and got[name]["loss"] == pytest.approx(got["folder"]["loss"])
     code, out, err = run_main(capsys, "eval", "--checkpoint", tmp_path / "folder" / "best.safetensors", "--data",
@@ -138,3 +150,77 @@ def test_the_validation_split_is_found_as_val_or_validation_in_folders(sources, 
     code, _, err = run_main(capsys, "train", "--data", tmp_path / "d", "--output", tmp_path / "r2", *TRAIN,
                             "--val-split", "holdout")
     assert code == 2 and "holdout not found" in err
+
+
+def _shard_args(data, out, *extra):
+    return [sys.executable, "-m", "convnext", "train", "--data", str(data), "--output", str(out),
+            *map(str, TRAIN), "--epochs", "2", "--save-every-steps", "1", *extra]
+
+
+@pytest.mark.slow
+def test_shards_killed_mid_epoch_resume_to_the_bitwise_run(sources, tmp_path):
+    from helpers import assert_same_run, sigkill_when
+
+    from convnext.weights import read_checkpoint
+
+    data = f"wds:{sources / 'shards'}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(_shard_args(data, tmp_path / "ref"), capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = tmp_path / "killed"
+    sigkill_when(_shard_args(data, out), out / "checkpoints" / "step-00000004.pt", env=env)  # mid epoch 2 (3 a epoch)
+    r = subprocess.run(_shard_args(data, out, "--resume", "auto"), capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0 and "resumed from" in r.stderr, r.stderr[-2000:]
+    a, b = read_checkpoint(tmp_path / "ref" / "last.pt")[0], read_checkpoint(out / "last.pt")[0]
+    assert a["step"] == 6
+    assert_same_run(a, b)
+
+
+@pytest.mark.slow
+def test_two_processes_over_shards_see_each_sample_once_and_equal_one_process(sources, tmp_path):
+    from convnext.data import EpochSampler
+    from convnext.data.wds import WdsImages
+
+    ds = WdsImages(f"wds:{sources / 'shards'}", "train")
+    assert len(ds) == 12 and len(ds.shards) == 3
+    for epoch in range(2):
+        seen = []
+        for rank in range(2):
+            sampler = EpochSampler(len(ds), shuffle=True, seed=0, rank=rank, world_size=2)
+            sampler.set_epoch(epoch)
+            seen += [i for _, i in sampler]
+        assert sorted(seen) == list(range(12))  # every sample once an epoch, across the two ranks
+    base = [*map(str, TRAIN), "--data", f"wds:{sources / 'shards'}", "--epochs", "2"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "convnext", "train", *base, "--output", str(tmp_path / "one"),
+                          "--batch-size", "4"], capture_output=True, text=True, env=env, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+                          "convnext", "train", *base, "--output", str(tmp_path / "two"), "--batch-size", "2"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a = torch.load(tmp_path / "one" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "two" / "last.pt", weights_only=True)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+def test_a_truncated_shard_keeps_what_it_holds_and_names_the_cut_member(sources, tmp_path, capsys, caplog):
+    import shutil
+
+    shutil.copytree(sources / "shards", tmp_path / "shards")
+    last = sorted((tmp_path / "shards").glob("toy-train-*.tar"))[-1]
+    data = last.read_bytes()
+    cut = data.rfind(b"\x89PNG") + 200  # inside the last image
+    last.write_bytes(data[:cut])
+    code, _, err = run_main(capsys, "train", "--data", f"wds:{tmp_path / 'shards'}", "--output", tmp_path / "r", *TRAIN)
+    assert code == 0, err
+    assert "skipping unreadable image" in caplog.text and f"{last}:train_0011" in caplog.text
+    assert json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])["bad_images"] == 1
+    (tmp_path / "shards" / "toy-train-000000.tar").write_bytes(b"garbage" * 100)
+    code, _, err = run_main(capsys, "train", "--data", f"wds:{tmp_path / 'shards'}", "--output", tmp_path / "r2",
+                            *TRAIN)
+    assert code == 2 and "toy-train-000000.tar: not a readable tar shard" in err
+    code, _, err = run_main(capsys, "train", "--data", f"wds:{tmp_path / 'shards'}", "--output", tmp_path / "r3",
+                            *TRAIN, "--train-split", "test")
+    assert code == 2 and "has no shards of split 'test'" in err

@@ -47,8 +47,9 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike | None = None, data: str |
     `data`: synset folders (`n01440764/...`, any subset: each maps to its index among the model's classes),
     class-index folders (`0/ .. 999/`, ImageNet-V2), any folder with `labels` (CSV/JSONL, or the ILSVRC2012
     devkit for the flat `ILSVRC2012_val_*.JPEG`), or an ImageNet-C root (`<corruption>/<severity>/<synset>/`:
-    top-1 per corruption and severity and the mCE); a root holding `val/` means `val/`; or `hf:PATH_OR_NAME`, a
-    Hugging Face dataset's `split` (default validation; `image_key`, `label_key` its columns, `data.hf`).
+    top-1 per corruption and severity and the mCE); a root holding `val/` means `val/`; or `hf:PATH_OR_NAME` (a
+    Hugging Face dataset) or `wds:DIR` (WebDataset shards): its `split` (default validation; `image_key`,
+    `label_key` its columns or member extensions; `data.sources`).
     `valid_classes`: "folder" (the classes present), `imagenet-a`/`imagenet-r`, or a file of indices or
     classes, one per line: the logits are restricted to those (timm's `--valid-labels`). `real_labels`: the
     ReaL `real.json` -> `real_acc1`, `real_acc5`.
@@ -64,7 +65,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike | None = None, data: str |
     """
     root = _check_paths(checkpoint, data, output, results_file, labels)
     _check_inputs(labels, valid_classes, real_labels)
-    hf = _hf_source(data, split, image_key, label_key, labels, real_labels)
+    named = _named_source(data, split, image_key, label_key, labels, real_labels)
     env = _join(device)
     try:
         net, info, weights, published = _load(checkpoint, model, pretrained, key)
@@ -72,7 +73,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike | None = None, data: str |
         run = _Runner(net, info, env, batch_size=batch_size, workers=workers, precision=precision,
                       optimize=optimize, channels_last=channels_last, progress=progress,
                       exif=not published if exif is None else exif)
-        root, res = _evaluate_data(run, root, labels, hf, valid_classes, real_labels, (checkpoint, output, force))
+        root, res = _evaluate_data(run, root, labels, named, valid_classes, real_labels, (checkpoint, output, force))
         res |= {"model_name": info.model_name, "weights": weights, "classes": info.classes, "root": str(root),
                 "device": str(env.device), "precision": precision, "processes": env.world_size,
                 "preprocess": info.preprocess.to_dict(), "how": run.how}
@@ -114,12 +115,13 @@ def _join(device: str) -> _Processes:
 def _check_paths(checkpoint, data, output, results_file, labels) -> Path:
     from ..utils import inside
 
-    from ..data.hf import PREFIX, is_hf
+    from ..data.sources import kind
 
     if data is None:
         raise ValueError("--data is required: the images to evaluate on")
-    root = Path(str(data)[len(PREFIX):] if is_hf(data) else data)
-    if not root.is_dir() and not is_hf(data):
+    source = kind(data)
+    root = Path(str(data)[len(source) + 1:] if source != "folder" else data)
+    if not root.is_dir() and source == "folder":
         raise FileNotFoundError(f"data folder not found: {root}")
     for what, path in (("--output", output), ("--results-file", results_file)):
         if path is not None and inside(path, root):
@@ -138,29 +140,30 @@ def _check_paths(checkpoint, data, output, results_file, labels) -> Path:
     return root
 
 
-def _evaluate_data(run, root: Path, labels, hf, valid_classes, real_labels, outputs: tuple) -> tuple[Path, dict]:
+def _evaluate_data(run, root: Path, labels, named, valid_classes, real_labels, outputs: tuple) -> tuple[Path, dict]:
     """(the root evaluated, its results): an ImageNet-C root, or one set (a folder, `root/val`, labelled files or
     an hf: split)."""
     from ..data.imagenet import corruption_folders
 
-    plain = labels is None and real_labels is None and hf is None
+    plain = labels is None and real_labels is None and named is None
     folders = corruption_folders(root, run.info.classes) if plain else None
     if folders:
         return root, _imagenet_c(run, folders, valid_classes)
-    root = root / "val" if (root / "val").is_dir() and labels is None and hf is None else root
-    return root, _one_set(run, root, labels, valid_classes, real_labels, _outputs(*outputs, run.info, root), hf)
+    root = root / "val" if (root / "val").is_dir() and labels is None and named is None else root
+    return root, _one_set(run, root, labels, valid_classes, real_labels, _outputs(*outputs, run.info, root), named)
 
 
-def _hf_source(data, split, image_key, label_key, labels, real_labels) -> tuple | None:
-    """(source, split, image key, label key) of an `hf:` --data; None for a folder."""
-    from ..data.hf import is_hf
+def _named_source(data, split, image_key, label_key, labels, real_labels) -> tuple | None:
+    """(source, split, image key, label key) of an `hf:` / `wds:` --data; None for a folder."""
+    from ..data.sources import kind
 
-    if not is_hf(data):
+    if kind(data) == "folder":
         if split or image_key or label_key:
-            raise ValueError("--split, --image-key and --label-key are for --data hf:... (a Hugging Face dataset)")
+            raise ValueError("--split, --image-key and --label-key are for --data hf:... or wds:... (a Hugging Face "
+                             "dataset, WebDataset shards)")
         return None
     if labels is not None or real_labels is not None:
-        raise ValueError("--labels / --real-labels name the images of a folder; an hf: dataset has its labels")
+        raise ValueError("--labels / --real-labels name the images of a folder; hf: and wds: data have their labels")
     return str(data), split or "validation", image_key, label_key
 
 
@@ -329,25 +332,25 @@ def _workers(workers: int | None, env) -> int:
     return max(1, min(8, (os.cpu_count() or 2) // per_node - 1))
 
 
-def _dataset(root: Path, labels, run: _Runner, hf: tuple | None = None):
+def _dataset(root: Path, labels, run: _Runner, named: tuple | None = None):
     from ..data import ImageFolder, LabelledFiles
 
-    if hf is not None:
-        from ..data.hf import HFImages
+    if named is not None:
+        from ..data.sources import open_split
 
-        data, split, image_key, label_key = hf
-        return HFImages(data, split, transform=run.transform, classes=run.info.classes, seed=None, exif=run.exif,
-                        image_key=image_key, label_key=label_key)
+        data, split, image_key, label_key = named
+        return open_split(data, split, run.transform, classes=run.info.classes, seed=None, exif=run.exif,
+                          image_key=image_key, label_key=label_key)
     if labels is not None:
         return LabelledFiles(root, labels, transform=run.transform, classes=run.info.classes, seed=None, exif=run.exif)
     return ImageFolder(root, transform=run.transform, classes=run.info.classes, seed=None, exif=run.exif)
 
 
-def _one_set(run: _Runner, root: Path, labels, valid_classes, real_labels, out: dict, hf: tuple | None = None) -> dict:
+def _one_set(run: _Runner, root: Path, labels, valid_classes, real_labels, out: dict, named: tuple | None = None) -> dict:
     from ..plots import plot_confusion
 
     info = run.info
-    dataset = _dataset(root, labels, run, hf)
+    dataset = _dataset(root, labels, run, named)
     valid = valid_indices(valid_classes, dataset, info.classes)
     real = real_targets(real_labels, dataset, info.classes) if real_labels is not None else None
     run.prepare(dataset, math.ceil(len(dataset) / run.batch_size / run.env.world_size))

@@ -40,17 +40,17 @@ class ClassificationTask(Task):
         from ..data import (DataError, ImageFolder, LabelledFiles, check_same_classes, eval_transform, mixup_cutmix,
                             split_folder, train_transform)
 
+        from ..data.sources import kind, open_split
+
         cfg, root = self.cfg, Path(self.cfg.data)
         augment = train_transform(cfg.input_size, scale=cfg.scale, hflip=cfg.hflip, aa=cfg.aa,
                                   color_jitter=cfg.color_jitter, reprob=cfg.reprob,
                                   interpolation_name=cfg.train_interpolation)
-        if cfg.data.startswith("hf:"):  # a Hugging Face dataset's splits
-            from ..data.hf import HFImages
-
+        if kind(cfg.data) != "folder":  # a Hugging Face dataset's or WebDataset shards' splits
             keys = dict(image_key=cfg.image_key, label_key=cfg.label_key, cache=cfg.cache_images)
-            train = HFImages(cfg.data, cfg.train_split, augment, seed=cfg.seed, **keys)
-            val = HFImages(cfg.data, cfg.val_split, eval_transform(self.preprocess()), classes=train.classes,
-                           seed=None, **keys)
+            train = open_split(cfg.data, cfg.train_split, augment, seed=cfg.seed, **keys)
+            val = open_split(cfg.data, cfg.val_split, eval_transform(self.preprocess()), classes=train.classes,
+                             seed=None, **keys)
         elif cfg.labels is not None:  # any folder, its images listed with their labels
             train = LabelledFiles(root, cfg.labels, augment, seed=cfg.seed, cache=cfg.cache_images)
             val = LabelledFiles(root, cfg.val_labels, eval_transform(self.preprocess()), classes=train.classes,
@@ -213,9 +213,9 @@ def _eval_options() -> tuple:
         opt("--valid-classes", help="restrict the logits to these classes: 'folder' (those in --data), imagenet-a, "
                                     "imagenet-r, or a file of class indices or names, one per line"),
         opt("--real-labels", help="the ReaL labels (real.json): ReaL top-1/top-5 beside the original"),
-        opt("--split", help="hf:DATA: the split to evaluate (default: validation, also found as val)"),
-        opt("--image-key", help="hf:DATA: the image column (default: the Image feature)"),
-        opt("--label-key", help="hf:DATA: the label column (default: the ClassLabel feature, else 'label')"),
+        opt("--split", help="hf:|wds: data: the split to evaluate (default: validation, also found as val)"),
+        opt("--image-key", help="hf: the image column (default: the Image feature); wds: its extensions (jpg;png)"),
+        opt("--label-key", help="hf: the label column (default: the ClassLabel feature, else label); wds: cls or json"),
         opt("--results-file", help="append one row per run to this .csv, .json or .jsonl (model, weights, "
                                    "dataset, preprocessing, top-1, top-5, ReaL, mCE, count, img/s, device)"),
         opt("--output", help="folder for confusion_matrix.png (<= 100 classes; default: beside the checkpoint) "

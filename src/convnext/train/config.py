@@ -171,14 +171,14 @@ class EngineConfig:
 class ClassifyConfig(EngineConfig):
     """Image classification: the ConvNeXt ImageNet recipe (data: DATA/train/<class>/*, DATA/val/<class>/* (or
     DATA/validation/), any folder with `labels` and `val_labels` files listing its images, or `hf:PATH_OR_NAME`,
-    a Hugging Face dataset's `train_split` and `val_split`)."""
+    a Hugging Face dataset, or `wds:DIR`, WebDataset shards: their `train_split` and `val_split`)."""
 
     labels: str | None = None  # CSV (filename|path,label) or JSONL of the training images, paths relative to data
     val_labels: str | None = None  # the same for the validation images (with `labels`)
     train_split: str = "train"  # the split (sub-folder, or hf: split) trained on
     val_split: str = "validation"  # ... and evaluated on ("validation" also finds "val")
-    image_key: str | None = None  # hf: the image column (default: the Image feature); timm's --input-key
-    label_key: str | None = None  # hf: the label column (default: the ClassLabel feature, else "label"); --target-key
+    image_key: str | None = None  # hf: the image column (default: the Image feature), wds: extensions ("jpg;png")
+    label_key: str | None = None  # hf: the label column (default: ClassLabel, else "label"), wds: "cls" or "json"
     finetune: str | None = None  # checkpoint (any supported format) to start from; head re-initialised if classes differ
     head_init_scale: float = 1.0  # 0.001 for fine-tuning (official)
     # --- augmentation and regularisation ---
@@ -203,8 +203,8 @@ class ClassifyConfig(EngineConfig):
         super().__post_init__()
         if (self.labels is None) != (self.val_labels is None):
             _fail("--labels and --val-labels go together: the training and the validation images' labels files")
-        if self.data.startswith("hf:") and self.labels is not None:
-            _fail("--labels names the images of a folder; an hf: dataset has its labels (--label-key)")
+        if self.data.startswith(("hf:", "wds:")) and self.labels is not None:
+            _fail("--labels names the images of a folder; an hf: dataset or wds: shards have their labels (--label-key)")
         for name in ("smoothing", "mixup", "cutmix"):
             if not _finite(getattr(self, name)) or getattr(self, name) < 0:
                 _fail(f"{_flag(name)} must be a finite number >= 0, got {getattr(self, name)}")

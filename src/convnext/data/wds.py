@@ -1,0 +1,211 @@
+"""WebDataset tar shards as a data source: `--data wds:DIR`.
+
+A shard is a plain (uncompressed) tar whose members are grouped into samples by key, as the `webdataset`
+library writes them: `<key>.jpg|.jpeg|.png|.webp` (the image) with `<key>.cls` (the class index as text) or
+`<key>.json` (`{"label": ...}`). The split's shards are those `DIR/_info.json` lists (timm's layout:
+`{"splits": {"train": {"filenames": [...], "num_samples": N}}}`, brace patterns allowed, plus our optional
+`"classes"`), else the `*.tar` files whose names contain the split's name (`imagenet-train-0000.tar`).
+
+The shards are indexed once (each member's byte offset and size, read from the tar headers), so that sample i
+of a split is one `seek` + `read` away: the epoch sampler, the `(seed, epoch, index)` seeding, mid-epoch resume
+and DDP are the folder's, exactly (every sample once per epoch, the same pad/drop rule), and the same images
+in the same order train to bitwise the same weights as a folder. A member cut short by a truncated shard is an unreadable image (skipped and named, as a bad file); a shard that cannot be opened is an
+error naming it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tarfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import DataError
+from .folder import ImageFolder, _label_lookup
+from .images import load_rgb
+
+PREFIX = "wds:"
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")
+SPLIT_NAMES = {"validation": ("validation", "val", "valid"), "val": ("validation", "val", "valid")}
+_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext: key, then every extension
+
+
+def is_wds(data: Any) -> bool:
+    return isinstance(data, str) and data.startswith(PREFIX)
+
+
+def _expand(pattern: str) -> list[str]:
+    """`a-{000..003}.tar` -> its names (the brace syntax of webdataset / braceexpand)."""
+    m = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
+    if not m:
+        return [pattern]
+    lo, hi, width = int(m[1]), int(m[2]), len(m[1])
+    return [n for i in range(lo, hi + 1) for n in _expand(pattern[:m.start()] + f"{i:0{width}d}" + pattern[m.end():])]
+
+
+def read_info(root: Path) -> dict[str, Any]:
+    path = root / "_info.json"
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(info, dict):
+        raise DataError(f"{path}: not a JSON object")
+    return info
+
+
+def split_shards(root: Path, split: str) -> list[Path]:
+    """The shards of `split` under `root` (see the module doc)."""
+    if not root.is_dir():
+        raise DataError(f"wds:{root}: no such folder of shards")
+    info, names = read_info(root), SPLIT_NAMES.get(split, (split,))
+    splits = info.get("splits") if isinstance(info.get("splits"), dict) else {}
+    for name in names:
+        files = splits.get(name, {}).get("filenames") if isinstance(splits.get(name), dict) else None
+        if files:
+            shards = [root / f for pattern in files for f in _expand(str(pattern))]
+            missing = [str(s) for s in shards if not s.is_file()]
+            if missing:
+                raise DataError(f"{root / '_info.json'} lists {missing[0]} for split {name!r}, which is not there")
+            return shards
+    tars = sorted(root.glob("*.tar"))
+    for name in names:
+        found = [t for t in tars if re.search(rf"(^|[-_.]){re.escape(name)}([-_.]|$)", t.stem)]
+        if found:
+            return found
+    have = sorted(splits) or sorted({m[1] for t in tars if (m := re.search(r"(train|validation|val|test)", t.stem))})
+    raise DataError(f"wds:{root} has no shards of split {split!r} (found: {', '.join(have) or 'no *.tar'}); "
+                    f"choose one with --train-split / --val-split / --split")
+
+
+def index_shard(path: Path) -> tuple[list[dict[str, Any]], str | None]:
+    """(the samples of one shard in tar order: key -> {ext: (offset, size)}, a note if the shard is cut short)."""
+    samples: dict[str, dict[str, tuple[int, int]]] = {}
+    note = None
+    try:
+        with tarfile.open(path, "r:") as tar:
+            while True:
+                try:
+                    member = tar.next()
+                except tarfile.ReadError as e:  # a truncated or damaged shard: keep what came before
+                    note = f"{path}: damaged after {len(samples)} samples ({e}); the rest of the shard is not read"
+                    break
+                if member is None:
+                    break
+                m = _KEY.match(member.name)
+                if member.isfile() and m and not os.path.basename(member.name).startswith("_"):
+                    samples.setdefault(m[1], {})[m[2].lower()] = (member.offset_data, member.size)
+    except (OSError, tarfile.TarError) as e:
+        raise DataError(f"{path}: not a readable tar shard ({type(e).__name__}: {e})") from None
+    return [{"key": k, "members": v} for k, v in samples.items()], note
+
+
+def _label(raw: bytes, ext: str) -> str:
+    if ext == "cls":
+        return raw.decode("utf-8").strip()
+    value = json.loads(raw.decode("utf-8"))
+    value = value.get("label", value.get("cls")) if isinstance(value, dict) else value
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"no class in {raw[:60]!r}")
+    return str(value)
+
+
+class WdsImages(ImageFolder):
+    """A split of WebDataset shards as an `ImageFolder` (items, caching, seeding and errors the same).
+    `classes`: the training split's (at validation / eval); else `_info.json`'s "classes", else "0" .. max."""
+
+    def __init__(self, source: str, split: str, transform: Callable | None = None,
+                 classes: Sequence[str] | None = None, seed: int | None = 0, cache: bool = False,
+                 exif: bool = True, image_key: str | None = None, label_key: str | None = None) -> None:
+        import logging
+
+        # timm's --input-key / --target-key for shards: the members' extensions ("jpg;png", "cls")
+        self.image_exts = tuple(image_key.lower().split(";")) if image_key else IMAGE_EXTS
+        self.label_exts = tuple(label_key.lower().split(";")) if label_key else ("cls", "json")
+        self.source = source[len(PREFIX):] if is_wds(source) else str(source)
+        self.root, self.split, self.exif = Path(self.source), split, exif
+        self.shards = split_shards(self.root, split)
+        self.samples, labels = [], []
+        for s, shard in enumerate(self.shards):
+            found, note = index_shard(shard)
+            if note:
+                logging.getLogger(__name__).warning("%s", note)
+            with open(shard, "rb") as f:
+                for sample in found:
+                    self._add(s, f, shard, sample, labels)
+        if not self.samples:
+            raise DataError(f"wds:{self.source} [{split}]: its shards hold no image (.{'|.'.join(self.image_exts)}) with "
+                            f"a label (.{'|.'.join(self.label_exts)}); --image-key / --label-key name other members")
+        info_classes = read_info(self.root).get("classes")
+        own = list(classes) if classes is not None else (
+            [str(c) for c in info_classes] if isinstance(info_classes, list) else _index_classes(labels, self.source))
+        self.classes, lookup = own, _label_lookup(own)
+        unknown = sorted(set(labels) - set(lookup))
+        if unknown:
+            raise DataError(f"wds:{self.source} [{split}]: label {unknown[0]!r} is not one of the {len(own)} classes "
+                            f"({', '.join(own[:3])}, ...)")
+        self._targets = [lookup[v] for v in labels]
+        self.transform, self.seed = transform, seed
+        self.cache: dict[int, Any] | None = {} if cache else None
+        self._files: dict[int, Any] = {}
+        self._pid = os.getpid()
+
+    def _add(self, s: int, f, shard: Path, sample: dict[str, Any], labels: list[str]) -> None:
+        members = sample["members"]
+        image = next((e for e in self.image_exts if e in members), None)
+        label = next((e for e in self.label_exts if e in members), None)
+        if image is None or label is None:
+            return  # not an image sample (e.g. other modalities): not ours to read
+        offset, size = members[label]
+        f.seek(offset)
+        try:
+            labels.append(_label(f.read(size), "json" if label == "json" else "cls"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise DataError(f"{shard}: {sample['key']}.{label} holds no class ({e})") from None
+        self.samples.append((s, *members[image], sample["key"]))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getstate__(self) -> dict[str, Any]:  # open files stay in their process
+        return {k: v for k, v in self.__dict__.items() if k != "_files"} | {"_files": {}}
+
+    @property
+    def targets(self) -> list[int]:
+        return list(self._targets)
+
+    def target(self, index: int) -> int:
+        return self._targets[index]
+
+    def read(self, index: int) -> bytes:
+        s, offset, size, _ = self.samples[index]
+        if self._pid != os.getpid():  # a forked loader worker: its own handles
+            self._files, self._pid = {}, os.getpid()
+        f = self._files.get(s)
+        if f is None:
+            f = self._files[s] = open(self.shards[s], "rb")  # noqa: SIM115 - kept open for the next reads
+        f.seek(offset)
+        data = f.read(size)
+        if len(data) != size:
+            raise OSError(f"{self.shards[s]}: the member is cut short ({len(data)} of {size} bytes)")
+        return data
+
+    def load(self, index: int):
+        return load_rgb(io.BytesIO(self.read(index)), self.exif)
+
+    def sample_name(self, index: int) -> str:
+        s, _, _, key = self.samples[index]
+        return f"{self.shards[s]}:{key}"
+
+
+def _index_classes(labels: list[str], source: str) -> list[str]:
+    """Class indices as text -> "0" .. max (label i is class i); names -> their sorted distinct values."""
+    if not all(v.isdigit() for v in labels):
+        return sorted(set(labels))
+    return [str(i) for i in range(max(int(v) for v in labels) + 1)]
