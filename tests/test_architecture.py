@@ -24,7 +24,8 @@ ALLOWED = {
     "tasks": set(),  # the registry: imports the task modules by name only (BUILTIN), never statically
     "train": {"data", "factory", "models", "weights", "plots", "eval", "dense", "fcmae", "export", "tasks"},
     "demo": {"tasks"},
-    "cli": {"factory", "weights", "train", "eval", "export", "bench", "demo", "models", "tasks", "__init__"},
+    "cli": {"factory", "weights", "train", "eval", "export", "bench", "demo", "models", "tasks", "__init__",
+            "data"},  # `convnext data pack|info`
     "__init__": {"factory", "models", "weights"},
     "__main__": {"cli"},
 }

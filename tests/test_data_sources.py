@@ -224,3 +224,69 @@ def test_a_truncated_shard_keeps_what_it_holds_and_names_the_cut_member(sources,
     code, _, err = run_main(capsys, "train", "--data", f"wds:{tmp_path / 'shards'}", "--output", tmp_path / "r3",
                             *TRAIN, "--train-split", "test")
     assert code == 2 and "has no shards of split 'test'" in err
+
+
+def test_data_pack_writes_shards_and_datasets_that_train_as_the_folder(sources, tmp_path, capsys):
+    code, out, err = run_main(capsys, "data", "pack", sources / "folder", tmp_path / "wds", "--shard-size", "3KB",
+                              "--workers", 1, "--no-progress")
+    assert code == 0, err
+    info = json.loads((tmp_path / "wds" / "_info.json").read_text())
+    assert info["classes"] == CLASSES and info["splits"]["train"]["num_samples"] == 12
+    assert len(info["splits"]["train"]["filenames"]) > 1  # 3 KB shards: several
+    import hashlib
+
+    for name, sha in info["splits"]["train"]["sha256"].items():
+        assert hashlib.sha256((tmp_path / "wds" / name).read_bytes()).hexdigest() == sha
+    code, _, err = run_main(capsys, "data", "pack", sources / "folder", tmp_path / "hf", "--format", "hf",
+                            "--workers", 2, "--no-progress")
+    assert code == 0, err
+    code, out, _ = run_main(capsys, "data", "info", f"wds:{tmp_path / 'wds'}", "--json")
+    assert json.loads(out)["splits"] == {"train": 12, "validation": 6}
+    code, out, _ = run_main(capsys, "data", "info", f"hf:{tmp_path / 'hf'}")
+    assert code == 0 and "3 classes (cat, dog, fox)" in out and "validation: 6 images" in out
+    code, out, _ = run_main(capsys, "data", "info", sources / "folder")
+    assert code == 0 and "train: 12 images" in out
+    weights = {}
+    for name, data in (("wds", f"wds:{tmp_path / 'wds'}"), ("hf", f"hf:{tmp_path / 'hf'}"),
+                       ("folder", sources / "folder")):
+        code, _, err = run_main(capsys, "train", "--data", data, "--output", tmp_path / f"run-{name}", *TRAIN)
+        assert code == 0, err
+        weights[name] = torch.load(tmp_path / f"run-{name}" / "last.pt", weights_only=True)["model"]
+    for name in ("wds", "hf"):
+        assert all(torch.equal(weights[name][k], weights["folder"][k]) for k in weights["folder"]), name
+    code, _, err = run_main(capsys, "data", "pack", sources / "folder", tmp_path / "wds", "--no-progress")
+    assert code == 2 and "exists: pass --force" in err
+    code, _, err = run_main(capsys, "data", "pack", sources / "folder", sources / "folder" / "x", "--no-progress")
+    assert code == 2 and "inside" in err
+
+
+def test_a_killed_pack_leaves_no_output_and_no_partial_shard(sources, tmp_path):
+    import signal
+    import time
+
+    big = tmp_path / "big" / "train" / "cat"
+    big.mkdir(parents=True)
+    for i in range(400):
+        Image.new("RGB", (300, 200), (i % 255, 10, 10)).save(big / f"{i:04d}.png")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "convnext", "data", "pack", str(tmp_path / "big"),
+                             str(tmp_path / "out"), "--shard-size", "200KB", "--resize-short", "100", "--workers", "1",
+                             "--no-progress"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while not list(tmp_path.glob(".out.partial-*/*-000002.tar")):  # a few shards written
+        assert proc.poll() is None and time.time() - t0 < 120
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "out").exists()  # nothing a reader would take for a pack
+    r = subprocess.run([sys.executable, "-m", "convnext", "data", "pack", str(tmp_path / "big"), str(tmp_path / "out"),
+                        "--shard-size", "200KB", "--resize-short", "100", "--workers", "1", "--no-progress"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert not list(tmp_path.glob(".out.partial-*"))  # the killed pack's folder removed by the next
+    info = json.loads((tmp_path / "out" / "_info.json").read_text())
+    assert info["splits"]["train"]["num_samples"] == 400
+    from convnext.data.wds import WdsImages
+
+    ds = WdsImages(f"wds:{tmp_path / 'out'}", "train")
+    assert len(ds) == 400 and max(ds[i][0].size for i in (0, 399)) == (150, 100)  # shorter side 100, as JPEG

@@ -247,6 +247,51 @@ def _add_predict(actions, spec, prefix: str) -> None:
     p.set_defaults(func=partial(_cmd_predict, spec), prog=f"convnext {prefix}predict")
 
 
+def _cmd_data(args: argparse.Namespace) -> int:
+    import json
+
+    from .data.pack import describe, format_info, pack
+
+    if args.data_command == "info":
+        info = describe(args.src)
+        print(json.dumps(info, indent=1) if args.json else format_info(info))
+        return 0
+    manifest = pack(args.src, args.out, fmt=args.format, labels=args.labels, split=args.split,
+                    shard_size=args.shard_size, resize_short=args.resize_short, quality=args.quality,
+                    workers=args.workers, name=args.name, force=args.force, progress=not args.no_progress)
+    counts = ", ".join(f"{s} {v['num_samples']}" for s, v in manifest["splits"].items())
+    print(f"wrote {args.out} ({args.format}: {counts} images, {len(manifest['classes'])} classes)")
+    if manifest["skipped"]:
+        print(f"convnext data pack: skipped {len(manifest['skipped'])} unreadable images: {manifest['skipped'][0]}"
+              + (", ..." if len(manifest["skipped"]) > 1 else ""), file=sys.stderr)
+        return 1  # a partial pack: said, and the exit status says it too
+    return 0
+
+
+def _add_data(sub) -> None:
+    p = sub.add_parser("data", help="pack an image folder into WebDataset shards or a Hugging Face dataset; info")
+    dsub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    q = dsub.add_parser("pack", help="an image folder (split folders of class folders, or --labels) -> wds / hf")
+    q.add_argument("src", help="folder: train/ val|validation/ test/ of <class>/ folders, one folder of <class>/ "
+                               "folders, or a flat folder with --labels")
+    q.add_argument("out", help="the folder to write (never an existing one without --force)")
+    q.add_argument("--format", choices=["wds", "hf"], default="wds", help="WebDataset tar shards or save_to_disk")
+    q.add_argument("--labels", help="CSV (filename|path,label) or JSONL of the images of a flat SRC")
+    q.add_argument("--split", default="train", help="the split name of a SRC without split folders (train)")
+    q.add_argument("--shard-size", default="1GB", help="largest shard (wds) or arrow file (hf): 1GB, 500MB, ...")
+    q.add_argument("--resize-short", type=int, help="re-encode as JPEG with the shorter side at most this")
+    q.add_argument("--quality", type=int, default=95, help="JPEG quality with --resize-short (95)")
+    q.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                   help="processes reading and encoding images")
+    q.add_argument("--name", help="the shards' name prefix (default: SRC's folder name)")
+    q.add_argument("--force", action="store_true", help="replace an existing OUT")
+    q.add_argument("--no-progress", action="store_true", help="no progress bar")
+    q = dsub.add_parser("info", help="what a data source holds: a folder, hf:PATH_OR_NAME, wds:DIR")
+    q.add_argument("src")
+    q.add_argument("--json", action="store_true", help="as JSON")
+    p.set_defaults(func=_cmd_data)
+
+
 def _add_export_bench_demo(sub) -> None:
     from .bench import MODES, OPTIMIZE, PEERS
     from .export import FORMATS
@@ -324,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
             _add_task(sub, spec, top_level=True)
         _add_task(sub, spec)
     _add_export_bench_demo(sub)
+    _add_data(sub)
     return parser
 
 
