@@ -20,7 +20,7 @@ ALLOWED = {
     "plots": set(),
     "eval": {"data", "factory", "models", "weights", "plots", "export", "dense"},  # stands without training
     "export": {"eval", "factory", "models", "weights", "data"},
-    "bench": {"factory", "models", "weights", "eval", "export"},  # stands without training
+    "bench": {"factory", "models", "weights", "eval", "export", "data"},  # stands without training
     "tasks": set(),  # the registry: imports the task modules by name only (BUILTIN), never statically
     "train": {"data", "factory", "models", "weights", "plots", "eval", "dense", "fcmae", "export", "tasks"},
     "demo": {"tasks"},

@@ -290,3 +290,16 @@ def test_a_killed_pack_leaves_no_output_and_no_partial_shard(sources, tmp_path):
 
     ds = WdsImages(f"wds:{tmp_path / 'out'}", "train")
     assert len(ds) == 400 and max(ds[i][0].size for i in (0, 399)) == (150, 100)  # shorter side 100, as JPEG
+
+
+def test_bench_data_times_each_source_and_worker_count(sources, tmp_path, capsys):
+    code, out, err = run_main(capsys, "bench", "--mode", "data", "--data",
+                              f"{sources / 'folder'},wds:{sources / 'shards'},hf:{sources / 'disk'}", "--workers", "0",
+                              "--batch-size", 2, "--batches", 2, "--repeats", 1, "--input-size", 32, "--json", "-")
+    assert code == 0, err
+    res = json.loads(out)
+    assert [r["source"] for r in res["rows"]] == [str(sources / "folder"), f"wds:{sources / 'shards'}",
+                                                  f"hf:{sources / 'disk'}"]
+    assert all(r["img_s"] > 0 for r in res["rows"]) and res["rows"][0]["ratio"] == 1.0
+    code, _, err = run_main(capsys, "bench", "--mode", "data", "--workers", "0")
+    assert code == 2 and "--mode data and --data" in err

@@ -123,6 +123,8 @@ def _cmd_bench(args: argparse.Namespace) -> None:
 
     if args.json and args.json != "-":
         check_output(args.json, force=args.force, suffixes=(".json",))
+    if args.mode == "data" or args.data:
+        return _bench_data(args)
     res = run(BenchOptions(
         model=args.model, batch_size=args.batch_size, input_size=args.input_size, mode=args.mode,
         precision=args.precision, compare=tuple(p for p in args.compare.split(",") if p), repeats=args.repeats,
@@ -131,6 +133,32 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     res["command"] = "convnext " + " ".join(args.argv if args.argv is not None else sys.argv[1:])
     if args.json != "-":
         print(format_table(res))
+    if args.json:
+        text = json.dumps(res, indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            atomic_write(args.json, lambda tmp: Path(tmp).write_text(text + "\n"))
+
+
+def _bench_data(args: argparse.Namespace) -> None:
+    import json
+
+    from .bench.data import bench_data, format_data_table
+    from .utils import atomic_write
+
+    if args.mode != "data" or not args.data:
+        raise ValueError("--mode data and --data SRC[,SRC...] go together (the input pipeline alone)")
+    try:
+        workers = [int(w) for w in str(args.workers).split(",")]
+    except ValueError:
+        raise ValueError(f"--workers must be N or N,N,... loader processes, got {args.workers!r}") from None
+    res = bench_data([s for s in args.data.split(",") if s], workers, batch_size=args.batch_size,
+                     input_size=args.input_size, batches=args.batches, repeats=args.repeats,
+                     progress=args.json != "-")
+    res["command"] = "convnext " + " ".join(args.argv if args.argv is not None else sys.argv[1:])
+    if args.json != "-":
+        print(format_data_table(res))
     if args.json:
         text = json.dumps(res, indent=2)
         if args.json == "-":
@@ -312,7 +340,11 @@ def _add_export_bench_demo(sub) -> None:
     p.add_argument("--model", default="convnext_tiny")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--input-size", type=int, default=224)
-    p.add_argument("--mode", choices=list(MODES), default="infer")
+    p.add_argument("--mode", choices=[*MODES, "data"], default="infer",
+                   help="infer, train (a training step), or data: the input pipeline alone (with --data)")
+    p.add_argument("--data", help="--mode data: sources to time, comma-separated (a folder, hf:..., wds:...)")
+    p.add_argument("--workers", default="0", help="--mode data: loader processes, N or N,N,... (default 0)")
+    p.add_argument("--batches", type=int, default=10, help="--mode data: batches timed per round")
     p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
                    help="fp32, or autocast to bf16/fp16 (LayerNorm/GRN statistics stay fp32)")
     p.add_argument("--compare", default="timm,torchvision",

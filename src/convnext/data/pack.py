@@ -208,6 +208,8 @@ def _pack_hf(splits, folder: Path, name: str, limit: int, resize_short, quality,
                                                                 skipped)]
         parts[split] = datasets.Dataset.from_dict({"image": [{"bytes": d, "path": None} for d, _ in rows],
                                                    "label": [t for _, t in rows]}, features=feats)
+    if not progress:
+        datasets.disable_progress_bars()
     datasets.DatasetDict(parts).save_to_disk(str(folder), max_shard_size=limit)
     return {"name": name, "classes": classes, "splits": {s: {"num_samples": len(d)} for s, d in parts.items()},
             "skipped": skipped}
