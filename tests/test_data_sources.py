@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import datasets  # the [data] extra, part of the test install
+import numpy as np
 import pytest
 import torch
 from helpers import run_main
@@ -303,3 +304,79 @@ def test_bench_data_times_each_source_and_worker_count(sources, tmp_path, capsys
     assert all(r["img_s"] > 0 for r in res["rows"]) and res["rows"][0]["ratio"] == 1.0
     code, _, err = run_main(capsys, "bench", "--mode", "data", "--workers", "0")
     assert code == 2 and "--mode data and --data" in err
+
+
+# --- imbalanced data: class weights, the balanced sampler ------------------------------------------------------
+def test_the_balanced_sampler_draws_classes_evenly_seeded_distributed_and_resumable():
+    from convnext.data import EpochSampler
+
+    targets = [0] * 90 + [1] * 9 + [2] * 1
+    counts = {0: 90, 1: 9, 2: 1}
+    weights = [1.0 / counts[t] for t in targets]
+    drawn = torch.zeros(3)
+    sampler = EpochSampler(100, shuffle=True, seed=7, weights=weights)
+    for epoch in range(200):
+        sampler.set_epoch(epoch)
+        for _, i in sampler:
+            drawn[targets[i]] += 1
+    expected, sd = 20000 / 3, (20000 * (1 / 3) * (2 / 3)) ** 0.5
+    assert ((drawn - expected).abs() < 5 * sd).all(), drawn  # each class a third, within 5 standard deviations
+    again = EpochSampler(100, shuffle=True, seed=7, weights=weights)
+    again.set_epoch(3)
+    sampler.set_epoch(3)
+    order = [i for _, i in sampler]
+    assert [i for _, i in again] == order  # seeded by (seed, epoch)
+    again.set_epoch(3, start=40)
+    assert [i for _, i in again] == order[40:] and len(again) == 60  # a mid-epoch resume continues the draw
+    shares = []
+    for rank in range(3):
+        s = EpochSampler(100, shuffle=True, seed=7, weights=weights, rank=rank, world_size=3)
+        s.set_epoch(3)
+        shares.append([i for _, i in s])
+    assert all(len(s) == 34 for s in shares)  # padded to a multiple of the processes, as DistributedSampler
+    assert sorted(i for s in shares for i in s) == sorted(order + order[:2])  # the one draw, shared out
+    with pytest.raises(ValueError, match="one per sample"):
+        EpochSampler(3, shuffle=True, seed=0, weights=[1.0, -1.0, 0.0])
+
+
+def test_class_weights_auto_are_sklearns_balanced_and_files_are_checked(tmp_path):
+    from sklearn.utils.class_weight import compute_class_weight
+
+    from convnext.data import DataError
+    from convnext.data.folder import class_weights
+
+    targets = [0] * 6 + [1] * 3 + [2] * 1
+    want = compute_class_weight("balanced", classes=np.arange(3), y=np.array(targets))
+    torch.testing.assert_close(class_weights("auto", targets, CLASSES), torch.tensor(want, dtype=torch.float32))
+    (tmp_path / "w.txt").write_text("fox,3\ncat,1\ndog,2\n")
+    assert class_weights(str(tmp_path / "w.txt"), targets, CLASSES).tolist() == [1.0, 2.0, 3.0]
+    (tmp_path / "w.txt").write_text("1\n2\n")
+    with pytest.raises(DataError, match="2 weights for 3 classes"):
+        class_weights(str(tmp_path / "w.txt"), targets, CLASSES)
+
+
+def test_training_with_class_weights_and_the_balanced_sampler(sources, tmp_path, capsys):
+    from convnext.train.classification import ClassificationTask
+    from convnext.train.config import ClassifyConfig
+
+    code, _, err = run_main(capsys, "train", "--data", sources / "folder", "--output", tmp_path / "r", *TRAIN,
+                            "--class-weights", "auto", "--balanced-sampler")
+    assert code == 0, err
+    (tmp_path / "w.txt").write_text("1\n2\n4\n")
+    task = ClassificationTask(ClassifyConfig(model="convnext_atto", data=str(sources / "folder"), input_size=32,
+                                             smoothing=0.1, class_weights=str(tmp_path / "w.txt"), mixup=0, cutmix=0))
+    task.datasets()
+    logits, targets = torch.randn(6, 3), torch.tensor([0, 1, 2, 2, 1, 0])
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return logits
+
+    from convnext.data import Batch
+
+    loss = task.loss(Fixed(), Batch(torch.zeros(6, 3, 8, 8), targets, list(range(6))), torch.device("cpu"))["loss"]
+    torch.testing.assert_close(loss, torch.nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2, 4]),
+                                                               label_smoothing=0.1)(logits, targets))
+    code, _, err = run_main(capsys, "train", "--data", sources / "folder", "--output", tmp_path / "r2", *TRAIN,
+                            "--class-weights", "balanced")
+    assert code == 2 and "--class-weights balanced: auto, or a file" in err

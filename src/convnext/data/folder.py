@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -357,6 +358,31 @@ def split_folder(root: str | os.PathLike, split: str) -> Path:
     return next((root / n for n in (split, *names) if (root / n).is_dir()), root / split)
 
 
+def class_weights(spec: str, targets: Sequence[int], classes: Sequence[str]) -> torch.Tensor:
+    """`--class-weights`: "auto" -> n / (classes x count) per class (sklearn's "balanced"; 0 for a class with no
+    sample), or a file: one weight per line in class order, or `class,weight` lines."""
+    n = len(classes)
+    if spec == "auto":
+        counts = torch.bincount(torch.as_tensor(list(targets), dtype=torch.long), minlength=n).double()
+        return torch.where(counts > 0, len(targets) / (n * counts.clamp(min=1)), 0.0).float()
+    path = Path(spec)
+    if not path.is_file():
+        raise DataError(f"--class-weights {spec}: neither auto nor a file")
+    rows = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+            and not line.startswith("#")]
+    named = all("," in r for r in rows)
+    try:
+        values = {r.rsplit(",", 1)[0].strip(): float(r.rsplit(",", 1)[1]) for r in rows} if named else \
+            dict(zip(classes, [float(r) for r in rows], strict=False))
+    except ValueError as e:
+        raise DataError(f"--class-weights {spec}: {e}; one number per line, or class,weight") from None
+    missing = [c for c in classes if c not in values]
+    if missing or len(values) != n or not all(math.isfinite(v) and v >= 0 for v in values.values()):
+        raise DataError(f"--class-weights {spec}: {len(values)} weights for {n} classes"
+                        + (f" (none for {missing[0]})" if missing else "") + "; each finite and >= 0")
+    return torch.tensor([values[c] for c in classes], dtype=torch.float32)
+
+
 def check_same_classes(train: ImageFolder, val: ImageFolder) -> None:
     if train.classes != val.classes:
         only_train = sorted(set(train.classes) - set(val.classes))
@@ -369,18 +395,37 @@ class EpochSampler(Sampler):
 
     Yields `(epoch, index)`; `set_epoch(e, start)` skips the first `start` samples of this
     process's share, which is how a mid-epoch resume continues exactly where it stopped.
+
+    `weights` (one per sample; the balanced sampler): each epoch draws `n` samples with replacement, with
+    probability proportional to their weight, from a generator seeded by (seed, epoch) alone (the same draw in
+    every process), then shares them out as DistributedSampler does (padded to a multiple of the processes,
+    every `world_size`-th from `rank`): seeded, distributed and resumable as the uniform order.
     """
 
-    def __init__(self, n: int, *, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, n: int, *, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1,
+                 weights: Sequence[float] | None = None) -> None:
         self.inner = DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
         self.epoch, self.start = 0, 0
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
+        if self.weights is not None and (len(self.weights) != n or not (self.weights >= 0).all()
+                                         or not self.weights.sum() > 0):
+            raise ValueError(f"weights: {n} non-negative numbers, not all 0, one per sample")
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.inner.set_epoch(epoch)
         self.epoch, self.start = epoch, start
 
+    def _order(self):
+        if self.weights is None:
+            return iter(self.inner)
+        g = torch.Generator().manual_seed(self.inner.seed + self.epoch)
+        draw = torch.multinomial(self.weights, len(self.weights), replacement=True, generator=g).tolist()
+        world, rank = self.inner.num_replicas, self.inner.rank
+        draw += draw[: self.inner.total_size - len(draw)]
+        return iter(draw[rank:self.inner.total_size:world])
+
     def __iter__(self):
-        for k, i in enumerate(self.inner):
+        for k, i in enumerate(self._order()):
             if k >= self.start:
                 yield (self.epoch, i)
 

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..preprocess import Preprocess
 from ..tasks import TaskSpec, lazy, opt, register
 from .config import ClassifyConfig
 from .task import Task
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # the task's module is imported by the CLI parser: data and eval (torchvision) load when used
     from torch.utils.data import DataLoader
@@ -32,6 +36,7 @@ class ClassificationTask(Task):
         self.classes: list[str] = []
         self.mix = None
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.smoothing)  # soft (mixed) targets too
+        self.class_weight: torch.Tensor | None = None
 
     def preprocess(self) -> Preprocess:
         return Preprocess(input_size=self.cfg.input_size, crop_pct=self.cfg.crop_pct)
@@ -66,6 +71,13 @@ class ClassificationTask(Task):
             val = ImageFolder(val_dir, cache=cfg.cache_images, transform=eval_transform(self.preprocess()))
         check_same_classes(train, val)
         self.classes = train.classes
+        if cfg.class_weights is not None:
+            from ..data.folder import class_weights
+
+            self.class_weight = class_weights(cfg.class_weights, train.targets, self.classes)
+            logger.info("class weights (%s): %s", cfg.class_weights,
+                        ", ".join(f"{c} {w:.3g}" for c, w in zip(self.classes[:8], self.class_weight.tolist(),
+                                                                  strict=False)) + (" ..." if len(self.classes) > 8 else ""))
         self.mix = mixup_cutmix(len(self.classes), mixup=cfg.mixup, cutmix=cfg.cutmix,
                                 switch_prob=cfg.mixup_switch_prob, prob=cfg.mixup_prob)
         return train, val
@@ -86,7 +98,21 @@ class ClassificationTask(Task):
         images, targets = batch.inputs, batch.targets
         if self.mix is not None:
             images, targets = self.mix(images, targets)
-        return {"loss": self.criterion(model(images).float(), targets)}
+        logits = model(images).float()
+        if self.class_weight is not None:
+            return {"loss": F.cross_entropy(logits, targets, weight=self.class_weight.to(logits.device),
+                                            label_smoothing=self.cfg.smoothing)}
+        return {"loss": self.criterion(logits, targets)}
+
+    def sample_weights(self, train: ImageFolder):
+        """`--balanced-sampler`: 1 / the count of each sample's class (each class drawn as often, in expectation)."""
+        if not self.cfg.balanced_sampler:
+            return None
+        from collections import Counter
+
+        targets = train.targets
+        counts = Counter(targets)
+        return [1.0 / counts[t] for t in targets]
 
     def evaluate(self, model: nn.Module, loader: DataLoader, device: torch.device, *, progress: bool,
                  lockstep: bool) -> dict[str, float]:

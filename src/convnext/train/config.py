@@ -195,6 +195,9 @@ class ClassifyConfig(EngineConfig):
     train_interpolation: str = "bicubic"
     crop_pct: float = 0.875  # eval: resize to input_size / crop_pct, center crop (no crop at >= 384)
     cache_images: bool = False  # keep decoded images in RAM (small datasets; per loader process)
+    # --- imbalanced data ---
+    class_weights: str | None = None  # auto (n / (classes x count), sklearn's "balanced") or a file: one per class
+    balanced_sampler: bool = False  # draw each epoch's samples with probability 1 / their class's count
 
     def __post_init__(self) -> None:
         from ..factory import check_model_name
@@ -203,6 +206,8 @@ class ClassifyConfig(EngineConfig):
         super().__post_init__()
         if (self.labels is None) != (self.val_labels is None):
             _fail("--labels and --val-labels go together: the training and the validation images' labels files")
+        if self.class_weights not in (None, "auto") and not Path(self.class_weights).is_file():
+            _fail(f"--class-weights {self.class_weights}: auto, or a file of one weight per class")
         if self.data.startswith(("hf:", "wds:")) and self.labels is not None:
             _fail("--labels names the images of a folder; an hf: dataset or wds: shards have their labels (--label-key)")
         for name in ("smoothing", "mixup", "cutmix"):

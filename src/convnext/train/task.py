@@ -10,6 +10,7 @@ else.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +48,11 @@ class Task:
     def collate(self, items: list[Any]) -> Batch:
         """Loader items -> one `Batch` (unreadable items, returned as None by the dataset, go to `bad`)."""
         raise NotImplementedError
+
+    def sample_weights(self, train: Dataset) -> Sequence[float] | None:
+        """A weight per training sample to draw each epoch's samples by (with replacement; `data.EpochSampler`),
+        or None: every sample once an epoch, shuffled."""
+        return None
 
     def build_model(self) -> nn.Module:
         """The model to train, on the CPU (the engine moves, wraps and shards it)."""
