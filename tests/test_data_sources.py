@@ -380,3 +380,68 @@ def test_training_with_class_weights_and_the_balanced_sampler(sources, tmp_path,
     code, _, err = run_main(capsys, "train", "--data", sources / "folder", "--output", tmp_path / "r2", *TRAIN,
                             "--class-weights", "balanced")
     assert code == 2 and "--class-weights balanced: auto, or a file" in err
+
+
+# --- several classes per image ----------------------------------------------------------------------------------
+def test_average_precision_and_f1_equal_sklearns_on_known_scores():
+    from sklearn.metrics import average_precision_score, f1_score
+
+    from convnext.eval.metrics import average_precision
+
+    torch.manual_seed(0)
+    targets = (torch.rand(50, 4) > 0.6).float()
+    scores = torch.where(targets > 0, torch.rand(50, 4) * 0.7 + 0.3, torch.rand(50, 4) * 0.8)
+    scores[:10, 0] = 0.5  # ties
+    targets[:, 3] = 0  # a class without positives: NaN, left out of the mean
+    ap = average_precision(scores, targets)
+    for c in range(3):
+        assert ap[c].item() == pytest.approx(average_precision_score(targets[:, c].numpy(), scores[:, c].numpy()),
+                                             abs=1e-12)
+    assert torch.isnan(ap[3])
+    from convnext.eval.metrics import evaluate_multi_label
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return torch.logit(scores[: len(x)].clamp(1e-6, 1 - 1e-6))
+
+    from convnext.data import Batch
+
+    res = evaluate_multi_label(Fixed(), [Batch(torch.zeros(50, 3, 4, 4), targets, list(range(50)))],
+                               torch.device("cpu"), 4)
+    assert res["mAP"] == pytest.approx(100 * float(ap[:3].mean()))
+    want_f1 = f1_score(targets.numpy(), (scores >= 0.5).numpy(), average=None, zero_division=0)
+    assert res["per_class_f1"] == pytest.approx(list(want_f1))  # (class 3: false positives only, F1 0)
+
+
+def test_multi_label_training_from_a_labels_file(tmp_path, capsys):
+    data = tmp_path / "flat"
+    data.mkdir()
+    rows = {"train": [], "val": []}
+    for split, n in (("train", 12), ("val", 6)):
+        for i in range(n):
+            tags = [t for t, on in (("red", i % 2 == 0), ("blue", i % 3 == 0), ("green", i % 2 == 1)) if on]
+            color = (200 if "red" in tags else 20, 200 if "green" in tags else 20, 200 if "blue" in tags else 20)
+            Image.new("RGB", (24, 24), color).save(data / f"{split}_{i}.png")
+            rows[split].append((f"{split}_{i}.png", tags))
+    (tmp_path / "train.csv").write_text("path,label\n" + "".join(f"{f},{';'.join(t)}\n" for f, t in rows["train"]))
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps({"path": f, "label": t}) + "\n" for f, t in rows["val"]))
+    base = ["train", "--data", data, "--labels", tmp_path / "train.csv", "--val-labels", tmp_path / "val.jsonl",
+            "--model", "convnext_atto", "--epochs", 2, "--batch-size", 4, "--input-size", 32, "--aa", "none",
+            "--reprob", 0, "--workers", 0, "--no-progress", "--threads", 1]
+    code, _, err = run_main(capsys, *base, "--output", tmp_path / "r", "--multi-label", "--mixup", 0, "--cutmix", 0,
+                            "--class-weights", "auto", "--smoothing", 0.1)
+    assert code == 0, err
+    line = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"val_mAP", "val_f1", "val_loss"} <= set(line) and 0 <= line["val_mAP"] <= 100
+    from convnext.factory import load_for_inference
+
+    _, info = load_for_inference(tmp_path / "r" / "best.safetensors")
+    assert info.classes == ["blue", "green", "red"] and info.multi_label
+    for f in ("best.safetensors", "last.pt"):
+        code, _, err = run_main(capsys, "eval", "--checkpoint", tmp_path / "r" / f, "--data", data, "--labels",
+                                tmp_path / "train.csv")
+        assert code == 2 and "trained with --multi-label" in err, err
+    code, _, err = run_main(capsys, *base, "--output", tmp_path / "r2", "--multi-label")
+    assert code == 2 and "--mixup 0 --cutmix 0" in err
+    code, _, err = run_main(capsys, *base, "--output", tmp_path / "r3", "--mixup", 0, "--cutmix", 0)
+    assert code == 2 and "train.csv:2: a list of labels; pass --multi-label" in err  # `a;b` without --multi-label

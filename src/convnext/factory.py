@@ -155,6 +155,13 @@ class InferenceInfo:
     model_name: str
     classes: list[str]
     preprocess: Preprocess = dataclasses.field(default_factory=Preprocess)
+    multi_label: bool = False  # trained with --multi-label: a sigmoid per class, not a softmax over them
+
+    def single_label(self, what: str) -> None:
+        """`what` (a command) reads one class per image: a multi-label classifier is an error, not a wrong number."""
+        if self.multi_label:
+            raise ValueError(f"{self.model_name} was trained with --multi-label (a sigmoid per class); {what} "
+                             f"scores one class per image: its validation mAP / F1 are in the run's metrics.jsonl")
 
     def transform(self):
         from .data import eval_transform
@@ -194,7 +201,8 @@ def load_for_inference(src: str | os.PathLike | ModelFile, *, key: str | None = 
         pre = Preprocess.from_dict(file.spec.get("preprocess") or {})
     except ValueError as e:
         raise CheckpointError(f"{file.path}: the preprocessing in its header is damaged: {e}") from None
-    return model, InferenceInfo(name, classes, pre)
+    multi = file.spec.get("multi_label") is True or file.metadata.get("multi_label") == "true"  # last.pt / best
+    return model, InferenceInfo(name, classes, pre, multi_label=multi)
 
 
 def pretrained_for_inference(name: str, pretrained: str | bool | os.PathLike = True) -> tuple[nn.Module, InferenceInfo]:

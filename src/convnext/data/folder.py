@@ -230,21 +230,24 @@ class LabelledFiles(ImageFolder):
     names one class only (`tench`), or a class index; without `classes`, the sorted distinct labels are the
     classes. A label the model does not know, a file listed twice or a missing file is a `DataError` naming
     the line; the devkit lists all 50,000 images, and those missing from `root` are only counted (a warning).
-    Items as ImageFolder's."""
+    Items as ImageFolder's. `multi_label`: a row's label lists classes, `a;b` (CSV) or a JSON list; its target
+    is the tuple of their indices."""
 
     def __init__(self, root: str | os.PathLike, labels: str | os.PathLike, transform: Callable | None = None,
                  classes: Sequence[str] | None = None, seed: int | None = 0, cache: bool = False,
-                 exif: bool = True) -> None:
+                 exif: bool = True, multi_label: bool = False) -> None:
         self.root, rows, self.exif = Path(root), read_label_file(labels), exif
         if not self.root.is_dir():
             raise DataError(f"data folder not found: {self.root}")
-        self.classes = list(classes) if classes is not None else sorted({label for _, label, _ in rows})
+        parts = {where: _parts(label, where, multi_label) for _, label, where in rows}
+        self.classes = list(classes) if classes is not None else sorted({c for p in parts.values() for c in p})
         lookup = _label_lookup(self.classes)
         self.samples, seen, absent, listing = [], set(), 0, _is_devkit(labels)
-        for name, label, where in rows:
+        for name, _, where in rows:
             path = self.root / name
-            if label not in lookup:
-                raise DataError(f"{where}: label {label!r} is not one of the {len(self.classes)} classes "
+            bad = next((c for c in parts[where] if c not in lookup), None)
+            if bad is not None:
+                raise DataError(f"{where}: label {bad!r} is not one of the {len(self.classes)} classes "
                                 f"({', '.join(self.classes[:3])}, ...; an index 0..{len(self.classes) - 1} also works)")
             if not path.is_file() and listing:
                 absent += 1
@@ -254,7 +257,8 @@ class LabelledFiles(ImageFolder):
             if path in seen:
                 raise DataError(f"{where}: {name} is listed twice")
             seen.add(path)
-            self.samples.append((str(path), lookup[label]))
+            ids = tuple(sorted({lookup[c] for c in parts[where]}))
+            self.samples.append((str(path), ids if multi_label else ids[0]))
         if not self.samples:
             raise DataError(f"{labels} lists no images" + (f" that are in {self.root}" if absent else ""))
         if absent:
@@ -262,6 +266,17 @@ class LabelledFiles(ImageFolder):
                            "present, not the whole validation set", self.root, absent, len(rows), len(self.samples))
         self.transform, self.seed = transform, seed
         self.cache = {} if cache else None
+
+
+def _parts(label: str, where: str, multi_label: bool) -> list[str]:
+    """The classes a labels-file row names: one, or with `multi_label` those of `a;b` (a JSON list comes as that)."""
+    listed = label.startswith("\x1e") or ";" in label  # a JSON list, or `a;b`
+    found = [p.strip() for p in label.lstrip("\x1e").split(";") if p.strip()] if listed or multi_label else [label]
+    if not multi_label and len(found) > 1:
+        raise DataError(f"{where}: a list of labels; pass --multi-label to train on several classes per image")
+    if not found:
+        raise DataError(f"{where}: no label")
+    return found
 
 
 def _is_devkit(path: str | os.PathLike) -> bool:
@@ -299,7 +314,9 @@ def read_label_file(path: str | os.PathLike) -> list[tuple[str, str, str]]:
         if isinstance(row, dict) and row.get("ImageId") and row.get("PredictionString"):  # LOC_val_solution.csv
             row = {"filename": row["ImageId"] + ".JPEG", "label": row["PredictionString"].split()[0]}
         name = row.get("filename", row.get("path")) if isinstance(row, dict) else None
-        label = row.get("label") if isinstance(row, dict) else None
+        label = row.get("label", row.get("labels")) if isinstance(row, dict) else None
+        if isinstance(label, list):  # JSONL: several classes ("\x1e": it came as a list, for a clear error)
+            label = "\x1e" + ";".join(str(v) for v in label) if label else None
         if name in (None, "") or label in (None, ""):
             raise DataError(f"{path}:{n}: each row needs `filename` (or `path`) and `label`, got {row!r}")
         out.append((str(name), str(label), f"{path}:{n}"))
@@ -362,8 +379,9 @@ def class_weights(spec: str, targets: Sequence[int], classes: Sequence[str]) -> 
     """`--class-weights`: "auto" -> n / (classes x count) per class (sklearn's "balanced"; 0 for a class with no
     sample), or a file: one weight per line in class order, or `class,weight` lines."""
     n = len(classes)
-    if spec == "auto":
-        counts = torch.bincount(torch.as_tensor(list(targets), dtype=torch.long), minlength=n).double()
+    if spec == "auto":  # (several classes per image: each counts where it is present)
+        flat = [c for t in targets for c in (t if isinstance(t, tuple) else (t,))]
+        counts = torch.bincount(torch.as_tensor(flat, dtype=torch.long), minlength=n).double()
         return torch.where(counts > 0, len(targets) / (n * counts.clamp(min=1)), 0.0).float()
     path = Path(spec)
     if not path.is_file():
@@ -472,6 +490,16 @@ class Batch:
             return x
 
         return Batch(move(self.inputs, True), move(self.targets, False), self.indices, self.bad)
+
+
+def collate_multi_label(items: list[tuple[Any, tuple[int, ...], int]], num_classes: int) -> Batch:
+    """`collate` for several classes per image: the targets a (N, classes) multi-hot float tensor."""
+    good = [b for b in items if b[0] is not None]
+    images = torch.stack([b[0] for b in good]) if good else None
+    targets = torch.zeros(len(good), num_classes)
+    for row, b in enumerate(good):
+        targets[row, list(b[1])] = 1.0
+    return Batch(images, targets, [b[2] for b in good], [b[2] for b in items if b[0] is None])
 
 
 def collate(items: list[tuple[Any, int, int]]) -> Batch:

@@ -197,6 +197,7 @@ def _load(checkpoint, model, pretrained, key):
     if checkpoint is not None:
         file = read_model_file(checkpoint)
         net, info = load_for_inference(file, key=key)
+        info.single_label("convnext eval")
         if expect is not None and info.model_name != expect.partition(".")[0]:
             raise ValueError(f"{checkpoint} holds a {info.model_name}, not {expect}; use --model {info.model_name}")
         return net, info, str(checkpoint), not file.version

@@ -155,3 +155,53 @@ def _top_pairs(codes: torch.Tensor, num_classes: int, n: int = 20) -> list[tuple
     pairs, counts = codes.unique(return_counts=True)
     order = counts.argsort(descending=True, stable=True)[:n]
     return [(int(pairs[i]) // num_classes, int(pairs[i]) % num_classes, int(counts[i])) for i in order]
+
+
+def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-class average precision of (N, C) scores against (N, C) 0/1 targets, as sklearn's
+    `average_precision_score` (sum over thresholds of the recall step times the precision there; tied scores
+    one threshold); NaN for a class without positives."""
+    out = torch.full((scores.shape[1],), float("nan"), dtype=torch.float64)
+    for c in range(scores.shape[1]):
+        s, y = scores[:, c].double(), targets[:, c].double()
+        if y.sum() == 0:
+            continue
+        order = torch.argsort(s, descending=True, stable=True)
+        s, y = s[order], y[order]
+        last = torch.cat([torch.nonzero(s[1:] != s[:-1]).flatten(), torch.tensor([len(s) - 1])])  # tie group ends
+        tps = torch.cumsum(y, 0)[last]
+        precision, recall = tps / (last + 1).double(), tps / y.sum()
+        out[c] = (torch.diff(recall, prepend=torch.zeros(1, dtype=torch.float64)) * precision).sum()
+    return out
+
+
+@torch.no_grad()
+def evaluate_multi_label(model: nn.Module, loader, device: torch.device, num_classes: int, *, precision: str = "fp32",
+                         progress: bool = False, threshold: float = 0.5, smoothing: float = 0.0) -> dict:
+    """Several classes per image: the BCE loss, mAP (the mean of the classes' average precision, over those with
+    positives), F1 per class and its mean at `threshold` on the sigmoid, from every image of every process
+    (scores gathered, so that the AP is exactly one process's)."""
+    model.eval()
+    scores, targets, bad = [], [], 0
+    for batch in tqdm(loader, desc="eval", disable=not progress, leave=False):
+        bad += len(batch.bad)
+        if batch.inputs is None:
+            continue
+        with autocast(device, precision):
+            logits = model(batch.inputs.to(device, non_blocking=True))
+        scores.append(logits.float().cpu())
+        targets.append(batch.targets.float().cpu())
+    scores, targets = all_gather_list(scores), all_gather_list(targets)  # (every rank takes part, even with none)
+    scores = torch.cat(scores) if scores else torch.zeros(0, num_classes)
+    targets = torch.cat(targets) if targets else torch.zeros(0, num_classes)
+    off = smoothing / num_classes
+    loss = F.binary_cross_entropy_with_logits(scores, targets * (1 - smoothing) + off) if len(scores) else torch.nan
+    ap = average_precision(torch.sigmoid(scores), targets)
+    pred = torch.sigmoid(scores) >= threshold
+    tp, fp = (pred & (targets > 0)).sum(0).double(), (pred & (targets == 0)).sum(0).double()
+    fn = (~pred & (targets > 0)).sum(0).double()
+    f1 = torch.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn).clamp(min=1), torch.nan)
+    return {"loss": float(loss), "mAP": 100.0 * float(ap.nanmean()), "f1": 100.0 * float(f1.nanmean()),
+            "per_class_ap": [None if torch.isnan(v) else float(v) for v in ap],
+            "per_class_f1": [None if torch.isnan(v) else float(v) for v in f1], "count": len(scores),
+            "bad_images": int(sum(all_gather_list([bad])))}

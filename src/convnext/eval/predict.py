@@ -122,6 +122,7 @@ class ClassifierPredictor:
             raise ValueError(f"--topk must be >= 1, got {topk}")
         if backend == "torch":
             model, info = load_for_inference(checkpoint, key=key)
+            info.single_label("convnext predict")
             check_topk(topk, len(info.classes))  # before any optimizing
             if optimize:
                 from ..models.optimize import optimize_for_inference

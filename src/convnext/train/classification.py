@@ -37,6 +37,8 @@ class ClassificationTask(Task):
         self.mix = None
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.smoothing)  # soft (mixed) targets too
         self.class_weight: torch.Tensor | None = None
+        if cfg.multi_label:  # the best checkpoint by mAP
+            self.best_metric = "val_mAP"
 
     def preprocess(self) -> Preprocess:
         return Preprocess(input_size=self.cfg.input_size, crop_pct=self.cfg.crop_pct)
@@ -57,9 +59,10 @@ class ClassificationTask(Task):
             val = open_split(cfg.data, cfg.val_split, eval_transform(self.preprocess()), classes=train.classes,
                              seed=None, **keys)
         elif cfg.labels is not None:  # any folder, its images listed with their labels
-            train = LabelledFiles(root, cfg.labels, augment, seed=cfg.seed, cache=cfg.cache_images)
+            train = LabelledFiles(root, cfg.labels, augment, seed=cfg.seed, cache=cfg.cache_images,
+                                  multi_label=cfg.multi_label)
             val = LabelledFiles(root, cfg.val_labels, eval_transform(self.preprocess()), classes=train.classes,
-                                cache=cfg.cache_images)
+                                cache=cfg.cache_images, multi_label=cfg.multi_label)
         else:
             train_dir, val_dir = root / cfg.train_split, split_folder(root, cfg.val_split)
             for d in (train_dir, val_dir):
@@ -85,6 +88,10 @@ class ClassificationTask(Task):
     def collate(self, items: list[Any]) -> Batch:
         from ..data import collate
 
+        if self.cfg.multi_label:
+            from ..data.folder import collate_multi_label
+
+            return collate_multi_label(items, len(self.classes))  # (image, classes, index) items
         return collate(items)  # (image, class, index) items
 
     def build_model(self) -> nn.Module:
@@ -99,6 +106,11 @@ class ClassificationTask(Task):
         if self.mix is not None:
             images, targets = self.mix(images, targets)
         logits = model(images).float()
+        if self.cfg.multi_label:  # timm's BinaryCrossEntropy: smoothed targets off = s / C, on = 1 - s + off
+            off = self.cfg.smoothing / len(self.classes)
+            weight = None if self.class_weight is None else self.class_weight.to(logits.device)
+            return {"loss": F.binary_cross_entropy_with_logits(logits, targets * (1 - self.cfg.smoothing) + off,
+                                                               weight=weight)}
         if self.class_weight is not None:
             return {"loss": F.cross_entropy(logits, targets, weight=self.class_weight.to(logits.device),
                                             label_smoothing=self.cfg.smoothing)}
@@ -116,14 +128,22 @@ class ClassificationTask(Task):
 
     def evaluate(self, model: nn.Module, loader: DataLoader, device: torch.device, *, progress: bool,
                  lockstep: bool) -> dict[str, float]:
-        from ..eval.metrics import evaluate
+        from ..eval.metrics import evaluate, evaluate_multi_label
 
+        if self.cfg.multi_label:
+            res = evaluate_multi_label(model, loader, device, len(self.classes), precision=self.cfg.precision,
+                                       progress=progress, smoothing=self.cfg.smoothing)
+            logger.info("per class F1 / AP (%%): %s", ", ".join(
+                f"{c} {_pct(f)}/{_pct(a)}" for c, f, a in zip(self.classes, res["per_class_f1"], res["per_class_ap"],
+                                                             strict=True)))
+            return {"val_loss": res["loss"], "val_mAP": res["mAP"], "val_f1": res["f1"]}
         res = evaluate(model, loader, device, len(self.classes), precision=self.cfg.precision, progress=progress,
                        lockstep=lockstep, require_finite=False)
         return {"val_loss": res["loss"], "val_acc1": res["acc1"], "val_acc5": res["acc5"]}
 
     def spec(self) -> dict[str, Any]:
-        return {"model_name": self.cfg.model, "classes": self.classes, "preprocess": self.preprocess().to_dict()}
+        spec = {"model_name": self.cfg.model, "classes": self.classes, "preprocess": self.preprocess().to_dict()}
+        return spec | ({"multi_label": True} if self.cfg.multi_label else {})
 
     def summary(self, train: ImageFolder, val: ImageFolder | None) -> str:
         return f"{self.cfg.model}: {len(train)} train / {len(val)} val images, {len(self.classes)} classes"
@@ -132,9 +152,11 @@ class ClassificationTask(Task):
                   metrics: dict[str, float]) -> None:
         from ..weights import save_checkpoint
 
+        key = self.best_metric
+        extra = {"epoch": str(epoch), key: f"{metrics[key]:.4f}"} | ({"multi_label": "true"} if self.cfg.multi_label
+                                                                   else {})
         save_checkpoint(model, output / "best.safetensors", state_dict=state_dict, classes=self.classes,
-                        preprocess=self.preprocess().to_dict(),
-                        extra_metadata={"epoch": str(epoch), "val_acc1": f"{metrics['val_acc1']:.4f}"})
+                        preprocess=self.preprocess().to_dict(), extra_metadata=extra)
 
     def sample_name(self, dataset: ImageFolder, index: int) -> str:
         """The image's name (path, or source/split#index); with labels that the name does not say (a labels file,
@@ -143,13 +165,22 @@ class ClassificationTask(Task):
 
         name = dataset.sample_name(index)
         own = type(dataset) is ImageFolder  # the folder is the label
-        return name if own else f"{name}\t{dataset.classes[dataset.target(index)]}"
+        target = dataset.target(index)
+        label = ";".join(dataset.classes[t] for t in target) if isinstance(target, tuple) else dataset.classes[target]
+        return name if own else f"{name}\t{label}"
 
     def unreadable_reason(self, dataset: ImageFolder, index: int) -> str:
         return dataset.unreadable_reason(index)
 
 
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
 def summarize(s: dict[str, Any]) -> str:
+    if "val_mAP" in s:
+        return (f"done: {s['model']} epoch {s['epoch']}  val mAP {s['val_mAP']:.2f}%  F1 {s['val_f1']:.2f}%  "
+                f"best mAP {s['best']:.2f}%  -> {s['output']}")
     if "val_acc1" not in s:
         return f"done: {s['model']} epoch {s.get('epoch', 0)}  -> {s['output']}"
     return (f"done: {s['model']} epoch {s['epoch']}  val top-1 {s['val_acc1']:.2f}%  top-5 {s['val_acc5']:.2f}%  "
