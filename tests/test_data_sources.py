@@ -413,7 +413,12 @@ def test_average_precision_and_f1_equal_sklearns_on_known_scores():
     assert res["per_class_f1"] == pytest.approx(list(want_f1))  # (class 3: false positives only, F1 0)
 
 
-def test_multi_label_training_from_a_labels_file(tmp_path, capsys):
+TAGS = ["blue", "green", "red"]
+
+
+def _tagged(tmp_path):
+    """Colour squares tagged by their channels: a flat folder with train.csv (a;b) and val.jsonl (lists), the same
+    as an hf dataset with a List(ClassLabel) column and as wds shards with .json lists."""
     data = tmp_path / "flat"
     data.mkdir()
     rows = {"train": [], "val": []}
@@ -425,6 +430,25 @@ def test_multi_label_training_from_a_labels_file(tmp_path, capsys):
             rows[split].append((f"{split}_{i}.png", tags))
     (tmp_path / "train.csv").write_text("path,label\n" + "".join(f"{f},{';'.join(t)}\n" for f, t in rows["train"]))
     (tmp_path / "val.jsonl").write_text("".join(json.dumps({"path": f, "label": t}) + "\n" for f, t in rows["val"]))
+    feats = datasets.Features({"image": datasets.Image(), "tags": datasets.Sequence(datasets.ClassLabel(names=TAGS))})
+    datasets.DatasetDict({("validation" if s == "val" else s): datasets.Dataset.from_dict(
+        {"image": [{"bytes": (data / f).read_bytes(), "path": None} for f, _ in r],
+         "tags": [[TAGS.index(t) for t in tags] for _, tags in r]}, features=feats)
+        for s, r in rows.items()}).save_to_disk(str(tmp_path / "hf"))
+    import webdataset
+
+    (tmp_path / "wds").mkdir()
+    for s, r in rows.items():
+        with webdataset.ShardWriter(str(tmp_path / "wds" / f"tags-{s}-%04d.tar"), maxcount=100, verbose=0) as sink:
+            for i, (f, tags) in enumerate(r):
+                sink.write({"__key__": f"{s}{i:03d}", "png": (data / f).read_bytes(),
+                            "json": json.dumps({"label": tags}).encode()})
+    (tmp_path / "wds" / "_info.json").write_text(json.dumps({"classes": TAGS}))
+    return data
+
+
+def test_multi_label_training_from_a_labels_file(tmp_path, capsys):
+    data = _tagged(tmp_path)
     base = ["train", "--data", data, "--labels", tmp_path / "train.csv", "--val-labels", tmp_path / "val.jsonl",
             "--model", "convnext_atto", "--epochs", 2, "--batch-size", 4, "--input-size", 32, "--aa", "none",
             "--reprob", 0, "--workers", 0, "--no-progress", "--threads", 1]
@@ -445,3 +469,23 @@ def test_multi_label_training_from_a_labels_file(tmp_path, capsys):
     assert code == 2 and "--mixup 0 --cutmix 0" in err
     code, _, err = run_main(capsys, *base, "--output", tmp_path / "r3", "--mixup", 0, "--cutmix", 0)
     assert code == 2 and "train.csv:2: a list of labels; pass --multi-label" in err  # `a;b` without --multi-label
+
+
+def test_multi_label_hf_lists_and_wds_json_lists_train_as_the_labels_file(tmp_path, capsys):
+    data = _tagged(tmp_path)
+    common = ["--model", "convnext_atto", "--epochs", 1, "--batch-size", 4, "--input-size", 32, "--aa", "none",
+              "--reprob", 0, "--workers", 0, "--no-progress", "--threads", 1, "--multi-label", "--mixup", 0,
+              "--cutmix", 0]
+    runs = {}
+    for name, args in (("files", ["--data", data, "--labels", tmp_path / "train.csv", "--val-labels",
+                                  tmp_path / "val.jsonl"]),
+                       ("hf", ["--data", f"hf:{tmp_path / 'hf'}", "--label-key", "tags"]),
+                       ("wds", ["--data", f"wds:{tmp_path / 'wds'}"])):
+        code, _, err = run_main(capsys, "train", *args, *common, "--output", tmp_path / name)
+        assert code == 0, (name, err)
+        runs[name] = torch.load(tmp_path / name / "last.pt", weights_only=True)["model"]
+    for name in ("hf", "wds"):
+        assert all(torch.equal(runs[name][k], runs["files"][k]) for k in runs["files"]), name
+    code, _, err = run_main(capsys, "train", "--data", f"wds:{tmp_path / 'wds'}", *common[:-5], "--mixup", 0,
+                            "--cutmix", 0, "--output", tmp_path / "single")
+    assert code == 2 and "pass --multi-label" in err

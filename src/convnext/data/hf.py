@@ -81,21 +81,27 @@ def _columns(ds, image_key: str | None, label_key: str | None, source: str) -> t
     return image_key, label_key
 
 
-def _class_names(ds, label_key: str, where: str) -> tuple[list[str], list[int]]:
-    """(class names, each row's index into them): a ClassLabel's names; ints i -> "0" .. "max" (label i is class i);
-    strings -> their sorted distinct values."""
+def _class_names(ds, label_key: str, where: str, multi: bool) -> tuple[list[str], list[list[int]]]:
+    """(class names, each row's indices into them): a ClassLabel's names; ints i -> "0" .. "max" (label i is class
+    i); strings -> their sorted distinct values. `multi`: each row a list of those (a `List(ClassLabel)` column)."""
     datasets = require_datasets()
-    feature, raw = ds.features[label_key], ds[label_key]
-    if isinstance(feature, datasets.ClassLabel):
-        return list(feature.names), [int(v) for v in raw]
-    if raw and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in raw):
-        return [str(i) for i in range(max(raw) + 1)], list(raw)
-    if raw and all(isinstance(v, str) for v in raw):
-        names = sorted(set(raw))
+    feature, raw = ds.features[label_key], list(ds[label_key])
+    inner = getattr(feature, "feature", None) if multi else feature  # List / Sequence of ...
+    if multi and not all(isinstance(v, list) for v in raw):
+        raise DataError(f"{where}: --multi-label needs a list of classes per image in {label_key!r} ({feature})")
+    rows = raw if multi else [[v] for v in raw]
+    flat = [v for r in rows for v in r]
+    if isinstance(inner, datasets.ClassLabel):
+        return list(inner.names), [[int(v) for v in r] for r in rows]
+    if flat and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in flat):
+        return [str(i) for i in range(max(flat) + 1)], rows
+    if flat and all(isinstance(v, str) for v in flat):
+        names = sorted(set(flat))
         index = {n: i for i, n in enumerate(names)}
-        return names, [index[v] for v in raw]
-    raise DataError(f"{where}: the {label_key!r} column holds {feature} values, not one class (a name or an index "
-                    f">= 0) per image")
+        return names, [[index[v] for v in r] for r in rows]
+    raise DataError(f"{where}: the {label_key!r} column holds {feature} values, not "
+                    f"{'classes' if multi else 'one class'} (a name or an index >= 0) per image"
+                    + ("" if multi else " (a list per image: pass --multi-label)"))
 
 
 class HFImages(ImageFolder):
@@ -104,7 +110,7 @@ class HFImages(ImageFolder):
 
     def __init__(self, source: str, split: str, transform: Callable | None = None,
                  classes: Sequence[str] | None = None, seed: int | None = 0, cache: bool = False, exif: bool = True,
-                 image_key: str | None = None, label_key: str | None = None) -> None:
+                 image_key: str | None = None, label_key: str | None = None, multi_label: bool = False) -> None:
         datasets = require_datasets()
         source = source[len(PREFIX):] if is_hf(source) else str(source)
         ds = open_split(source, split)
@@ -114,14 +120,15 @@ class HFImages(ImageFolder):
         if label_key is None:
             raise DataError(f"hf:{source} [{split}]: no label column (columns: {', '.join(ds.features)}); name it "
                             f"with --label-key")
-        own, raw = _class_names(ds, label_key, f"hf:{source} [{split}]")
+        own, rows = _class_names(ds, label_key, f"hf:{source} [{split}]", multi_label)
         self.classes = list(classes) if classes is not None else own
         lookup = _label_lookup(self.classes)
-        unknown = sorted({own[v] for v in set(raw)} - set(lookup))
+        unknown = sorted({own[v] for r in rows for v in r} - set(lookup))
         if unknown:
             raise DataError(f"hf:{source} [{split}]: label {unknown[0]!r} is not one of the {len(self.classes)} "
                             f"classes ({', '.join(self.classes[:3])}, ...)")
-        self._targets = [lookup[own[v]] for v in raw]
+        self._targets = [tuple(sorted({lookup[own[v]] for v in r})) if multi_label else lookup[own[r[0]]]
+                         for r in rows]
         self.ds = ds.select_columns([self.image_key]).cast_column(self.image_key, datasets.Image(decode=False))
         self.transform, self.seed = transform, seed
         self.cache: dict[int, Any] | None = {} if cache else None

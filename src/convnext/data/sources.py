@@ -21,16 +21,16 @@ def kind(data: Any) -> str:
 
 def open_split(data: str, split: str, transform: Callable | None = None, *, classes: Sequence[str] | None = None,
                seed: int | None = 0, cache: bool = False, exif: bool = True, image_key: str | None = None,
-               label_key: str | None = None):
+               label_key: str | None = None, multi_label: bool = False):
     """Split `split` of an `hf:` or `wds:` source as an ImageFolder-like dataset (items `(image, class, index)`)."""
     if kind(data) == "hf":
         from .hf import HFImages
 
         return HFImages(data, split, transform, classes=classes, seed=seed, cache=cache, exif=exif,
-                        image_key=image_key, label_key=label_key)
+                        image_key=image_key, label_key=label_key, multi_label=multi_label)
     if kind(data) == "wds":
         from .wds import WdsImages
 
         return WdsImages(data, split, transform, classes=classes, seed=seed, cache=cache, exif=exif,
-                         image_key=image_key, label_key=label_key)
+                         image_key=image_key, label_key=label_key, multi_label=multi_label)
     raise DataError(f"{data}: not an hf: or wds: source")

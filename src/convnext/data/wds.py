@@ -106,14 +106,17 @@ def index_shard(path: Path) -> tuple[list[dict[str, Any]], str | None]:
     return [{"key": k, "members": v} for k, v in samples.items()], note
 
 
-def _label(raw: bytes, ext: str) -> str:
+def _label(raw: bytes, ext: str) -> list[str]:
+    """The classes a sample's label member names: `.cls` text (`3`, or `1;4` for several), or `.json` (a class, a
+    list of them, or an object with "label")."""
     if ext == "cls":
-        return raw.decode("utf-8").strip()
+        return [p.strip() for p in raw.decode("utf-8").split(";") if p.strip()]
     value = json.loads(raw.decode("utf-8"))
     value = value.get("label", value.get("cls")) if isinstance(value, dict) else value
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
+    values = value if isinstance(value, list) else [value]
+    if not values or any(isinstance(v, bool) or not isinstance(v, (int, str)) for v in values):
         raise ValueError(f"no class in {raw[:60]!r}")
-    return str(value)
+    return [str(v) for v in values]
 
 
 class WdsImages(ImageFolder):
@@ -122,7 +125,8 @@ class WdsImages(ImageFolder):
 
     def __init__(self, source: str, split: str, transform: Callable | None = None,
                  classes: Sequence[str] | None = None, seed: int | None = 0, cache: bool = False,
-                 exif: bool = True, image_key: str | None = None, label_key: str | None = None) -> None:
+                 exif: bool = True, image_key: str | None = None, label_key: str | None = None,
+                 multi_label: bool = False) -> None:
         import logging
 
         # timm's --input-key / --target-key for shards: the members' extensions ("jpg;png", "cls")
@@ -142,15 +146,20 @@ class WdsImages(ImageFolder):
         if not self.samples:
             raise DataError(f"wds:{self.source} [{split}]: its shards hold no image (.{'|.'.join(self.image_exts)}) with "
                             f"a label (.{'|.'.join(self.label_exts)}); --image-key / --label-key name other members")
+        several = next((i for i, v in enumerate(labels) if len(v) != 1), None)
+        if several is not None and not multi_label:
+            raise DataError(f"{self.sample_name(several)}: {len(labels[several])} classes; pass --multi-label to "
+                            f"train on several classes per image")
+        flat = [c for v in labels for c in v]
         info_classes = read_info(self.root).get("classes")
         own = list(classes) if classes is not None else (
-            [str(c) for c in info_classes] if isinstance(info_classes, list) else _index_classes(labels, self.source))
+            [str(c) for c in info_classes] if isinstance(info_classes, list) else _index_classes(flat, self.source))
         self.classes, lookup = own, _label_lookup(own)
-        unknown = sorted(set(labels) - set(lookup))
+        unknown = sorted(set(flat) - set(lookup))
         if unknown:
             raise DataError(f"wds:{self.source} [{split}]: label {unknown[0]!r} is not one of the {len(own)} classes "
                             f"({', '.join(own[:3])}, ...)")
-        self._targets = [lookup[v] for v in labels]
+        self._targets = [tuple(sorted({lookup[c] for c in v})) if multi_label else lookup[v[0]] for v in labels]
         self.transform, self.seed = transform, seed
         self.cache: dict[int, Any] | None = {} if cache else None
         self._files: dict[int, Any] = {}

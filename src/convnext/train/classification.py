@@ -54,7 +54,8 @@ class ClassificationTask(Task):
                                   color_jitter=cfg.color_jitter, reprob=cfg.reprob,
                                   interpolation_name=cfg.train_interpolation)
         if kind(cfg.data) != "folder":  # a Hugging Face dataset's or WebDataset shards' splits
-            keys = dict(image_key=cfg.image_key, label_key=cfg.label_key, cache=cfg.cache_images)
+            keys = dict(image_key=cfg.image_key, label_key=cfg.label_key, cache=cfg.cache_images,
+                        multi_label=cfg.multi_label)
             train = open_split(cfg.data, cfg.train_split, augment, seed=cfg.seed, **keys)
             val = open_split(cfg.data, cfg.val_split, eval_transform(self.preprocess()), classes=train.classes,
                              seed=None, **keys)

@@ -195,7 +195,8 @@ class ClassifyConfig(EngineConfig):
     train_interpolation: str = "bicubic"
     crop_pct: float = 0.875  # eval: resize to input_size / crop_pct, center crop (no crop at >= 384)
     cache_images: bool = False  # keep decoded images in RAM (small datasets; per loader process)
-    multi_label: bool = False  # several classes per image (labels files: `a;b` or a JSON list): BCE, mAP and F1
+    multi_label: bool = False  # several classes per image (labels files `a;b` / JSON lists, hf: lists, wds: .json
+    #                            lists or .cls `1;4`): BCE, mAP and F1
     # --- imbalanced data ---
     class_weights: str | None = None  # auto (n / (classes x count), sklearn's "balanced") or a file: one per class
     balanced_sampler: bool = False  # draw each epoch's samples with probability 1 / their class's count
@@ -207,9 +208,9 @@ class ClassifyConfig(EngineConfig):
         super().__post_init__()
         if (self.labels is None) != (self.val_labels is None):
             _fail("--labels and --val-labels go together: the training and the validation images' labels files")
-        if self.multi_label and self.labels is None:
+        if self.multi_label and self.labels is None and not self.data.startswith(("hf:", "wds:")):
             _fail("--multi-label reads several classes per image from --labels / --val-labels files (`a;b` or a "
-                  "JSON list); class folders hold one")
+                  "JSON list), an hf: list column or wds: .json lists; class folders hold one")
         if self.multi_label and (self.mixup > 0 or self.cutmix > 0):
             _fail("--multi-label with Mixup/CutMix is not supported (they mix one class per image): pass --mixup 0 "
                   "--cutmix 0")
