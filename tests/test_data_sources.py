@@ -461,10 +461,20 @@ def test_multi_label_training_from_a_labels_file(tmp_path, capsys):
 
     _, info = load_for_inference(tmp_path / "r" / "best.safetensors")
     assert info.classes == ["blue", "green", "red"] and info.multi_label
-    for f in ("best.safetensors", "last.pt"):
-        code, _, err = run_main(capsys, "eval", "--checkpoint", tmp_path / "r" / f, "--data", data, "--labels",
-                                tmp_path / "train.csv")
-        assert code == 2 and "trained with --multi-label" in err, err
+    for f in ("best.safetensors", "last.pt"):  # convnext eval scores it as training's validation did
+        code, out, err = run_main(capsys, "eval", "--checkpoint", tmp_path / "r" / f, "--data", data, "--labels",
+                                  tmp_path / "val.jsonl", "--json", "--output", tmp_path / "e")
+        assert code == 0, err
+        res = json.loads(out)
+        assert res["count"] == 6 and len(res["per_class_f1"]) == 3
+        if f == "best.safetensors":
+            best = max(json.loads(x)["val_mAP"] for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines())
+            assert res["mAP"] == pytest.approx(best, abs=1e-6)
+    code, out, err = run_main(capsys, "eval", "--checkpoint", tmp_path / "r" / "best.safetensors", "--data", data,
+                              "--labels", tmp_path / "val.jsonl", "--output", tmp_path / "e")
+    assert code == 0 and "mAP" in out and "  red" in out
+    code, _, err = run_main(capsys, "predict", data / "val_0.png", "--checkpoint", tmp_path / "r" / "best.safetensors")
+    assert code == 2 and "trained with --multi-label" in err, err
     code, _, err = run_main(capsys, *base, "--output", tmp_path / "r2", "--multi-label")
     assert code == 2 and "--mixup 0 --cutmix 0" in err
     code, _, err = run_main(capsys, *base, "--output", tmp_path / "r3", "--mixup", 0, "--cutmix", 0)

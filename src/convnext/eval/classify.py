@@ -70,6 +70,9 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike | None = None, data: str |
     try:
         net, info, weights, published = _load(checkpoint, model, pretrained, key)
         info.preprocess = _override(info.preprocess, input_size, crop_pct, interpolation, crop_mode)
+        if info.multi_label and (valid_classes or real_labels or results_file):
+            raise ValueError("--valid-classes, --real-labels and --results-file are single-label protocols; this "
+                             "classifier was trained with --multi-label (evaluated by mAP and F1)")
         run = _Runner(net, info, env, batch_size=batch_size, workers=workers, precision=precision,
                       optimize=optimize, channels_last=channels_last, progress=progress,
                       exif=not published if exif is None else exif)
@@ -197,7 +200,6 @@ def _load(checkpoint, model, pretrained, key):
     if checkpoint is not None:
         file = read_model_file(checkpoint)
         net, info = load_for_inference(file, key=key)
-        info.single_label("convnext eval")
         if expect is not None and info.model_name != expect.partition(".")[0]:
             raise ValueError(f"{checkpoint} holds a {info.model_name}, not {expect}; use --model {info.model_name}")
         return net, info, str(checkpoint), not file.version
@@ -267,6 +269,10 @@ class _Runner:
 
         from ..data import ShardSampler, collate
 
+        if self.info.multi_label:
+            import functools
+
+            collate = functools.partial(_collate_multi_label, num_classes=len(self.info.classes))
         return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.workers, collate_fn=collate,
                           sampler=ShardSampler(len(dataset), self.env.rank, self.env.world_size),
                           pin_memory=self.env.device.type == "cuda", persistent_workers=False)
@@ -288,10 +294,16 @@ class _Runner:
     def __call__(self, dataset, *, valid=None, real=None, desc: str = "eval") -> dict:
         from ..utils import all_reduce_max
 
+        from .metrics import evaluate_multi_label
+
         loader = self.loader(dataset)
         start = time.perf_counter()
-        res = evaluate(self.model, loader, self.env.device, len(self.info.classes), precision=self.run_precision,
-                       channels_last=self.channels_last, progress=self.progress, desc=desc, valid=valid, real=real)
+        if self.info.multi_label:
+            res = evaluate_multi_label(self.model, loader, self.env.device, len(self.info.classes),
+                                       precision=self.run_precision, progress=self.progress)
+        else:
+            res = evaluate(self.model, loader, self.env.device, len(self.info.classes), precision=self.run_precision,
+                           channels_last=self.channels_last, progress=self.progress, desc=desc, valid=valid, real=real)
         if self.env.device.type == "cuda":
             torch.cuda.synchronize(self.env.device)
         seconds = all_reduce_max(torch.tensor([time.perf_counter() - start], dtype=torch.float64,
@@ -299,6 +311,13 @@ class _Runner:
         res["seconds"] = float(seconds.item())
         res["img_s"] = res["count"] / res["seconds"] if res["seconds"] > 0 else 0.0
         return res
+
+
+def _collate_multi_label(items, num_classes: int):
+    """A multi-label classifier's batches: class-folder (one class) and listed (several) targets alike multi-hot."""
+    from ..data.folder import collate_multi_label
+
+    return collate_multi_label([(x, t if isinstance(t, tuple) else (t,), i) for x, t, i in items], num_classes)
 
 
 class _Normalized(torch.nn.Module):
@@ -341,9 +360,10 @@ def _dataset(root: Path, labels, run: _Runner, named: tuple | None = None):
 
         data, split, image_key, label_key = named
         return open_split(data, split, run.transform, classes=run.info.classes, seed=None, exif=run.exif,
-                          image_key=image_key, label_key=label_key)
+                          image_key=image_key, label_key=label_key, multi_label=run.info.multi_label)
     if labels is not None:
-        return LabelledFiles(root, labels, transform=run.transform, classes=run.info.classes, seed=None, exif=run.exif)
+        return LabelledFiles(root, labels, transform=run.transform, classes=run.info.classes, seed=None, exif=run.exif,
+                             multi_label=run.info.multi_label)
     return ImageFolder(root, transform=run.transform, classes=run.info.classes, seed=None, exif=run.exif)
 
 
@@ -356,6 +376,8 @@ def _one_set(run: _Runner, root: Path, labels, valid_classes, real_labels, out: 
     real = real_targets(real_labels, dataset, info.classes) if real_labels is not None else None
     run.prepare(dataset, math.ceil(len(dataset) / run.batch_size / run.env.world_size))
     res = run(dataset, valid=valid, real=real)
+    if info.multi_label:
+        return res | {"multi_label": True}
     confused = [(info.classes[t], info.classes[p], k) for t, p, k in res["confused"]]
     if run.env.is_main and out["png"] is not None:
         plot_confusion(res["confusion"], info.classes, out["png"],
@@ -523,6 +545,8 @@ def format_results(res: dict, style: str = "text") -> str:
     (or per corruption and severity for ImageNet-C)."""
     if style == "json":
         return _json(res)
+    if res.get("multi_label"):
+        return _multi_label_lines(res)
     from ..data.imagenet import display_name
 
     lines = [f"{res['model_name']} ({res['weights']}) on {res['root']}: {res['count']} images  "
@@ -552,6 +576,17 @@ def format_results(res: dict, style: str = "text") -> str:
     return "\n".join(lines)
 
 
+def _multi_label_lines(res: dict) -> str:
+    lines = [f"{res['model_name']} ({res['weights']}) on {res['root']}: {res['count']} images, several classes "
+             f"each  mAP {res['mAP']:.2f}%  F1 {res['f1']:.2f}% (at 0.5)  loss {res['loss']:.4f}"
+             + (f"  ({res['bad_images']} unreadable skipped)" if res["bad_images"] else "")]
+    width = max((len(c) for c in res["classes"]), default=0)
+    lines += [f"  {c:<{width}}  AP {'-' if a is None else f'{100 * a:6.2f}%'}  F1 {'-' if f is None else f'{100 * f:6.2f}%'}"
+              for c, a, f in zip(res["classes"], res["per_class_ap"], res["per_class_f1"], strict=True)]
+    lines.append(f"{res['img_s']:.1f} img/s on {res['device']} x{res['processes']} ({res['precision']})")
+    return "\n".join(lines)
+
+
 def _corruption_lines(res: dict) -> list[str]:
     out = []
     for c, r in res["per_corruption"].items():
@@ -572,7 +607,8 @@ def _json(res: dict) -> str:
 
     keep = ("model_name", "weights", "root", "loss", "acc1", "acc5", "count", "bad_images", "per_class_acc",
             "classes", "confused", "real_acc1", "real_acc5", "real_count", "valid_classes", "mce", "mce_corruptions",
-            "per_corruption", "img_s", "seconds", "device", "precision", "processes", "preprocess", "how")
+            "per_corruption", "img_s", "seconds", "device", "precision", "processes", "preprocess", "how",
+            "multi_label", "mAP", "f1", "per_class_ap", "per_class_f1")
     out = {k: res[k] for k in keep if k in res}
     if res.get("confusion") is not None and len(res["classes"]) <= PLOT_MAX_CLASSES:
         out["confusion"] = res["confusion"].tolist()
