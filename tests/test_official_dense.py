@@ -442,22 +442,34 @@ def mmdet_mask_rcnn(sd, img):
     return out
 
 
-@pytest.fixture(scope="module")
-def official_det(tmp_path_factory):
-    """An official-layout Mask R-CNN (80 classes, random weights) whose box head is sure of class 3."""
-    torch.manual_seed(1)
+def official_detector_file(folder, arch, seed, filename):
+    """An official-layout detector of `arch` (80 classes, random weights and BN statistics) written as mmcv saves
+    it, whose box head(s) are sure of class 3."""
+    torch.manual_seed(seed)
     from convnext.dense import create_detector
     from convnext.weights.dense_official import detector_to_official
 
-    model = create_detector(NAME, 80, min_size=256, max_size=427, conventions="mmdet")
+    model = create_detector(NAME, 80, arch=arch, min_size=256, max_size=427, conventions="mmdet")
+    predictors = model.roi_heads.box_predictor
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-        model.roi_heads.box_predictor.cls_score.bias[4] += 6.0  # torchvision row 4 = mmdet class 3
+        for name, b in model.named_buffers():  # (Mask R-CNN has none)
+            if name.endswith("running_mean"):
+                b.normal_(0, 0.1)
+            elif name.endswith("running_var"):
+                b.uniform_(0.5, 1.5)
+        for predictor in predictors if isinstance(predictors, torch.nn.ModuleList) else [predictors]:
+            predictor.cls_score.bias[4] += 6.0  # torchvision row 4 = mmdet class 3
     sd = detector_to_official(model.state_dict())
-    path = tmp_path_factory.mktemp("det") / "mask_rcnn_convnext_tiny_1k_3x.pth"
+    path = folder / filename
     torch.save({"state_dict": sd, "meta": {"epoch": 36}}, path)
     return {"path": path, "sd": sd}
+
+
+@pytest.fixture(scope="module")
+def official_det(tmp_path_factory):
+    return official_detector_file(tmp_path_factory.mktemp("det"), "maskrcnn", 1, "mask_rcnn_convnext_tiny_1k_3x.pth")
 
 
 @pytest.mark.slow
@@ -594,26 +606,8 @@ def to_mmdet_classes(logits, deltas, labels):  # torchvision (background first) 
 
 @pytest.fixture(scope="module")
 def official_cascade(tmp_path_factory):
-    """An official-layout Cascade Mask R-CNN (80 classes, random weights and BN statistics) sure of class 3."""
-    torch.manual_seed(2)
-    from convnext.dense import create_detector
-    from convnext.weights.dense_official import detector_to_official
-
-    model = create_detector(NAME, 80, arch="cascade_maskrcnn", min_size=256, max_size=427, conventions="mmdet")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-        for name, b in model.named_buffers():
-            if name.endswith("running_mean"):
-                b.normal_(0, 0.1)
-            elif name.endswith("running_var"):
-                b.uniform_(0.5, 1.5)
-        for predictor in model.roi_heads.box_predictor:
-            predictor.cls_score.bias[4] += 6.0  # torchvision row 4 = mmdet class 3
-    sd = detector_to_official(model.state_dict())
-    path = tmp_path_factory.mktemp("cascade") / "cascade_mask_rcnn_convnext_tiny_1k_3x.pth"
-    torch.save({"state_dict": sd, "meta": {"epoch": 36}}, path)
-    return {"path": path, "sd": sd}
+    return official_detector_file(tmp_path_factory.mktemp("cascade"), "cascade_maskrcnn", 2,
+                                  "cascade_mask_rcnn_convnext_tiny_1k_3x.pth")
 
 
 @pytest.mark.slow

@@ -116,10 +116,9 @@ def _launch_torchrun(args: argparse.Namespace) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
-    import json
 
     from .bench import BenchOptions, format_table, run
-    from .utils import atomic_write, check_output
+    from .utils import check_output
 
     if args.json and args.json != "-":
         check_output(args.json, force=args.force, suffixes=(".json",))
@@ -130,9 +129,18 @@ def _cmd_bench(args: argparse.Namespace) -> None:
         precision=args.precision, compare=tuple(p for p in args.compare.split(",") if p), repeats=args.repeats,
         warmup=args.warmup, device=args.device, threads=args.threads, compile=args.compile,
         optimize=args.optimize, memory=not args.no_memory, progress=args.json != "-"))
+    _report_bench(args, res, format_table)
+
+
+def _report_bench(args: argparse.Namespace, res: dict, table: Callable[[dict], str]) -> None:
+    """A benchmark's result: the command that made it, its table (unless --json -), and --json (file or stdout)."""
+    import json
+
+    from .utils import atomic_write
+
     res["command"] = "convnext " + " ".join(args.argv if args.argv is not None else sys.argv[1:])
     if args.json != "-":
-        print(format_table(res))
+        print(table(res))
     if args.json:
         text = json.dumps(res, indent=2)
         if args.json == "-":
@@ -142,10 +150,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
 
 
 def _bench_data(args: argparse.Namespace) -> None:
-    import json
-
     from .bench.data import bench_data, format_data_table
-    from .utils import atomic_write
 
     if args.mode != "data" or not args.data:
         raise ValueError("--mode data and --data SRC[,SRC...] go together (the input pipeline alone)")
@@ -156,15 +161,7 @@ def _bench_data(args: argparse.Namespace) -> None:
     res = bench_data([s for s in args.data.split(",") if s], workers, batch_size=args.batch_size,
                      input_size=args.input_size, batches=args.batches, repeats=args.repeats,
                      progress=args.json != "-")
-    res["command"] = "convnext " + " ".join(args.argv if args.argv is not None else sys.argv[1:])
-    if args.json != "-":
-        print(format_data_table(res))
-    if args.json:
-        text = json.dumps(res, indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            atomic_write(args.json, lambda tmp: Path(tmp).write_text(text + "\n"))
+    _report_bench(args, res, format_data_table)
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
