@@ -473,12 +473,51 @@ def test_multi_label_training_from_a_labels_file(tmp_path, capsys):
     code, out, err = run_main(capsys, "eval", "--checkpoint", tmp_path / "r" / "best.safetensors", "--data", data,
                               "--labels", tmp_path / "val.jsonl", "--output", tmp_path / "e")
     assert code == 0 and "mAP" in out and "  red" in out
-    code, _, err = run_main(capsys, "predict", data / "val_0.png", "--checkpoint", tmp_path / "r" / "best.safetensors")
-    assert code == 2 and "trained with --multi-label" in err, err
-    code, _, err = run_main(capsys, *base, "--output", tmp_path / "r2", "--multi-label")
-    assert code == 2 and "--mixup 0 --cutmix 0" in err
+    _check_multi_label_predict(capsys, data, tmp_path / "r" / "best.safetensors")
+    code, _, err = run_main(capsys, *base, "--output", tmp_path / "r2", "--multi-label", "--epochs", 1)  # Mixup/CutMix on
+    assert code == 0, err
     code, _, err = run_main(capsys, *base, "--output", tmp_path / "r3", "--mixup", 0, "--cutmix", 0)
     assert code == 2 and "train.csv:2: a list of labels; pass --multi-label" in err  # `a;b` without --multi-label
+
+
+def _check_multi_label_predict(capsys, data, checkpoint):
+    """`convnext predict` of a multi-label classifier: the classes whose sigmoid is over the threshold."""
+    from convnext.data import load_rgb
+    from convnext.factory import InferenceInfo, load_for_inference
+
+    model, info = load_for_inference(checkpoint)
+    images = [data / f"val_{i}.png" for i in range(6)]
+    with torch.no_grad():
+        probs = model(torch.stack([info.transform()(load_rgb(p)) for p in images])).sigmoid()
+    for threshold in (0.5, float(probs.median())):
+        code, out, err = run_main(capsys, "predict", *images, "--checkpoint", checkpoint, "--json", "--no-optimize",
+                                  *(["--threshold", threshold] if threshold != 0.5 else []))
+        assert code == 0, err
+        for row, p in zip(json.loads(out), probs, strict=True):
+            want = sorted((i for i in range(3) if p[i] >= threshold), key=lambda i: -p[i])
+            assert [t["index"] for t in row["top"]] == want and row["threshold"] == threshold
+            assert [t["probability"] for t in row["top"]] == pytest.approx([float(p[i]) for i in want], abs=1e-6)
+    code, out, _ = run_main(capsys, "predict", images[0], "--checkpoint", checkpoint, "--threshold", 0.999999)
+    assert code == 0 and "no class at 99.9999% or more" in out
+    code, _, err = run_main(capsys, "predict", images[0], "--checkpoint", checkpoint, "--threshold", 1.5)
+    assert code == 2 and "--threshold must be between 0 and 1" in err
+    assert InferenceInfo.from_dict(info.to_dict()).multi_label  # exported files say so too
+    single = InferenceInfo("convnext_atto", ["a", "b"])
+    assert "multi_label" not in single.to_dict() and not InferenceInfo.from_dict(single.to_dict()).multi_label
+
+
+def test_mixup_and_cutmix_mix_multi_hot_targets_as_probability_vectors():
+    from convnext.data import mixup_cutmix
+
+    targets = torch.tensor([[1.0, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 1]])
+    images = torch.rand(3, 3, 8, 8)
+    for mixup, cutmix in ((0.8, 0.0), (0.0, 1.0)):
+        torch.manual_seed(0)
+        mixed_images, mixed = mixup_cutmix(4, mixup=mixup, cutmix=cutmix)(images, targets)
+        lam = float(mixed[0, 0])  # sample 0 has class 0, sample 2 (rolled onto it) has not
+        assert 0 < lam < 1 and torch.allclose(mixed, lam * targets + (1 - lam) * targets.roll(1, 0))
+        if mixup:
+            assert torch.allclose(mixed_images, lam * images + (1 - lam) * images.roll(1, 0), atol=1e-6)
 
 
 def test_multi_label_hf_lists_and_wds_json_lists_train_as_the_labels_file(tmp_path, capsys):

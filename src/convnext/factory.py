@@ -157,24 +157,20 @@ class InferenceInfo:
     preprocess: Preprocess = dataclasses.field(default_factory=Preprocess)
     multi_label: bool = False  # trained with --multi-label: a sigmoid per class, not a softmax over them
 
-    def single_label(self, what: str) -> None:
-        """`what` (a command) reads one class per image: a multi-label classifier is an error, not a wrong number."""
-        if self.multi_label:
-            raise ValueError(f"{self.model_name} was trained with --multi-label (a sigmoid per class); {what} "
-                             f"scores one class per image: its validation mAP / F1 are in the run's metrics.jsonl")
-
     def transform(self):
         from .data import eval_transform
 
         return eval_transform(self.preprocess)
 
     def to_dict(self) -> dict[str, Any]:
-        """Flat JSON (what exported files embed): model_name, classes and the preprocessing fields."""
-        return {"model_name": self.model_name, "classes": list(self.classes), **self.preprocess.to_dict()}
+        """Flat JSON (what exported files embed): model_name, classes, the preprocessing fields, and
+        `multi_label: true` for a multi-label classifier (absent otherwise, as in files exported before it)."""
+        return ({"model_name": self.model_name, "classes": list(self.classes), **self.preprocess.to_dict()}
+                | ({"multi_label": True} if self.multi_label else {}))
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> InferenceInfo:
-        return cls(d["model_name"], list(d["classes"]), Preprocess.from_dict(d))
+        return cls(d["model_name"], list(d["classes"]), Preprocess.from_dict(d), multi_label=d.get("multi_label") is True)
 
 
 def load_for_inference(src: str | os.PathLike | ModelFile, *, key: str | None = None

@@ -73,15 +73,15 @@ def check_topk(topk: int | None, num_classes: int) -> int:
 
 @torch.no_grad()
 def predict(model: nn.Module, info: InferenceInfo, paths: list[Path], *, topk: int | None = None,
-            batch_size: int = 32) -> list[dict]:
+            batch_size: int = 32, threshold: float | None = None) -> list[dict]:
     """Top-k classes per image (default k: 5, or all classes if fewer), each {index, class, name,
     probability} (`name`: an ImageNet synset's readable name, else the class); unreadable images get an
-    `error` instead."""
-    from ..data.imagenet import display_name
-
-    topk = check_topk(topk, len(info.classes))
+    `error` instead. A multi-label classifier (`info.multi_label`): a sigmoid per class, and `top` holds every
+    class whose probability is at least `threshold` (default 0.5), most probable first (at most `topk` when
+    given), with `threshold` in the row."""
+    threshold = check_threshold(threshold, info)
+    k = check_topk(topk, len(info.classes)) if not info.multi_label or topk is not None else len(info.classes)
     transform = info.transform()
-    k = topk
     results: list[dict] = []
     for start in range(0, len(paths), batch_size):
         chunk, tensors, rows = paths[start:start + batch_size], [], []
@@ -96,14 +96,41 @@ def predict(model: nn.Module, info: InferenceInfo, paths: list[Path], *, topk: i
             if not bool(torch.isfinite(logits).all()):
                 raise FloatingPointError(f"the model's outputs are not finite (NaN/inf) for {rows[0]['path']} "
                                          f"and its batch: its predictions would mean nothing")
-            probs = logits.softmax(dim=1)
-            top = probs.topk(k, dim=1)
-            for row, values, idx in zip(rows, top.values, top.indices, strict=True):
-                row["top"] = [{"index": i, "class": info.classes[i], "name": display_name(info.classes[i]),
-                               "probability": float(v)} for v, i in zip(values.tolist(), idx.tolist(), strict=True)]
-                results.append(row)
+            results += _top_classes(logits, rows, info, k, threshold)
     order = {str(p): i for i, p in enumerate(paths)}
     return sorted(results, key=lambda r: order[r["path"]])
+
+
+def check_threshold(threshold: float | None, info: InferenceInfo) -> float | None:
+    """`--threshold`: a probability in (0, 1) for a multi-label classifier (default 0.5); an error for a
+    single-label one (its softmax has no per-class decision to threshold)."""
+    if not info.multi_label:
+        if threshold is not None:
+            raise ValueError(f"--threshold is for multi-label classifiers; {info.model_name} scores one class per "
+                             f"image (use --topk)")
+        return None
+    if threshold is None:
+        return 0.5
+    if not 0 < threshold < 1:
+        raise ValueError(f"--threshold must be between 0 and 1 (a probability), got {threshold}")
+    return threshold
+
+
+def _top_classes(logits: torch.Tensor, rows: list[dict], info: InferenceInfo, k: int,
+                 threshold: float | None) -> list[dict]:
+    """`rows` with their classes: the top `k` of a softmax, or (multi-label) the sigmoids >= `threshold`."""
+    from ..data.imagenet import display_name
+
+    probs = logits.sigmoid() if info.multi_label else logits.softmax(dim=1)
+    top = probs.topk(k, dim=1)
+    for row, values, idx in zip(rows, top.values, top.indices, strict=True):
+        pairs = [(v, i) for v, i in zip(values.tolist(), idx.tolist(), strict=True)
+                 if threshold is None or v >= threshold]
+        row["top"] = [{"index": i, "class": info.classes[i], "name": display_name(info.classes[i]),
+                       "probability": float(v)} for v, i in pairs]
+        if threshold is not None:
+            row["threshold"] = threshold
+    return rows
 
 
 class ClassifierPredictor:
@@ -117,13 +144,13 @@ class ClassifierPredictor:
 
     def __init__(self, checkpoint: str | os.PathLike, paths: list[Path], *, backend: str = "torch",
                  key: str | None = None, topk: int | None = None, precision: str = "fp32",
-                 optimize: bool = True) -> None:
+                 optimize: bool = True, threshold: float | None = None) -> None:
         if topk is not None and topk < 1:
             raise ValueError(f"--topk must be >= 1, got {topk}")
         if backend == "torch":
             model, info = load_for_inference(checkpoint, key=key)
-            info.single_label("convnext predict")
             check_topk(topk, len(info.classes))  # before any optimizing
+            check_threshold(threshold, info)
             if optimize:
                 from ..models.optimize import optimize_for_inference
 
@@ -137,10 +164,12 @@ class ClassifierPredictor:
 
             model = ExportedModel(checkpoint, backend, precision=precision)
             info = model.info
-        self.model, self.info, self.topk = model, info, topk
+            check_threshold(threshold, info)
+        self.model, self.info, self.topk, self.threshold = model, info, topk, threshold
 
     def __call__(self, paths: list[Path]) -> list[dict]:
-        return predict(self.model, self.info, paths, topk=self.topk, batch_size=self.batch_size)
+        return predict(self.model, self.info, paths, topk=self.topk, batch_size=self.batch_size,
+                       threshold=self.threshold)
 
     def finish(self) -> None:
         pass
@@ -170,12 +199,13 @@ def predict_images(make_predictor, checkpoint: str | os.PathLike, inputs: list[s
 
 def predict_files(checkpoint: str | os.PathLike, inputs: list[str | os.PathLike], *, backend: str = "torch",
                   key: str | None = None, topk: int | None = None, precision: str = "fp32",
-                  optimize: bool = True) -> list[dict]:
-    """`convnext predict`: top-k classes of image files and folders with a checkpoint or an exported model."""
+                  optimize: bool = True, threshold: float | None = None) -> list[dict]:
+    """`convnext predict`: top-k classes of image files and folders with a checkpoint or an exported model
+    (a multi-label classifier's: the classes over `threshold`)."""
     if topk is not None and topk < 1:
         raise ValueError(f"--topk must be >= 1, got {topk}")
     return predict_images(ClassifierPredictor, checkpoint, inputs, backend=backend, key=key, topk=topk,
-                          precision=precision, optimize=optimize)
+                          precision=precision, optimize=optimize, threshold=threshold)
 
 
 def _first_batch(info: InferenceInfo, paths: list[Path]) -> torch.Tensor | None:
@@ -207,5 +237,6 @@ def format_predictions(results: list[dict], style: str = "text") -> str:
                 w.writerow([r["path"], "", "", "", "", "", r["error"]])
         return buf.getvalue().rstrip("\n")
     return "\n".join(f"{r['path']}: unreadable ({r['error']})" if "error" in r else
-                     f"{r['path']}: " + ", ".join(f"{t['name']} {100 * t['probability']:.1f}%" for t in r["top"])
+                     f"{r['path']}: " + (", ".join(f"{t['name']} {100 * t['probability']:.1f}%" for t in r["top"])
+                                         or f"no class at {100 * r['threshold']:g}% or more")
                      for r in results)

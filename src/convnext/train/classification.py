@@ -245,6 +245,8 @@ def _predict_options() -> tuple:
                 help="torch: a checkpoint; others: a file from `convnext export` (default: torch)"),
             opt("--precision", choices=["fp32", "bf16"], default="fp32",
                 help="bf16: a bf16 model (LayerNorm/GRN statistics in fp32); OpenVINO's precision hint"),
+            opt("--threshold", type=float, help="a multi-label classifier's classes: those with a probability >= "
+                "this (default 0.5)"),
             _NO_OPTIMIZE)
 
 

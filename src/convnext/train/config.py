@@ -211,9 +211,6 @@ class ClassifyConfig(EngineConfig):
         if self.multi_label and self.labels is None and not self.data.startswith(("hf:", "wds:")):
             _fail("--multi-label reads several classes per image from --labels / --val-labels files (`a;b` or a "
                   "JSON list), an hf: list column or wds: .json lists; class folders hold one")
-        if self.multi_label and (self.mixup > 0 or self.cutmix > 0):
-            _fail("--multi-label with Mixup/CutMix is not supported (they mix one class per image): pass --mixup 0 "
-                  "--cutmix 0")
         if self.multi_label and self.balanced_sampler:
             _fail("--balanced-sampler draws by one class per image; with --multi-label use --class-weights")
         if self.class_weights not in (None, "auto") and not Path(self.class_weights).is_file():
