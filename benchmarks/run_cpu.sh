@@ -28,3 +28,12 @@ done
 "$BIN/convnext" bench --model convnext_atto --batch-size 128 --input-size 32 --mode train --compare timm \
     --threads 2 --repeats 10 --json "$OUT/train-fp32-convnext_atto-b128-32px-2threads.json" --force \
     | grep -v "^  ready\|round " | tee "$OUT/train-fp32-convnext_atto-b128-32px-2threads.txt"
+# the input pipeline alone: folder vs shards vs an hf dataset, whole vs draft JPEG decoding (benchmarks/make_data.py)
+DATA=${DATA:-/tmp/benchdata}
+"$BIN/python" benchmarks/make_data.py "$DATA"
+run data-pipeline --mode data --data "$DATA/folder,wds:$DATA/wds,hf:$DATA/hf" --decode cpu,cpu-draft --workers 0,1 \
+    --batch-size 32 --batches 8 --repeats 3
+run data-pipeline-large --mode data --data "$DATA/large" --decode cpu,cpu-draft --workers 0,1 --batch-size 32 \
+    --batches 8 --repeats 3
+run data-pipeline-large-128px --mode data --data "$DATA/large,$DATA/folder" --decode cpu,cpu-draft --workers 0 \
+    --batch-size 32 --batches 8 --repeats 3 --input-size 128

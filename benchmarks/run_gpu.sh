@@ -21,6 +21,11 @@ for model in convnext_tiny convnext_base; do
   run gpu-train-bf16-$model-b64 --model $model --batch-size 64 --mode train --precision bf16 \
       --compare timm,torchvision --compile --repeats 10 --warmup 3
 done
+# the input pipeline with JPEGs decoded and augmented on the GPU (nvJPEG) vs in loader workers
+"$BIN/python" benchmarks/make_data.py /tmp/benchdata >/dev/null
+"$BIN/convnext" bench --mode data --data /tmp/benchdata/folder,/tmp/benchdata/large --decode cpu,cpu-draft,gpu \
+    --workers 0,8 --batch-size 64 --batches 8 --repeats 3 --json "$RES/gpu-data-pipeline.json" --force \
+    | tee "$RES/gpu-data-pipeline.txt"
 timeout 900 "$BIN/convnext" demo --output "$LOG/gpu-demo" --force 2>&1 | tail -25 | tee "$LOG/gpu-demo.txt"
 # the dense demos' GPU row (README "Demo: detection and segmentation"): the targets (box mAP@0.5 0.5 / mask 0.4;
 # mIoU 0.6) need several times the CPU budget; device auto picks the GPU

@@ -119,3 +119,27 @@ def test_imagenet_eval_on_cuda_counts_what_the_cpu_counts(tmp_path, monkeypatch)
         assert gpu["loss"] == pytest.approx(cpu["loss"], rel=2e-2 if precision != "fp32" else 1e-4)
         if precision == "fp32":
             assert gpu["acc1"] == cpu["acc1"] and gpu["acc5"] == cpu["acc5"]
+
+
+def test_gpu_decoding_on_cuda_equals_the_cpu_device_path(tmp_path):
+    """`--decode gpu` with nvJPEG: the same crops, flips and augmentation as the CPU-device path (tests/test_decode.py
+    checks that one against `--decode cpu`), within the decoders' rounding."""
+    import numpy as np
+    from PIL import Image
+
+    from convnext.data import ImageFolder, collate, train_transform
+    from convnext.data.decode import augment_on_device
+
+    (tmp_path / "a").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        x = np.linspace(0, 255, 320)[None, :, None] * np.ones((240, 1, 3)) + rng.normal(0, 6, (240, 320, 3))
+        Image.fromarray(x.clip(0, 255).astype(np.uint8)).save(tmp_path / "a" / f"{i}.jpg", quality=92)
+    ds = ImageFolder(tmp_path, train_transform(64), seed=0)
+    ds.decode = "gpu"
+    batch = collate([ds[(0, i)] for i in range(8)])
+    augment = train_transform(64, scale=(0.5, 1.0), aa="none", reprob=0, tensors=True)
+    on_cpu = augment_on_device(batch.inputs, augment, torch.device("cpu"))
+    on_gpu = augment_on_device(batch.inputs, augment, torch.device("cuda"))
+    for a, b in zip(on_cpu, on_gpu, strict=True):
+        assert b.is_cuda and (a - b.cpu()).abs().mean() < 2 / 255 / 0.225

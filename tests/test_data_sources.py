@@ -302,8 +302,14 @@ def test_bench_data_times_each_source_and_worker_count(sources, tmp_path, capsys
     assert [r["source"] for r in res["rows"]] == [str(sources / "folder"), f"wds:{sources / 'shards'}",
                                                   f"hf:{sources / 'disk'}"]
     assert all(r["img_s"] > 0 for r in res["rows"]) and res["rows"][0]["ratio"] == 1.0
+    code, out, err = run_main(capsys, "bench", "--mode", "data", "--data", f"wds:{sources / 'shards'},hf:{sources / 'disk'}",
+                              "--decode", "cpu,cpu-draft", "--batch-size", 2, "--batches", 2, "--repeats", 1,
+                              "--input-size", 32)
+    assert code == 0 and out.count("cpu-draft") == 4, err  # two progress lines, two rows
     code, _, err = run_main(capsys, "bench", "--mode", "data", "--workers", "0")
     assert code == 2 and "--mode data and --data" in err
+    code, _, err = run_main(capsys, "bench", "--mode", "data", "--data", sources / "folder", "--decode", "gpu")
+    assert code == 2 and "gpu needs a CUDA device" in err
 
 
 # --- imbalanced data: class weights, the balanced sampler ------------------------------------------------------

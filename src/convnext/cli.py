@@ -159,7 +159,8 @@ def _bench_data(args: argparse.Namespace) -> None:
     except ValueError:
         raise ValueError(f"--workers must be N or N,N,... loader processes, got {args.workers!r}") from None
     res = bench_data([s for s in args.data.split(",") if s], workers, batch_size=args.batch_size,
-                     input_size=args.input_size, batches=args.batches, repeats=args.repeats,
+                     decodes=tuple(d for d in args.decode.split(",") if d),
+                     input_size=args.input_size, batches=args.batches, repeats=args.repeats, threads=args.threads,
                      progress=args.json != "-")
     _report_bench(args, res, format_data_table)
 
@@ -342,6 +343,7 @@ def _add_export_bench_demo(sub) -> None:
     p.add_argument("--data", help="--mode data: sources to time, comma-separated (a folder, hf:..., wds:...)")
     p.add_argument("--workers", default="0", help="--mode data: loader processes, N or N,N,... (default 0)")
     p.add_argument("--batches", type=int, default=10, help="--mode data: batches timed per round")
+    p.add_argument("--decode", default="cpu", help="--mode data: cpu, cpu-draft, gpu, or several comma-separated")
     p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
                    help="fp32, or autocast to bf16/fp16 (LayerNorm/GRN statistics stay fp32)")
     p.add_argument("--compare", default="timm,torchvision",

@@ -11,6 +11,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 CROP_MODES = ("center", "squash")
+DECODE_MODES = ("cpu", "cpu-draft", "gpu")  # where training images are decoded (`data.decode`)
 IGNORE_INDEX = 255  # the label of pixels that count in no loss and no metric (segmentation masks, mmseg's)
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
+from ..utils import seeded
 from .errors import DataError
 from .images import IMG_EXTENSIONS, load_rgb
 
@@ -79,20 +80,6 @@ def _sample_seed(seed: int, epoch: int, index: int) -> int:
     return ((seed * 1_000_003 + epoch) * 1_000_000_007 + index) % (2**63 - 1)
 
 
-def seeded(fn: Callable, seed: int, *args: Any) -> Any:
-    """`fn(*args)` with the CPU generator the transforms draw from seeded, then restored.
-
-    Only the CPU generator: torch.manual_seed would also seed every accelerator (~300 us per sample).
-    """
-    gen = torch.random.default_generator
-    state = gen.get_state()
-    gen.manual_seed(seed)
-    try:
-        return fn(*args)
-    finally:
-        gen.set_state(state)
-
-
 COMPLETE, PARTIAL = ".complete", ".convnext-partial"  # the markers of folders we generate
 
 
@@ -146,6 +133,7 @@ class ImageFolder(Dataset):
     """
 
     exif = True
+    decode = "cpu"  # `--decode` (data.decode): "cpu-draft" and "gpu" leave decoding to the transform / device
 
     def __init__(self, root: str | os.PathLike, transform: Callable | None = None,
                  classes: Sequence[str] | None = None, seed: int | None = 0, cache: bool = False,
@@ -188,9 +176,13 @@ class ImageFolder(Dataset):
     def target(self, index: int) -> int:
         return self.samples[index][1]
 
+    def file(self, index: int):
+        """Sample `index`'s image file: a path, or its bytes as a `BytesIO` (what `PIL.Image.open` reads)."""
+        return self.samples[index][0]
+
     def load(self, index: int):
         """Sample `index`'s image (decoded RGB PIL); raises for an unreadable one."""
-        return load_rgb(self.samples[index][0], self.exif)
+        return load_rgb(self.file(index), self.exif)
 
     def sample_name(self, index: int) -> str:
         """What names sample `index` in messages and in a run's data fingerprint."""
@@ -207,6 +199,8 @@ class ImageFolder(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, int, int]:
         epoch, index = key if isinstance(key, tuple) else (0, key)
         target = self.target(index)
+        if self.decode != "cpu":
+            return self._undecoded(epoch, index), target, index
         img = self.cache.get(index) if self.cache is not None else None
         if img is None:
             try:
@@ -220,6 +214,22 @@ class ImageFolder(Dataset):
         elif self.transform is not None:
             img = seeded(self.transform, _sample_seed(self.seed, epoch, index), img)
         return img, target, index
+
+    def _undecoded(self, epoch: int, index: int) -> Any:
+        """`--decode cpu-draft`: the transform on the opened image (its crop decodes what it needs); `gpu`: an
+        `Encoded` for the device. None for an unreadable image."""
+        from PIL import Image
+
+        from .decode import Undecoded, encode_for_device
+
+        seed = None if self.seed is None else _sample_seed(self.seed, epoch, index)
+        try:
+            if self.decode == "gpu":
+                return encode_for_device(self.file(index), seed, self.exif)
+            item = Undecoded(Image.open(self.file(index)), self.exif)
+            return self.transform(item) if seed is None else seeded(self.transform, seed, item)
+        except Exception:  # noqa: BLE001 - any decoder failure means "bad image", never a dead worker
+            return None
 
 
 class LabelledFiles(ImageFolder):
@@ -492,10 +502,17 @@ class Batch:
         return Batch(move(self.inputs, True), move(self.targets, False), self.indices, self.bad)
 
 
+def _images(good: list[tuple[Any, Any, int]]) -> Any:
+    """The good samples' images: stacked, or (`--decode gpu`: `Encoded` items) a list for the device."""
+    if not good:
+        return None
+    return torch.stack([b[0] for b in good]) if isinstance(good[0][0], torch.Tensor) else [b[0] for b in good]
+
+
 def collate_multi_label(items: list[tuple[Any, tuple[int, ...], int]], num_classes: int) -> Batch:
     """`collate` for several classes per image: the targets a (N, classes) multi-hot float tensor."""
     good = [b for b in items if b[0] is not None]
-    images = torch.stack([b[0] for b in good]) if good else None
+    images = _images(good)
     targets = torch.zeros(len(good), num_classes)
     for row, b in enumerate(good):
         targets[row, list(b[1])] = 1.0
@@ -505,6 +522,6 @@ def collate_multi_label(items: list[tuple[Any, tuple[int, ...], int]], num_class
 def collate(items: list[tuple[Any, int, int]]) -> Batch:
     """Stack the good (image, class, index) samples; the indices of unreadable ones go to `bad`."""
     good = [b for b in items if b[0] is not None]
-    images = torch.stack([b[0] for b in good]) if good else None
+    images = _images(good)
     targets = torch.tensor([b[1] for b in good], dtype=torch.long)
     return Batch(images, targets, [b[2] for b in good], [b[2] for b in items if b[0] is None])

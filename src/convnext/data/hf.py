@@ -18,7 +18,6 @@ from typing import Any
 
 from .errors import DataError
 from .folder import ImageFolder, _label_lookup
-from .images import load_rgb
 
 PREFIX = "hf:"
 SPLIT_ALIASES = {"validation": ("validation", "val", "valid"), "val": ("validation", "val", "valid")}
@@ -143,11 +142,9 @@ class HFImages(ImageFolder):
     def target(self, index: int) -> int:
         return self._targets[index]
 
-    def load(self, index: int):
+    def file(self, index: int):
         item = self.ds[index][self.image_key]
-        if item.get("bytes") is not None:
-            return load_rgb(io.BytesIO(item["bytes"]), self.exif)
-        return load_rgb(item["path"], self.exif)
+        return io.BytesIO(item["bytes"]) if item.get("bytes") is not None else item["path"]
 
     def sample_name(self, index: int) -> str:
         return f"hf:{self.source}[{self.split}]#{index}"

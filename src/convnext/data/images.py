@@ -37,10 +37,15 @@ def load_rgb(path: str | os.PathLike, exif: bool = True) -> Image.Image:
     Raises OSError / PIL.UnidentifiedImageError / ValueError for unreadable or truncated files.
     """
     with Image.open(path) as im:
-        if exif:
-            im = ImageOps.exif_transpose(im)  # a rotated phone photo must not train sideways
-        im.load()  # decode now, so a truncated file fails here and not inside a transform
-        return to_rgb(im)
+        return decode_opened(im, exif)
+
+
+def decode_opened(im: Image.Image, exif: bool = True) -> Image.Image:
+    """`load_rgb` of an image already opened (its header read; a `draft` mode set, if any)."""
+    if exif:
+        im = ImageOps.exif_transpose(im)  # a rotated phone photo must not train sideways
+    im.load()  # decode now, so a truncated file fails here and not inside a transform
+    return to_rgb(im)
 
 
 def why_unreadable(path: str | os.PathLike) -> str:

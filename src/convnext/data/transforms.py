@@ -40,13 +40,15 @@ class RandAugment(v2.RandAugment):
         return super().forward(*inputs)
 
 
-def parse_aa(spec: str, fill: tuple[int, int, int]) -> v2.Transform | None:
-    """timm-style auto-augment spec -> transform: `rand-m9-mstd0.5-inc1`, `rand-n3-m10`, `trivial`, `none`."""
+def parse_aa(spec: str, fill: tuple[int, int, int], interp: InterpolationMode = InterpolationMode.BICUBIC
+             ) -> v2.Transform | None:
+    """timm-style auto-augment spec -> transform: `rand-m9-mstd0.5-inc1`, `rand-n3-m10`, `trivial`, `none`
+    (`interp`: of its rotations and shears; bicubic as timm's, bilinear on tensors, which have no bicubic)."""
     spec = spec.strip().lower()
     if spec in ("", "none", "off"):
         return None
     if spec == "trivial":
-        return v2.TrivialAugmentWide(interpolation=InterpolationMode.BICUBIC, fill=list(fill))
+        return v2.TrivialAugmentWide(interpolation=interp, fill=list(fill))
     if spec.startswith("rand"):
         opts = {"n": 2.0, "m": 9.0, "mstd": 0.0}
         for part in spec.split("-")[1:]:
@@ -56,20 +58,27 @@ def parse_aa(spec: str, fill: tuple[int, int, int]) -> v2.Transform | None:
             opts[m.group(1)] = float(m.group(2))
         # `inc1` (timm's increasing-severity ops) is what torchvision's op set already does.
         return RandAugment(num_ops=int(opts["n"]), magnitude=int(opts["m"]), magnitude_std=opts["mstd"],
-                           interpolation=InterpolationMode.BICUBIC, fill=list(fill))
+                           interpolation=interp, fill=list(fill))
     raise ValueError(f"unknown auto-augment {spec!r}: use e.g. rand-m9-mstd0.5-inc1, trivial or none")
 
 
 def train_transform(input_size: int, *, scale: tuple[float, float] = (0.08, 1.0), hflip: float = 0.5,
                     aa: str = "rand-m9-mstd0.5-inc1", color_jitter: float = 0.4, reprob: float = 0.25,
-                    interpolation_name: str = "bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD) -> v2.Compose:
-    """RandomResizedCrop -> flip -> RandAugment (or color jitter if off) -> tensor -> normalize -> erase."""
+                    interpolation_name: str = "bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                    draft: bool = False, tensors: bool = False) -> v2.Compose:
+    """RandomResizedCrop -> flip -> RandAugment (or color jitter if off) -> tensor -> normalize -> erase.
+
+    `draft` (`--decode cpu-draft`): its crop also takes an undecoded JPEG and decodes it reduced (`data.decode`);
+    `tensors` (`gpu`): for uint8 image tensors on any device (RandAugment's rotations and shears bilinear:
+    torchvision has no bicubic for them on tensors)."""
+    from .decode import DraftRandomResizedCrop
+
     fill = tuple(round(255 * m) for m in mean)
-    ops: list = [v2.RandomResizedCrop(input_size, scale=scale, interpolation=interpolation(interpolation_name),
-                                      antialias=True)]
+    crop = DraftRandomResizedCrop if draft else v2.RandomResizedCrop
+    ops: list = [crop(input_size, scale=scale, interpolation=interpolation(interpolation_name), antialias=True)]
     if hflip > 0:
         ops.append(v2.RandomHorizontalFlip(hflip))
-    auto = parse_aa(aa, fill)
+    auto = parse_aa(aa, fill, InterpolationMode.BILINEAR if tensors else InterpolationMode.BICUBIC)
     if auto is not None:
         ops.append(auto)  # timm disables color jitter when an auto-augment policy is on
     elif color_jitter > 0:

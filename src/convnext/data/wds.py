@@ -26,7 +26,6 @@ from typing import Any
 
 from .errors import DataError
 from .folder import ImageFolder, _label_lookup
-from .images import load_rgb
 
 PREFIX = "wds:"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")
@@ -205,8 +204,8 @@ class WdsImages(ImageFolder):
             raise OSError(f"{self.shards[s]}: the member is cut short ({len(data)} of {size} bytes)")
         return data
 
-    def load(self, index: int):
-        return load_rgb(io.BytesIO(self.read(index)), self.exif)
+    def file(self, index: int) -> io.BytesIO:
+        return io.BytesIO(self.read(index))
 
     def sample_name(self, index: int) -> str:
         s, _, _, key = self.samples[index]

@@ -37,6 +37,7 @@ class ClassificationTask(Task):
         self.mix = None
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.smoothing)  # soft (mixed) targets too
         self.class_weight: torch.Tensor | None = None
+        self.device_augment = None  # --decode gpu: the train transform, run on the device by `prepare`
         if cfg.multi_label:  # the best checkpoint by mAP
             self.best_metric = "val_mAP"
 
@@ -52,7 +53,7 @@ class ClassificationTask(Task):
         cfg, root = self.cfg, Path(self.cfg.data)
         augment = train_transform(cfg.input_size, scale=cfg.scale, hflip=cfg.hflip, aa=cfg.aa,
                                   color_jitter=cfg.color_jitter, reprob=cfg.reprob,
-                                  interpolation_name=cfg.train_interpolation)
+                                  interpolation_name=cfg.train_interpolation, draft=cfg.decode == "cpu-draft")
         if kind(cfg.data) != "folder":  # a Hugging Face dataset's or WebDataset shards' splits
             keys = dict(image_key=cfg.image_key, label_key=cfg.label_key, cache=cfg.cache_images,
                         multi_label=cfg.multi_label)
@@ -74,6 +75,7 @@ class ClassificationTask(Task):
             train = ImageFolder(train_dir, seed=cfg.seed, cache=cfg.cache_images, transform=augment)
             val = ImageFolder(val_dir, cache=cfg.cache_images, transform=eval_transform(self.preprocess()))
         check_same_classes(train, val)
+        self._decode_on_device(train)
         self.classes = train.classes
         if cfg.class_weights is not None:
             from ..data.folder import class_weights
@@ -85,6 +87,38 @@ class ClassificationTask(Task):
         self.mix = mixup_cutmix(len(self.classes), mixup=cfg.mixup, cutmix=cfg.cutmix,
                                 switch_prob=cfg.mixup_switch_prob, prob=cfg.mixup_prob)
         return train, val
+
+    def _decode_on_device(self, train: ImageFolder) -> None:
+        """`--decode cpu-draft|gpu`: the training set's loader workers leave decoding to its transform or to
+        `prepare` (the device); validation always decodes as `cpu` (the published protocol)."""
+        from ..data import DataError, train_transform
+        from ..data.decode import cuda_available
+
+        cfg = self.cfg
+        if cfg.decode == "gpu" and not cuda_available():
+            raise DataError("--decode gpu decodes on a CUDA device and this machine has none: use --decode cpu "
+                            "(or cpu-draft: JPEGs decoded reduced where the crop allows)")
+        train.decode = cfg.decode
+        if cfg.decode == "gpu":
+            self.device_augment = train_transform(cfg.input_size, scale=cfg.scale, hflip=cfg.hflip, aa=cfg.aa,
+                                                  color_jitter=cfg.color_jitter, reprob=cfg.reprob,
+                                                  interpolation_name=cfg.train_interpolation, tensors=True)
+
+    def prepare(self, batch: Batch, device: torch.device) -> Batch:
+        """`--decode gpu`: the batch's images decoded and augmented on `device`; those no decoder reads go to
+        `bad` (their targets dropped)."""
+        if self.device_augment is None or batch.inputs is None:
+            return batch
+        from ..data import Batch
+        from ..data.decode import augment_on_device
+
+        images = augment_on_device(batch.inputs, self.device_augment, device)
+        keep = [k for k, img in enumerate(images) if img is not None]
+        bad = batch.bad + [batch.indices[k] for k in range(len(images)) if images[k] is None]
+        targets = batch.targets if len(keep) == len(images) else batch.targets[torch.tensor(keep, device=device)]
+        stacked = torch.stack([images[k] for k in keep]) if keep else None
+        return Batch(stacked, targets, [batch.indices[k] for k in keep], bad).to(
+            device, channels_last=self.cfg.channels_last)
 
     def collate(self, items: list[Any]) -> Batch:
         from ..data import collate

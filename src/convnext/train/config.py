@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from ..preprocess import INTERPOLATIONS
+from ..preprocess import DECODE_MODES, INTERPOLATIONS
 from ..utils import PRECISIONS, atomic_write, inside
 
 logger = logging.getLogger(__name__)
@@ -195,6 +195,8 @@ class ClassifyConfig(EngineConfig):
     train_interpolation: str = "bicubic"
     crop_pct: float = 0.875  # eval: resize to input_size / crop_pct, center crop (no crop at >= 384)
     cache_images: bool = False  # keep decoded images in RAM (small datasets; per loader process)
+    decode: str = "cpu"  # training images: cpu (PIL, whole), cpu-draft (JPEGs decoded reduced when the crop allows),
+    #                      gpu (JPEGs decoded and augmented on the CUDA device, a batch at a time)
     multi_label: bool = False  # several classes per image (labels files `a;b` / JSON lists, hf: lists, wds: .json
     #                            lists or .cls `1;4`): BCE, mAP and F1
     # --- imbalanced data ---
@@ -229,7 +231,9 @@ class ClassifyConfig(EngineConfig):
             _fail(f"--scale must be two numbers 0 < min <= max <= 1, got {self.scale}")
         if not 0 < self.crop_pct <= 1:
             _fail(f"--crop-pct must be in (0, 1], got {self.crop_pct}")
-        self._check_choices({"train_interpolation": INTERPOLATIONS})
+        self._check_choices({"train_interpolation": INTERPOLATIONS, "decode": DECODE_MODES})
+        if self.decode != "cpu" and self.cache_images:
+            _fail(f"--cache-images keeps decoded images, which --decode {self.decode} does not make: drop one of them")
 
 
 TrainConfig = ClassifyConfig  # the name before the task registry (kept for existing code)

@@ -426,6 +426,8 @@ class Trainer:
     def train_batch(self, batch: Batch) -> None:
         """Forward and backward of one micro-batch, with the NaN decision shared by all ranks."""
         cfg, p = self.cfg, self.state.progress
+        if len(batch):
+            batch = self.task.prepare(self._to_device(batch), self.env.device)
         if batch.bad:
             self._report_bad(batch.bad)
         if p.batch % cfg.grad_accum == 0:  # first micro-batch of an optimizer step
@@ -437,7 +439,7 @@ class Trainer:
         losses = None
         if len(batch):
             with autocast(self.env.device, cfg.precision):
-                losses = self._named_losses(self.task.loss(self.model, self._to_device(batch), self.env.device))
+                losses = self._named_losses(self.task.loss(self.model, batch, self.env.device))
         # One reduction per step: every rank learns whether any rank saw a non-finite loss (so all take
         # the same branch, no hang) and the global loss sums (so every rank's progress, and the checkpoint
         # rank 0 writes, hold the same numbers).

@@ -49,6 +49,11 @@ class Task:
         """Loader items -> one `Batch` (unreadable items, returned as None by the dataset, go to `bad`)."""
         raise NotImplementedError
 
+    def prepare(self, batch: Batch, device: torch.device) -> Batch:
+        """A training batch once on `device`, before `loss` and before its unreadable samples are counted:
+        what is left to do there (classification's `--decode gpu`: decoding and augmenting). Default: as it is."""
+        return batch
+
     def sample_weights(self, train: Dataset) -> Sequence[float] | None:
         """A weight per training sample to draw each epoch's samples by (with replacement; `data.EpochSampler`),
         or None: every sample once an epoch, shuffled."""
