@@ -206,6 +206,43 @@ def test_two_processes_over_shards_see_each_sample_once_and_equal_one_process(so
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
 
 
+def test_shard_order_visits_one_shard_at_a_time_and_keeps_the_epoch_exact(sources, tmp_path, capsys):
+    from convnext.data import EpochSampler
+    from convnext.data.wds import WdsImages
+
+    ds = WdsImages(f"wds:{sources / 'shards'}", "train")
+    groups = ds.shard_groups()
+    assert [len(g) for g in groups] == [5, 5, 2]
+    shard_of = {i: k for k, g in enumerate(groups) for i in g}
+
+    def order(epoch, rank=0, world=1, start=0, seed=0):
+        sampler = EpochSampler(len(ds), shuffle=True, seed=seed, rank=rank, world_size=world, groups=groups)
+        sampler.set_epoch(epoch, start)
+        return [i for _, i in sampler]
+
+    orders = [order(e) for e in range(6)]
+    for o in orders:
+        assert sorted(o) == list(range(12))  # every sample once an epoch
+        runs = [shard_of[i] for k, i in enumerate(o) if k == 0 or shard_of[o[k - 1]] != shard_of[i]]
+        assert sorted(runs) == [0, 1, 2]  # each shard visited in one stretch
+    assert len({tuple(o) for o in orders}) == 6 and order(3) == orders[3]  # shuffled per epoch, from the seed
+    assert len({tuple(o[:5]) for o in orders}) > 1 and order(0, seed=1) != orders[0]
+    for epoch in range(3):  # two ranks at batch 2 = one process at batch 4, step by step (what DDP needs)
+        one, r0, r1 = order(epoch), order(epoch, 0, 2), order(epoch, 1, 2)
+        assert sorted(r0 + r1) == list(range(12))
+        for step in range(3):
+            assert sorted(r0[2 * step:2 * step + 2] + r1[2 * step:2 * step + 2]) == sorted(one[4 * step:4 * step + 4])
+    assert order(2, start=7) == orders[2][7:]  # a mid-epoch resume continues the same order
+    code, _, err = run_main(capsys, "train", "--data", f"wds:{sources / 'shards'}", "--output", tmp_path / "r", *TRAIN,
+                            "--sample-order", "shards")
+    assert code == 0, err
+    code, _, err = run_main(capsys, "train", "--data", sources / "folder", "--output", tmp_path / "f", *TRAIN,
+                            "--sample-order", "shards")
+    assert code == 2 and "needs --data wds:DIR" in err
+    with pytest.raises(ValueError, match="exactly one group"):
+        EpochSampler(12, shuffle=True, seed=0, groups=[[0, 1], [1, 2]])
+
+
 def test_a_truncated_shard_keeps_what_it_holds_and_names_the_cut_member(sources, tmp_path, capsys, caplog):
     import shutil
 

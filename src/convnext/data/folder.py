@@ -428,26 +428,40 @@ class EpochSampler(Sampler):
     probability proportional to their weight, from a generator seeded by (seed, epoch) alone (the same draw in
     every process), then shares them out as DistributedSampler does (padded to a multiple of the processes,
     every `world_size`-th from `rank`): seeded, distributed and resumable as the uniform order.
+
+    `groups` (the samples of each WebDataset shard; `--sample-order shards`): each epoch's order visits the
+    groups one after another, in an order shuffled from (seed, epoch), each group's samples shuffled within it,
+    then shared out the same way: every process reads the same shard at the same time (one file's pages, not
+    the whole data set's), and the epoch is still every sample once, exactly, and resumable.
     """
 
     def __init__(self, n: int, *, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1,
-                 weights: Sequence[float] | None = None) -> None:
+                 weights: Sequence[float] | None = None, groups: Sequence[Sequence[int]] | None = None) -> None:
         self.inner = DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
         self.epoch, self.start = 0, 0
         self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
         if self.weights is not None and (len(self.weights) != n or not (self.weights >= 0).all()
                                          or not self.weights.sum() > 0):
             raise ValueError(f"weights: {n} non-negative numbers, not all 0, one per sample")
+        if groups is not None and sorted(i for g in groups for i in g) != list(range(n)):
+            raise ValueError(f"groups: every sample index 0..{n - 1} in exactly one group")
+        if groups is not None and weights is not None:
+            raise ValueError("weights or groups: one order at a time")
+        self.groups = None if groups is None else [list(g) for g in groups]
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.inner.set_epoch(epoch)
         self.epoch, self.start = epoch, start
 
     def _order(self):
-        if self.weights is None:
+        if self.weights is None and self.groups is None:
             return iter(self.inner)
         g = torch.Generator().manual_seed(self.inner.seed + self.epoch)
-        draw = torch.multinomial(self.weights, len(self.weights), replacement=True, generator=g).tolist()
+        if self.groups is not None:
+            draw = [self.groups[k][i] for k in torch.randperm(len(self.groups), generator=g).tolist()
+                    for i in torch.randperm(len(self.groups[k]), generator=g).tolist()]
+        else:
+            draw = torch.multinomial(self.weights, len(self.weights), replacement=True, generator=g).tolist()
         world, rank = self.inner.num_replicas, self.inner.rank
         draw += draw[: self.inner.total_size - len(draw)]
         return iter(draw[rank:self.inner.total_size:world])

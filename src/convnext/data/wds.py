@@ -191,6 +191,13 @@ class WdsImages(ImageFolder):
     def target(self, index: int) -> int:
         return self._targets[index]
 
+    def shard_groups(self) -> list[list[int]]:
+        """The sample indices of each shard (what `--sample-order shards` visits one shard at a time)."""
+        groups: list[list[int]] = [[] for _ in self.shards]
+        for i, (s, *_) in enumerate(self.samples):
+            groups[s].append(i)
+        return [g for g in groups if g]
+
     def read(self, index: int) -> bytes:
         s, offset, size, _ = self.samples[index]
         if self._pid != os.getpid():  # a forked loader worker: its own handles

@@ -151,6 +151,10 @@ class ClassificationTask(Task):
                                             label_smoothing=self.cfg.smoothing)}
         return {"loss": self.criterion(logits, targets)}
 
+    def sample_groups(self, train: ImageFolder):
+        """`--sample-order shards`: the samples of each WebDataset shard, visited one shard after another."""
+        return train.shard_groups() if self.cfg.sample_order == "shards" else None
+
     def sample_weights(self, train: ImageFolder):
         """`--balanced-sampler`: 1 / the count of each sample's class (each class drawn as often, in expectation)."""
         if not self.cfg.balanced_sampler:

@@ -195,6 +195,8 @@ class ClassifyConfig(EngineConfig):
     train_interpolation: str = "bicubic"
     crop_pct: float = 0.875  # eval: resize to input_size / crop_pct, center crop (no crop at >= 384)
     cache_images: bool = False  # keep decoded images in RAM (small datasets; per loader process)
+    sample_order: str = "random"  # random (a permutation of all samples each epoch) or shards (wds: one shard after
+    #                               another, each shuffled within: sequential-ish reads on network file systems)
     decode: str = "cpu"  # training images: cpu (PIL, whole), cpu-draft (JPEGs decoded reduced when the crop allows),
     #                      gpu (JPEGs decoded and augmented on the CUDA device, a batch at a time)
     multi_label: bool = False  # several classes per image (labels files `a;b` / JSON lists, hf: lists, wds: .json
@@ -231,7 +233,12 @@ class ClassifyConfig(EngineConfig):
             _fail(f"--scale must be two numbers 0 < min <= max <= 1, got {self.scale}")
         if not 0 < self.crop_pct <= 1:
             _fail(f"--crop-pct must be in (0, 1], got {self.crop_pct}")
-        self._check_choices({"train_interpolation": INTERPOLATIONS, "decode": DECODE_MODES})
+        self._check_choices({"train_interpolation": INTERPOLATIONS, "decode": DECODE_MODES,
+                             "sample_order": ("random", "shards")})
+        if self.sample_order == "shards" and not self.data.startswith("wds:"):
+            _fail("--sample-order shards visits WebDataset shards one after another: it needs --data wds:DIR")
+        if self.sample_order == "shards" and self.balanced_sampler:
+            _fail("--balanced-sampler draws samples by class weight; --sample-order shards by shard: choose one")
         if self.decode != "cpu" and self.cache_images:
             _fail(f"--cache-images keeps decoded images, which --decode {self.decode} does not make: drop one of them")
 

@@ -207,7 +207,8 @@ class Trainer:
         common = dict(num_workers=cfg.workers, collate_fn=self.task.collate, pin_memory=env.device.type == "cuda",
                       persistent_workers=cfg.workers > 0, worker_init_fn=_worker_init if cfg.workers > 0 else None)
         self.sampler = EpochSampler(len(self.train_ds), shuffle=True, seed=cfg.seed, rank=env.rank,
-                                    world_size=env.world_size, weights=self.task.sample_weights(self.train_ds))
+                                    world_size=env.world_size, weights=self.task.sample_weights(self.train_ds),
+                                    groups=self.task.sample_groups(self.train_ds))
         self.train_loader = DataLoader(self.train_ds, batch_size=cfg.batch_size, sampler=self.sampler, drop_last=True,
                                        **common)
         self.val_loader = None if self.val_ds is None else DataLoader(

@@ -59,6 +59,11 @@ class Task:
         or None: every sample once an epoch, shuffled."""
         return None
 
+    def sample_groups(self, train: Dataset) -> Sequence[Sequence[int]] | None:
+        """Groups of training samples each epoch visits one after another (shuffled, and shuffled within;
+        `data.EpochSampler`), e.g. the samples of each WebDataset shard, or None."""
+        return None
+
     def build_model(self) -> nn.Module:
         """The model to train, on the CPU (the engine moves, wraps and shards it)."""
         raise NotImplementedError
