@@ -243,6 +243,27 @@ def test_shard_order_visits_one_shard_at_a_time_and_keeps_the_epoch_exact(source
         EpochSampler(12, shuffle=True, seed=0, groups=[[0, 1], [1, 2]])
 
 
+def test_shards_named_by_brace_patterns_train_as_their_folder(sources, tmp_path, capsys):
+    shards = sources / "shards"
+    code, _, err = run_main(capsys, "train", "--data", f"wds:{shards}", "--output", tmp_path / "dir", *TRAIN)
+    assert code == 0, err
+    runs = {"dir": torch.load(tmp_path / "dir" / "last.pt", weights_only=True)["model"]}
+    for name, args in (("missing", ["--data", f"wds:{shards}/toy-{{train,validation}}-{{000000..000002}}.tar"]),
+                       ("source", ["--data", f"wds:{shards}/toy-{{train-{{000000..000002}},validation-{{000000..000001}}}}.tar"]),
+                       ("splits", ["--data", f"wds:{shards}/toy-train-{{000000..000002}}.tar", "--val-split",
+                                   "toy-validation-{000000..000001}.tar"])):
+        code, _, err = run_main(capsys, "train", *args, "--output", tmp_path / name, *TRAIN)
+        if name == "missing":  # toy-validation-000002.tar does not exist
+            assert code == 2 and "1 of its 6 shards are not there" in err and "toy-validation-000002.tar" in err
+            continue
+        assert code == 0, err
+        runs[name] = torch.load(tmp_path / name / "last.pt", weights_only=True)["model"]
+        assert all(torch.equal(runs[name][k], runs["dir"][k]) for k in runs["dir"]), name
+    code, _, err = run_main(capsys, "train", "--data", f"wds:{shards}/toy-train-{{000000..000002}}.tar", "--output",
+                            tmp_path / "noval", *TRAIN)
+    assert code == 2 and "hold no split 'validation'" in err and "--val-split 'PATTERN.tar'" in err
+
+
 def test_a_truncated_shard_keeps_what_it_holds_and_names_the_cut_member(sources, tmp_path, capsys, caplog):
     import shutil
 

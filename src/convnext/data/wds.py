@@ -4,7 +4,10 @@ A shard is a plain (uncompressed) tar whose members are grouped into samples by 
 library writes them: `<key>.jpg|.jpeg|.png|.webp` (the image) with `<key>.cls` (the class index as text) or
 `<key>.json` (`{"label": ...}`). The split's shards are those `DIR/_info.json` lists (timm's layout:
 `{"splits": {"train": {"filenames": [...], "num_samples": N}}}`, brace patterns allowed, plus our optional
-`"classes"`), else the `*.tar` files whose names contain the split's name (`imagenet-train-0000.tar`).
+`"classes"`), else the `*.tar` files whose names contain the split's name (`imagenet-train-0000.tar`). A split
+may also be named by its shards, as timm's (`--train-split 'imagenet-train-{0000..0146}.tar'`), and the source
+itself may be a shard file or a brace pattern (`wds:/data/in1k-{train,validation}-{0000..0009}.tar`): its files
+are then the splits' shards, found by name (all of them the training split's when none names a split).
 
 The shards are indexed once (each member's byte offset and size, read from the tar headers), so that sample i
 of a split is one `seek` + `read` away: the epoch sampler, the `(seed, epoch, index)` seeding, mid-epoch resume
@@ -38,12 +41,27 @@ def is_wds(data: Any) -> bool:
 
 
 def _expand(pattern: str) -> list[str]:
-    """`a-{000..003}.tar` -> its names (the brace syntax of webdataset / braceexpand)."""
-    m = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
-    if not m:
-        return [pattern]
-    lo, hi, width = int(m[1]), int(m[2]), len(m[1])
-    return [n for i in range(lo, hi + 1) for n in _expand(pattern[:m.start()] + f"{i:0{width}d}" + pattern[m.end():])]
+    """`a-{000..003}.tar`, `a-{train,val}-{0..9}.tar`, nested `{train-{0..2},val-{0..1}}` -> their names, in order
+    (the brace syntax of webdataset's braceexpand)."""
+    start = pattern.find("{")
+    depth, parts, mark = 0, [], start + 1
+    for k in range(max(start, 0), len(pattern) if start >= 0 else 0):
+        depth += {"{": 1, "}": -1}.get(pattern[k], 0)
+        if depth == 1 and pattern[k] == ",":
+            parts.append(pattern[mark:k])
+            mark = k + 1
+        if depth == 0:
+            parts.append(pattern[mark:k])
+            head, tail = pattern[:start], _expand(pattern[k + 1:])
+            m = re.fullmatch(r"(\d+)\.\.(\d+)", parts[0]) if len(parts) == 1 else None
+            if m:
+                alts = [f"{i:0{len(m[1])}d}" for i in range(int(m[1]), int(m[2]) + 1)]
+            elif len(parts) == 1:
+                alts = ["{" + parts[0] + "}"]  # not a pattern: a name with braces
+            else:
+                alts = [a for part in parts for a in _expand(part)]
+            return [head + a + t for a in alts for t in tail]
+    return [pattern]
 
 
 def read_info(root: Path) -> dict[str, Any]:
@@ -59,10 +77,32 @@ def read_info(root: Path) -> dict[str, Any]:
     return info
 
 
-def split_shards(root: Path, split: str) -> list[Path]:
-    """The shards of `split` under `root` (see the module doc)."""
+def _is_pattern(text: str) -> bool:
+    return text.endswith(".tar")
+
+
+def source_shards(source: str) -> tuple[Path, list[Path] | None]:
+    """(the folder of a `wds:` source, the shards it names when it is a file or a brace pattern, else None)."""
+    path = Path(source)
+    if not _is_pattern(source):
+        return path, None
+    shards = [path.parent / f for f in _expand(path.name)]
+    missing = [str(s) for s in shards if not s.is_file()]
+    if missing:
+        raise DataError(f"wds:{source}: {len(missing)} of its {len(shards)} shards are not there ({missing[0]})")
+    return path.parent, shards
+
+
+def split_shards(root: Path, split: str, named: list[Path] | None = None) -> list[Path]:
+    """The shards of `split` under `root` (see the module doc). A split given as a shard file or brace pattern
+    (timm's `--train-split 'imagenet-train-{0000..0146}.tar'`) is those files; `named` (a source that is a
+    pattern): the split's shards among them, found by name, or all of them for train when none names a split."""
+    if _is_pattern(split):
+        return source_shards(str(root / split))[1]
     if not root.is_dir():
         raise DataError(f"wds:{root}: no such folder of shards")
+    if named is not None:
+        return _named_split(root, split, named)
     info, names = read_info(root), SPLIT_NAMES.get(split, (split,))
     splits = info.get("splits") if isinstance(info.get("splits"), dict) else {}
     for name in names:
@@ -74,13 +114,30 @@ def split_shards(root: Path, split: str) -> list[Path]:
                 raise DataError(f"{root / '_info.json'} lists {missing[0]} for split {name!r}, which is not there")
             return shards
     tars = sorted(root.glob("*.tar"))
+    found = _by_name(tars, names)
+    if found:
+        return found
+    have = sorted(splits) or sorted({m[1] for t in tars if (m := re.search(r"(train|validation|val|test)", t.stem))})
+    raise DataError(f"wds:{root} has no shards of split {split!r} (found: {', '.join(have) or 'no *.tar'}); "
+                    f"choose one with --train-split / --val-split / --split")
+
+
+def _by_name(tars: list[Path], names: tuple[str, ...]) -> list[Path]:
     for name in names:
         found = [t for t in tars if re.search(rf"(^|[-_.]){re.escape(name)}([-_.]|$)", t.stem)]
         if found:
             return found
-    have = sorted(splits) or sorted({m[1] for t in tars if (m := re.search(r"(train|validation|val|test)", t.stem))})
-    raise DataError(f"wds:{root} has no shards of split {split!r} (found: {', '.join(have) or 'no *.tar'}); "
-                    f"choose one with --train-split / --val-split / --split")
+    return []
+
+
+def _named_split(root: Path, split: str, named: list[Path]) -> list[Path]:
+    found = _by_name(named, SPLIT_NAMES.get(split, (split,)))
+    if found:
+        return found
+    if split == "train" and not any(_by_name(named, (n,)) for n in ("train", "validation", "val", "valid", "test")):
+        return named  # `wds:/data/shard-{000..099}.tar`: the training shards
+    raise DataError(f"wds: the shards named ({named[0].name}, ...) hold no split {split!r}; name its shards with "
+                    f"--{'val' if split in SPLIT_NAMES else 'train'}-split 'PATTERN.tar' (or --split for eval)")
 
 
 def index_shard(path: Path) -> tuple[list[dict[str, Any]], str | None]:
@@ -132,8 +189,9 @@ class WdsImages(ImageFolder):
         self.image_exts = tuple(image_key.lower().split(";")) if image_key else IMAGE_EXTS
         self.label_exts = tuple(label_key.lower().split(";")) if label_key else ("cls", "json")
         self.source = source[len(PREFIX):] if is_wds(source) else str(source)
-        self.root, self.split, self.exif = Path(self.source), split, exif
-        self.shards = split_shards(self.root, split)
+        self.root, named = source_shards(self.source)
+        self.split, self.exif = split, exif
+        self.shards = split_shards(self.root, split, named)
         self.samples, labels = [], []
         for s, shard in enumerate(self.shards):
             found, note = index_shard(shard)
