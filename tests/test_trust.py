@@ -107,7 +107,7 @@ def test_convert_refuses_existing_output_its_input_and_a_wrong_suffix(tmp_path):
     torch.save(convnext.create_model("convnext_atto").state_dict(), src)
     before = src.read_bytes()
     one_line_error(cli("convert", src, src), "is the input")
-    one_line_error(cli("convert", src, tmp_path / "x.onnx"), "should end in .safetensors")
+    one_line_error(cli("convert", src, tmp_path / "x.onnx"), "should end in .pt or .pth or .safetensors")
     dst = tmp_path / "w.safetensors"
     assert cli("convert", src, dst).returncode == 0
     one_line_error(cli("convert", src, dst), "exists; pass --force")

@@ -165,9 +165,28 @@ def _bench_data(args: argparse.Namespace) -> None:
     _report_bench(args, res, format_data_table)
 
 
+def _cmd_push(args: argparse.Namespace) -> None:
+    from .weights.hub import push
+
+    url = push(args.folder, args.repo, private=args.private, revision=args.revision, message=args.message)
+    print(f"pushed {args.folder} to {args.repo}: {url}")
+
+
 def _cmd_export(args: argparse.Namespace) -> None:
     from .export import export_checkpoint
 
+    if args.format in ("hub", "transformers"):
+        from .export import export_hub_folder
+
+        path, info = export_hub_folder(args.checkpoint, args.format, args.output, key=args.key,
+                                       input_size=args.input_size, license=args.license, force=args.force)
+        loads = ("timm.create_model('local-dir:DIR', pretrained=True)" if args.format == "hub" else
+                 "AutoModelForImageClassification.from_pretrained(DIR)")
+        print(f"wrote {path}: {info.model_name} ({len(info.classes)} classes) in {args.format} layout with its model "
+              f"card; {loads} loads it, `convnext push {path} ORG/NAME` shares it")
+        return
+    if args.license:
+        raise ValueError("--license is for --format hub|transformers (a model card)")
     path, info = export_checkpoint(args.checkpoint, args.format, args.output, key=args.key,
                                    input_size=args.input_size, dynamic_size=not args.static_size, force=args.force)
     pre = info.preprocess
@@ -203,7 +222,9 @@ def _add_list_info_convert(sub) -> None:
 
     p = sub.add_parser("convert", help="convert any supported checkpoint to safetensors")
     p.add_argument("src", help="checkpoint: official, FCMAE, timm, torchvision, Hugging Face (file or dir), ours")
-    p.add_argument("dst", help="output .safetensors file (--to fcmae: .pt, .pth or .safetensors)")
+    p.add_argument("dst", help="output: .safetensors (any layout, our header in its metadata) or .pth/.pt as the "
+                               "layout's owners save it (official: {'model': ...}; timm: {'state_dict': ...}; "
+                               "torchvision: the state dict); --to hf: a transformers folder")
     p.add_argument("--model", help="architecture name (inferred from the weights when omitted)")
     p.add_argument("--key", help="state dict key inside the file, e.g. model_ema")
     p.add_argument("--to", default="ours", choices=["ours", *TABLES, "fcmae", "official-seg", "official-det"],
@@ -323,16 +344,29 @@ def _add_export_bench_demo(sub) -> None:
     from .export import FORMATS
     from .utils import PRECISIONS
 
-    p = sub.add_parser("export", help="export a checkpoint to ONNX, TorchScript or torch.export for deployment")
+    p = sub.add_parser("export", help="export a checkpoint for deployment (ONNX, TorchScript, torch.export, "
+                                      "OpenVINO) or sharing (a Hub folder in timm's or transformers' layout)")
     p.add_argument("--checkpoint", required=True, help="best.safetensors, last.pt or any supported checkpoint")
-    p.add_argument("--format", required=True, choices=list(FORMATS))
-    p.add_argument("--output", help="output file (default: beside the checkpoint, its name with .onnx/.pt/.pt2; "
-                                    "never the checkpoint itself)")
+    p.add_argument("--format", required=True, choices=[*FORMATS, "hub", "transformers"],
+                   help="hub: timm's Hub layout (timm.create_model('local-dir:DIR') / hf-hub:); transformers: "
+                        "AutoModelForImageClassification.from_pretrained(DIR)")
+    p.add_argument("--output", help="output file, or folder for hub/transformers (default: beside the checkpoint, "
+                                    "its name with .onnx/.pt/.pt2 or -hub/-transformers; never the checkpoint itself)")
+    p.add_argument("--license", help="hub/transformers: the weights' licence in the model card (default: that of "
+                                     "the published weights the run started from, else other)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.add_argument("--key", help="state dict key, e.g. model_ema")
     p.add_argument("--input-size", type=int, help="preprocessing input size to record (default: the checkpoint's)")
     p.add_argument("--static-size", action="store_true", help="fix the image size (batch stays dynamic)")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("push", help="upload a folder from `convnext export --format hub|transformers` to the Hub")
+    p.add_argument("folder", help="the exported model folder")
+    p.add_argument("repo", help="ORG/NAME of the model repo (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--revision", help="branch to commit to (default: main)")
+    p.add_argument("--message", help="commit message")
+    p.set_defaults(func=_cmd_push)
 
     p = sub.add_parser("bench", help=f"speed against {', '.join(PEERS)}, measured side by side")
     p.add_argument("--model", default="convnext_tiny")

@@ -167,10 +167,12 @@ def export_checkpoint(checkpoint: str | os.PathLike, fmt: str, output: str | os.
 
     Never writes over the checkpoint; an existing output only with `force`.
     """
-    from .factory import load_for_inference
+    from .factory import HUB_FORMATS, load_for_inference
 
+    if fmt in HUB_FORMATS:
+        return export_hub_folder(checkpoint, fmt, output, key=key, input_size=input_size, force=force)
     if fmt not in FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join([*FORMATS, *HUB_FORMATS])}")
     out = check_output(output or default_output(checkpoint, fmt), inputs=(checkpoint,), force=force)
     if fmt == "openvino":  # its weights file too
         check_output(out.with_suffix(".bin"), inputs=(checkpoint,), force=force)
@@ -183,6 +185,62 @@ def export_checkpoint(checkpoint: str | os.PathLike, fmt: str, output: str | os.
     if input_size:
         info = dataclasses.replace(info, preprocess=dataclasses.replace(info.preprocess, input_size=input_size))
     return export_model(model, info, out, fmt, dynamic_size=dynamic_size), info
+
+
+def export_hub_folder(checkpoint: str | os.PathLike, fmt: str, output: str | os.PathLike | None = None, *,
+                      key: str | None = None, input_size: int | None = None, license: str | None = None,
+                      force: bool = False) -> tuple[Path, InferenceInfo]:
+    """`convnext export --format hub|transformers`: a checkpoint -> a Hub model folder (`factory.save_pretrained`)
+    with its class names and preprocessing, and a model card from the run beside it (config.yaml, metrics.jsonl)."""
+    from .factory import load_for_inference, save_pretrained
+
+    src = Path(checkpoint)
+    out = Path(output) if output else src.with_name(f"{src.stem}-{fmt}")
+    if out.resolve() == src.resolve() or (src.is_dir() and out.resolve() in src.resolve().parents):
+        raise ValueError(f"the output {out} is (or holds) the input {src}: choose another output")
+    model, info = load_for_inference(checkpoint, key=key)
+    if input_size:
+        info = dataclasses.replace(info, preprocess=dataclasses.replace(info.preprocess, input_size=input_size))
+    if info.multi_label:
+        raise ValueError(f"{checkpoint} is a multi-label classifier (a sigmoid per class): timm's and transformers' "
+                         f"folders declare a softmax classifier; export --format onnx keeps its meaning")
+    details, metrics, source_license = _run_card(src)
+    save_pretrained(model, out, format=fmt, classes=info.classes, preprocess=info.preprocess,
+                    license=license or source_license, details=details, metrics=metrics, force=force)
+    return out, info
+
+
+def _run_card(checkpoint: Path) -> tuple[dict[str, str], str | None, str | None]:
+    """(model card details, a metrics table, the licence of the weights it was fine-tuned from) of the training
+    run a checkpoint lies in (its config.yaml and metrics.jsonl), or nothing when it lies in no run."""
+    import yaml
+
+    from .weights import PRETRAINED
+
+    run = checkpoint.parent
+    details: dict[str, str] = {"Weights": f"{checkpoint.name} of the run in {run.name}/"}
+    cfg: dict = {}
+    if (run / "config.yaml").is_file():
+        cfg = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}
+    start = cfg.get("finetune")
+    license = PRETRAINED[start].license if isinstance(start, str) and start in PRETRAINED else None
+    if cfg:
+        details["Data"] = str(cfg.get("data"))
+        details["Initialised from"] = str(start or "random (trained from scratch)")
+        keys = ("epochs", "batch_size", "lr", "weight_decay", "layer_decay", "drop_path_rate", "aa", "mixup", "cutmix",
+                "smoothing", "reprob", "model_ema", "precision", "input_size", "seed")
+        details["Recipe"] = ", ".join(f"{k} {cfg[k]}" for k in keys if k in cfg)
+    rows = []
+    if (run / "metrics.jsonl").is_file():
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line]
+    names = [k for k in ("epoch", "train_loss", "val_loss", "val_acc1", "val_acc5", "val_mAP", "val_f1")
+             if any(k in r for r in rows)]
+    table = None
+    if rows and names:
+        cells = [[f"{r[k]:.4g}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in names]
+                 for r in rows[-10:]]
+        table = "\n".join("| " + " | ".join(row) + " |" for row in [names, ["---"] * len(names), *cells])
+    return details, table, license
 
 
 class ExportedModel:

@@ -83,6 +83,10 @@ def _resolve_pretrained(arch: str, tag: str, pretrained: Any
         return info, download(info.url, sha256=info.sha256)
     if isinstance(pretrained, (str, os.PathLike)) and Path(pretrained).exists():
         return None, Path(pretrained)
+    from .weights import hub
+
+    if hub.is_hub_name(pretrained):  # hf-hub:org/name (the local cache, or a download), local-dir:DIR
+        return None, hub.resolve(pretrained)
     close = difflib.get_close_matches(str(pretrained), list_pretrained(arch) or list(PRETRAINED), n=3, cutoff=0.4)
     raise ValueError(f"pretrained={str(pretrained)!r} is neither a weights tag nor an existing file"
                      + (f"; did you mean {', '.join(close)}?" if close else "")
@@ -106,6 +110,16 @@ def create_model(name: str, *, pretrained: bool | str | os.PathLike = False, num
         features_only: return the list of stage outputs at `out_indices` instead of logits.
         **overrides: any other config field (e.g. `ls_init_value`, `head_init_scale`).
     """
+    from .weights import hub
+
+    if hub.is_hub_name(name):  # timm's `create_model("hf-hub:org/name")`: the folder names its architecture
+        folder = hub.resolve(name)
+        arch = read_model_file(folder).model_name
+        if pretrained not in (False, True):
+            raise ValueError(f"create_model({name!r}) brings its own weights; pass pretrained=True (or False)")
+        return create_model(arch or name, pretrained=folder if pretrained else False, num_classes=num_classes,
+                            in_chans=in_chans, drop_path_rate=drop_path_rate, features_only=features_only,
+                            out_indices=out_indices, **overrides)
     arch, _, tag = name.partition(".")
     check_model_name(arch)
     cls, base = MODELS[arch]
@@ -188,9 +202,10 @@ def load_for_inference(src: str | os.PathLike | ModelFile, *, key: str | None = 
     _, ours = to_ours(file.state_dict(key))
     name = file.model_name or infer_model_name(ours, file.path)
     model = create_model(name, pretrained=ours).eval()
-    from .data.imagenet import default_classes
+    from .data.imagenet import default_classes, synsets_of_names
 
     classes = list(file.spec.get("classes") or default_classes(model.num_classes))  # ImageNet's for 1000/21841
+    classes = synsets_of_names(classes) or classes  # transformers' "tench, Tinca tinca": ImageNet's synsets
     if len(classes) != model.num_classes:
         raise CheckpointError(f"{file.path}: {len(classes)} class names for a {model.num_classes}-class model")
     try:
@@ -252,16 +267,25 @@ def describe_model(name: str, input_size: int = 224) -> ModelSummary:
 
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, to: str = "ours", key: str | None = None,
                        model: str | None = None, force: bool = False) -> tuple[str, str]:
-    """`convnext convert`: any supported checkpoint -> safetensors in layout `to`; returns (source format, model).
+    """`convnext convert`: any supported checkpoint -> layout `to`, in the container its owners load; returns
+    (source format, model). `.safetensors` (our header in its metadata) for any layout, or as the owners save
+    them: official / official_isotropic a `.pth` of `{"model": state_dict}` (the official `torch.load(path)["model"]`),
+    timm a `.pth` of `{"state_dict": ...}` (timm's `load_checkpoint`), torchvision a `.pth` state dict alone
+    (`model.load_state_dict(torch.load(path))`), hf a folder (`from_pretrained(DIR)`, as `--format transformers`).
 
-    Never writes over `src`; an existing `dst` only with `force`; `dst` must end in .safetensors.
+    Never writes over `src`; an existing `dst` only with `force`.
     """
     from .utils import check_output
-    from .weights import save_checkpoint
 
-    whole = to in ("fcmae", "official-seg", "official-det")
-    check_output(dst, inputs=(src,), force=force, suffixes=(".pt", ".pth", ".safetensors") if whole
-                 else (".safetensors",))
+    if to == "hf":  # a transformers folder, with the classes and preprocessing the source knows
+        file = read_model_file(src)
+        model_ = create_model(check_model_name(model) if model else file.model_name or
+                              infer_model_name(to_ours(file.state_dict(key))[1], src), pretrained=file.state_dict(key))
+        pre = Preprocess.from_dict(file.spec["preprocess"]) if file.spec.get("preprocess") else None
+        save_pretrained(model_, dst, format="transformers", classes=file.spec.get("classes"), preprocess=pre,
+                        force=force)
+        return file.layout, model_.model_name
+    check_output(dst, inputs=(src,), force=force, suffixes=(".pt", ".pth", ".safetensors"))
     file = read_model_file(src)
     state_dict = file.state_dict(key)
     if to == "fcmae":
@@ -270,8 +294,26 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, to: st
         return _convert_dense(file, dst, state_dict, to)
     fmt, ours = to_ours(state_dict)
     name = check_model_name(model) if model else file.model_name or infer_model_name(ours, src)
-    save_checkpoint(create_model(name, pretrained=state_dict), dst, fmt=to)
+    _write_layout(create_model(name, pretrained=state_dict), dst, to, file.spec)
     return fmt, name
+
+
+def _write_layout(model: nn.Module, dst: str | os.PathLike, to: str, spec: Mapping[str, Any]) -> None:
+    """A classifier's weights in layout `to` at `dst`: safetensors with our header, or the owners' `.pth`."""
+    from .utils import atomic_write
+    from .weights import save_checkpoint
+    from .weights.convert import from_ours
+    from .weights.header import header
+
+    keep = {k: spec[k] for k in ("classes", "preprocess") if spec.get(k)}
+    if str(dst).endswith(".safetensors"):
+        save_checkpoint(model, dst, fmt=to, classes=keep.get("classes"), preprocess=keep.get("preprocess"))
+        return
+    theirs = from_ours(model.state_dict(), to)
+    own = header("classify", {"model_name": model.model_name, "model_config": dataclasses.asdict(model.cfg), **keep},
+                 to)
+    payload = {"torchvision": theirs, "timm": {"state_dict": theirs, **own}}.get(to, {"model": theirs, **own})
+    atomic_write(dst, lambda tmp: torch.save(payload, tmp))
 
 
 def _convert_to_fcmae(src: str | os.PathLike, dst: str | os.PathLike, sd: Mapping[str, Any]) -> tuple[str, str]:
@@ -331,3 +373,38 @@ def _convert_dense(file: ModelFile, dst: str | os.PathLike, sd: Mapping[str, Any
         atomic_write(dst, lambda tmp: torch.save({"state_dict": weights, "meta": {"CLASSES": tuple(spec["classes"])},
                                                   **header(task, spec, layout)}, tmp))
     return file.layout, spec["model_name"]
+
+
+HUB_FORMATS = {"hub": "timm", "transformers": "transformers"}  # export format -> the library that loads it
+
+
+def save_pretrained(model: nn.Module, folder: str | os.PathLike, *, format: str = "hub",
+                    classes: list[str] | None = None, preprocess: Preprocess | None = None,
+                    license: str | None = None, details: Mapping[str, Any] | None = None,
+                    metrics: str | None = None, force: bool = False) -> Path:
+    """A classifier as a Hub model folder: `format="hub"` timm's layout (`timm.create_model("local-dir:DIR",
+    pretrained=True)`, or `hf-hub:` once pushed), `"transformers"` theirs (`AutoModelForImageClassification.
+    from_pretrained(DIR)`, with its `AutoImageProcessor`); with a model card (README.md). `classes`: the class
+    names (default: ImageNet's synsets for 1000 / 21,841 outputs, else "0" ..); `preprocess`: its evaluation
+    preprocessing (default: its published weights', else the defaults); `license`: the weights' (default: its
+    published weights', else "other"). Written atomically; an existing folder only with `force` (`weights.hub`)."""
+    from .data.imagenet import default_classes
+    from .weights import hub
+
+    if format not in HUB_FORMATS:
+        raise ValueError(f"unknown Hub format {format!r}; choose one of {', '.join(HUB_FORMATS)}")
+    name, cfg = getattr(model, "model_name", None), getattr(model, "cfg", None)
+    if name is None or cfg is None or not getattr(model, "num_classes", 0):
+        raise ValueError("save_pretrained takes a classifier built by convnext.create_model (with a head)")
+    classes = list(classes) if classes is not None else default_classes(model.num_classes)
+    if len(classes) != model.num_classes:
+        raise ValueError(f"{len(classes)} class names for a {model.num_classes}-class model")
+    weights = getattr(model, "pretrained_cfg", None)
+    pre = preprocess or (weights.preprocess if weights is not None else Preprocess())
+    library = HUB_FORMATS[format]
+    card = hub.model_card(name, classes, pre, library=library,
+                          license=license or (weights.license if weights is not None else "other"),
+                          details=details, metrics=metrics)
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    write = hub.write_timm_folder if format == "hub" else hub.write_transformers_folder
+    return hub.write_folder(folder, lambda tmp: write(tmp, sd, name, cfg, classes, pre, card), force=force)

@@ -41,6 +41,19 @@ def default_classes(num_classes: int) -> list[str]:
     return [str(i) for i in range(num_classes)]
 
 
+def synsets_of_names(names: Sequence[str]) -> list[str] | None:
+    """The synsets of ImageNet-1k's (or -22k's) classes named as people read them, in order ("tench, Tinca tinca"
+    or "tench": transformers' `id2label`), or None when `names` are not those."""
+    table = BY_SIZE.get(len(names))
+    if table is None:
+        return None
+    rows = _read(table)
+    first = [lemmas.split(",")[0].strip().lower() for lemmas in rows.values()]
+    if any(str(n).split(",")[0].strip().lower() != f for n, f in zip(names, first, strict=True)):
+        return None
+    return list(rows)
+
+
 @functools.cache
 def _names() -> dict[str, str]:
     out: dict[str, str] = {}

@@ -342,7 +342,12 @@ def from_ours(sd: Mapping[str, torch.Tensor], fmt: str) -> dict[str, torch.Tenso
         return dict(sd)
     if fmt not in TABLES:
         raise ValueError(f"cannot export to {fmt!r}; choose one of {sorted(TABLES)}")
-    return _rename(sd, fmt, to_ours=False)
+    out = _rename(sd, fmt, to_ours=False)
+    stem = sd.get("stem.conv.weight")
+    if fmt == "timm" and stem is not None and stem.shape[0] <= 80:  # timm builds atto .. nano (V1 and V2) with
+        out = {k: v[:, :, None, None] if re.search(r"mlp\.fc[12]\.weight$", k) else v  # 1x1-conv MLPs
+               for k, v in out.items()}                                                # (conv_mlp=True)
+    return out
 
 
 def infer_config(sd: Mapping[str, torch.Tensor]) -> tuple[str, dict[str, Any]]:

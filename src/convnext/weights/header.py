@@ -223,13 +223,21 @@ def parse(obj: Mapping[str, Any], metadata: Mapping[str, Any], path: object = "c
 
 
 def read_model_file(src: str | os.PathLike | Mapping[str, Any] | ModelFile) -> ModelFile:
-    """Any model file (ours of every version, or a foreign layout), or an already loaded dict, as a `ModelFile`."""
+    """Any model file (ours of every version, or a foreign layout), a Hub model folder or name (`hf-hub:org/name`,
+    `local-dir:DIR`; `weights.hub`), or an already loaded dict, as a `ModelFile`."""
     if isinstance(src, ModelFile):
         return src
     if isinstance(src, Mapping):
         return parse(src, {}, "the state dict")
+    from . import hub
+
+    if hub.is_hub_name(str(src)):  # hf-hub:org/name, local-dir:DIR
+        src = hub.resolve(str(src))
     obj, metadata = read_checkpoint(src)
-    return parse(obj, metadata, Path(src))
+    file = parse(obj, metadata, Path(src))
+    if Path(src).is_dir():  # a Hub folder (timm's or transformers'): its config names the model, classes, preprocessing
+        file.spec.update(hub.folder_spec(Path(src)))
+    return file
 
 
 __all__ = ["FORMAT", "VERSION", "ModelFile", "header", "parse", "read_model_file", "write_model_file"]
