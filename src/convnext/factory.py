@@ -93,6 +93,18 @@ def _resolve_pretrained(arch: str, tag: str, pretrained: Any
                      + f" (`convnext info {arch}` lists its weights)")
 
 
+def _create_from_hub(name: str, pretrained: Any, **kwargs: Any) -> nn.Module:
+    from .weights import hub
+
+    if pretrained not in (False, True):
+        raise ValueError(f"create_model({name!r}) brings its own weights; pass pretrained=True (or False)")
+    folder = hub.resolve(name)
+    arch = read_model_file(folder).model_name
+    if arch is None:
+        raise CheckpointError(f"{name}: its folder does not say which ConvNeXt it holds")
+    return create_model(arch, pretrained=folder if pretrained else False, **kwargs)
+
+
 def create_model(name: str, *, pretrained: bool | str | os.PathLike = False, num_classes: int | None = None,
                  in_chans: int = 3, drop_path_rate: float = 0.0, features_only: bool = False,
                  out_indices: tuple[int, ...] = (0, 1, 2, 3), **overrides: Any) -> nn.Module:
@@ -113,13 +125,9 @@ def create_model(name: str, *, pretrained: bool | str | os.PathLike = False, num
     from .weights import hub
 
     if hub.is_hub_name(name):  # timm's `create_model("hf-hub:org/name")`: the folder names its architecture
-        folder = hub.resolve(name)
-        arch = read_model_file(folder).model_name
-        if pretrained not in (False, True):
-            raise ValueError(f"create_model({name!r}) brings its own weights; pass pretrained=True (or False)")
-        return create_model(arch or name, pretrained=folder if pretrained else False, num_classes=num_classes,
-                            in_chans=in_chans, drop_path_rate=drop_path_rate, features_only=features_only,
-                            out_indices=out_indices, **overrides)
+        return _create_from_hub(name, pretrained, num_classes=num_classes, in_chans=in_chans,
+                                drop_path_rate=drop_path_rate, features_only=features_only, out_indices=out_indices,
+                                **overrides)
     arch, _, tag = name.partition(".")
     check_model_name(arch)
     cls, base = MODELS[arch]
