@@ -16,8 +16,8 @@ from torch import nn
 
 from .models import MODELS
 from .preprocess import Preprocess
-from .weights import (PRETRAINED, CheckpointError, PretrainedWeights, download, infer_config, load_state_dict_into,
-                      ModelFile, read_model_file, to_ours)
+from .weights import (PRETRAINED, CheckpointError, PretrainedWeights, download, hub, infer_config,
+                      load_state_dict_into, ModelFile, read_model_file, to_ours)
 from .weights.convert import _match_arch, infer_model_name
 
 logger = logging.getLogger(__name__)
@@ -83,8 +83,6 @@ def _resolve_pretrained(arch: str, tag: str, pretrained: Any
         return info, download(info.url, sha256=info.sha256)
     if isinstance(pretrained, (str, os.PathLike)) and Path(pretrained).exists():
         return None, Path(pretrained)
-    from .weights import hub
-
     if hub.is_hub_name(pretrained):  # hf-hub:org/name (the local cache, or a download), local-dir:DIR
         return None, hub.resolve(pretrained)
     close = difflib.get_close_matches(str(pretrained), list_pretrained(arch) or list(PRETRAINED), n=3, cutoff=0.4)
@@ -94,8 +92,6 @@ def _resolve_pretrained(arch: str, tag: str, pretrained: Any
 
 
 def _create_from_hub(name: str, pretrained: Any, **kwargs: Any) -> nn.Module:
-    from .weights import hub
-
     if pretrained not in (False, True):
         raise ValueError(f"create_model({name!r}) brings its own weights; pass pretrained=True (or False)")
     folder = hub.resolve(name)
@@ -122,12 +118,9 @@ def create_model(name: str, *, pretrained: bool | str | os.PathLike = False, num
         features_only: return the list of stage outputs at `out_indices` instead of logits.
         **overrides: any other config field (e.g. `ls_init_value`, `head_init_scale`).
     """
-    from .weights import hub
-
     if hub.is_hub_name(name):  # timm's `create_model("hf-hub:org/name")`: the folder names its architecture
-        return _create_from_hub(name, pretrained, num_classes=num_classes, in_chans=in_chans,
-                                drop_path_rate=drop_path_rate, features_only=features_only, out_indices=out_indices,
-                                **overrides)
+        return _create_from_hub(name, pretrained, num_classes=num_classes, in_chans=in_chans, features_only=features_only,
+                                drop_path_rate=drop_path_rate, out_indices=out_indices, **overrides)
     arch, _, tag = name.partition(".")
     check_model_name(arch)
     cls, base = MODELS[arch]
@@ -397,7 +390,6 @@ def save_pretrained(model: nn.Module, folder: str | os.PathLike, *, format: str 
     preprocessing (default: its published weights', else the defaults); `license`: the weights' (default: its
     published weights', else "other"). Written atomically; an existing folder only with `force` (`weights.hub`)."""
     from .data.imagenet import default_classes
-    from .weights import hub
 
     if format not in HUB_FORMATS:
         raise ValueError(f"unknown Hub format {format!r}; choose one of {', '.join(HUB_FORMATS)}")
