@@ -97,7 +97,9 @@ class EngineConfig:
     max_bad_fraction: float = 0.5  # an epoch with more unreadable samples than this share (or no usable one) fails
     resume_anyway: bool = False  # resume a checkpoint although its data, batch or seed differ (logged)
     eval_every: int = 1  # epochs between evaluations (always after the last)
-    log_every: int = 50  # steps between progress-bar metric updates
+    log_every: int = 50  # steps between per-step metrics (progress bar, --log-to trackers)
+    log_to: str = ""  # trackers beside metrics.jsonl and summary.csv: tensorboard,wandb,mlflow,csv (any subset)
+    project: str = "convnext"  # the W&B project / MLflow experiment (WANDB_PROJECT / MLFLOW_EXPERIMENT_NAME win)
     progress: bool = True  # tqdm bars (rank 0 only)
 
     def __post_init__(self) -> None:
@@ -141,6 +143,9 @@ class EngineConfig:
                              "nan_policy": ("abort", "skip"), "bad_images": ("skip", "error"),
                              "layer_decay_type": self.LAYER_DECAY_TYPES, "schedule": ("cosine", "poly", "step")})
         self._check_schedule()
+        from .tracking import parse_log_to
+
+        parse_log_to(self.log_to)  # an unknown tracker, or one not installed: one line, before any work
 
     def _check_schedule(self) -> None:
         if self.warmup_iters is not None and self.warmup_iters < 0:

@@ -36,6 +36,7 @@ from .config import save_yaml
 from .distributed import PeerLostError
 from .schedule import lr_at, mmcv_lr_at
 from .task import Task
+from .tracking import StepWindow, Tracking, parse_log_to, write_summary_csv
 
 logger = logging.getLogger(__name__)
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # unsharded, name-keyed: any world size loads it
@@ -129,10 +130,13 @@ def fit(task: Task) -> dict[str, Any]:
             lock.acquire()
         trainer = Trainer(task, env)
         trainer.resume()
-        while trainer.state.progress.epoch < task.cfg.epochs:
-            line = trainer.train_epoch()
-            line.update(trainer.evaluate_if_due())
-            trainer.end_epoch(line)
+        try:
+            while trainer.state.progress.epoch < task.cfg.epochs:
+                line = trainer.train_epoch()
+                line.update(trainer.evaluate_if_due())
+                trainer.end_epoch(line)
+        finally:
+            trainer.tracking.close()
         return trainer.summary()
     except Exception as e:
         if env.distributed and D.is_communication_failure(e):  # name the node that went away
@@ -196,6 +200,8 @@ class Trainer:
         fast.use_fused_depthwise_backward(self.state.model, self.cfg.precision == "bf16"
                                           and env.device.type == "cpu" and self.total_steps >= FUSED_DEPTHWISE_MIN_STEPS)
         self.seen_bad: set[int] = set()
+        self.tracking = Tracking([], self.out, {}, project=self.cfg.project)  # rank 0's trackers: `resume`
+        self.window = StepWindow()
 
     # --- set-up -------------------------------------------------------------------------------
     def _build_data(self) -> None:
@@ -301,6 +307,7 @@ class Trainer:
     def resume(self) -> None:
         """Load the checkpoint found at set-up (if any); then write config.yaml and log the run."""
         cfg = self.cfg
+        tracked, resumed_step = None, None
         if self.found is not None:
             path, file = self.found
             self._check_identity(path, file)
@@ -308,10 +315,13 @@ class Trainer:
             self.state.load_state_dict(file.training_state())
             p = self.state.progress
             logger.info("resumed from %s (epoch %d, batch %d, step %d)", path, p.epoch + 1, p.batch, p.step)
+            tracked, resumed_step = file.training_state().get("tracking"), p.step
             self.found = None  # the state is in the model now; free the copy
         if self.env.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_yaml(cfg, self.out / "config.yaml")
+            self.tracking = Tracking(parse_log_to(cfg.log_to), self.out, cfg.to_dict(), project=cfg.project,
+                                     saved=tracked, resumed_step=resumed_step)
             logger.info("%s; global batch %d (%d x %d x %d processes), peak lr %.3g, %d steps (%d warmup), %s on %s",
                         self.task.summary(self.train_ds, self.val_ds),
                         cfg.batch_size * cfg.grad_accum * self.env.world_size, cfg.batch_size, cfg.grad_accum,
@@ -369,11 +379,15 @@ class Trainer:
         t0, self.n_images, self.step_ok = time.perf_counter(), 0, True
         bar = tqdm(total=len(self.train_loader), initial=p.batch, desc=f"epoch {p.epoch + 1}/{cfg.epochs}",
                    disable=not (cfg.progress and self.env.is_main), dynamic_ncols=True, leave=False)
+        self.window.start(p, self.n_images)
         for batch in self.train_loader:
+            self.window.batch_arrived()
             self.train_batch(batch)
             bar.update(1)
             if p.batch % cfg.grad_accum == 0:  # optimizer step boundary
                 self.optimizer_step()
+                if p.step % cfg.log_every == 0 and self.env.is_main:
+                    self.tracking.step(p.step, self.window.scalars(p, self.n_images, self.lr, self._extras()))
                 if p.step % cfg.log_every == 0 or p.batch == len(self.train_loader):
                     bar.set_postfix(loss=f"{p.loss_sums.get('loss', 0.0) / max(p.loss_count, 1):.4f}",
                                     lr=f"{self.lr:.2e}", img_s=f"{self.n_images / max(time.perf_counter() - t0, 1e-9):.0f}")
@@ -381,6 +395,7 @@ class Trainer:
                     self.save()
             if p.batch >= self.steps_per_epoch * cfg.grad_accum:
                 break  # the tail that cannot fill an optimizer step is left out, as drop_last
+            self.window.batch_done()
         bar.close()
         self._check_bad_fraction()
         return self._epoch_line(time.perf_counter() - t0)
@@ -496,10 +511,14 @@ class Trainer:
     def optimizer_step(self) -> None:
         """Unscale and clip, step the optimizer and the EMA (unless a non-finite loss was skipped)."""
         state, p = self.state, self.state.progress
+        logged = self.cfg.log_to and (p.step + 1) % self.cfg.log_every == 0  # (the same on every rank)
         if self.step_ok:
-            if self.cfg.clip_grad is not None:
+            if self.cfg.clip_grad is not None or logged:
                 state.scaler.unscale_(state.optimizer)
-                nn.utils.clip_grad_norm_(state.model.parameters(), self.cfg.clip_grad)
+                grads = [w.grad for w in state.model.parameters() if w.grad is not None]
+                norm = (nn.utils.clip_grad_norm_(state.model.parameters(), self.cfg.clip_grad)
+                        if self.cfg.clip_grad is not None else nn.utils.get_total_norm(grads))
+                self.window.grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
             state.scaler.step(state.optimizer)
             state.scaler.update()
             if state.ema is not None:
@@ -508,6 +527,19 @@ class Trainer:
             p.nan_skipped += 1
         state.optimizer.zero_grad(set_to_none=True)
         p.step += 1
+
+    def _extras(self) -> dict[str, float]:
+        """The per-step scalars that are not the window's: loss scale (fp16) and memory."""
+        out: dict[str, float] = {}
+        if self.state.scaler.is_enabled():
+            out["loss_scale"] = float(self.state.scaler.get_scale())
+        if self.env.device.type == "cuda":
+            out["memory_mb"] = torch.cuda.max_memory_allocated(self.env.device) / 2**20
+        else:
+            import resource
+
+            out["memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # (Linux: KiB)
+        return out
 
     # --- evaluation, end of epoch, checkpoints -------------------------------------------------
     def evaluate_if_due(self) -> dict[str, float]:
@@ -539,6 +571,7 @@ class Trainer:
         p.next_epoch()
         if self.env.is_main:
             self._write_logs(line)
+            self.tracking.epoch(p.step, line)
         self.save()
 
     def _write_logs(self, line: dict[str, Any]) -> None:
@@ -546,6 +579,7 @@ class Trainer:
 
         text = "".join(json.dumps(h) + "\n" for h in self.state.history)
         atomic_write(self.out / "metrics.jsonl", lambda tmp: Path(tmp).write_text(text))
+        write_summary_csv(self.out / "summary.csv", self.state.history)
         plot_curves(self.state.history, self.out / "curves.png")
         shown = "  ".join(f"{k} {v:.4f}" if "loss" in k else f"{k} {v:.2f}" for k, v in line.items()
                           if k.startswith(("train_loss", "val_", "train_")) and k not in ("train_time_s", "train_img_s"))
@@ -561,8 +595,10 @@ class Trainer:
             raise NonFiniteLossError(f"parameters are not finite at step {p.step}; no checkpoint written")
         state = self.state.state_dict()
         if self.env.is_main:
+            self.tracking.flush()
             save_state(self.out, {**header(self.task.name, self.task.spec()), "config": self.cfg.to_dict(),
-                                  "run": self.run, **state}, p.step, keep=self.cfg.keep_checkpoints)
+                                  "run": self.run, "tracking": self.tracking.state_dict(), **state}, p.step,
+                       keep=self.cfg.keep_checkpoints)
         D.barrier(self.env)
 
     def summary(self) -> dict[str, Any]:
