@@ -151,6 +151,12 @@ def test_hf_hub_names_resolve_from_the_local_cache_offline(tmp_path, capsys, mon
     _photo().save(photo)
     code, out, err = run_main(capsys, "predict", photo, "--checkpoint", "hf-hub:me/pets-hf", "--json", "--topk", 1)
     assert code == 0 and json.loads(out)[0]["top"][0]["class"] in CLASSES, err
+    for c in CLASSES:  # and evaluated as published weights are (`--model ... --pretrained hf-hub:...`)
+        (tmp_path / "val" / c).mkdir(parents=True)
+        _photo().save(tmp_path / "val" / c / "0.jpg")
+    code, out, err = run_main(capsys, "eval", "--model", "convnextv2_atto", "--pretrained", "hf-hub:me/pets-timm",
+                              "--data", tmp_path / "val", "--json", "--output", tmp_path / "e")
+    assert code == 0 and json.loads(out)["count"] == 3, err
     code, _, err = run_main(capsys, "predict", photo, "--checkpoint", "hf-hub:me/unknown")
     assert code == 2 and "not in the local Hugging Face cache" in err and "hf download me/unknown" in err
     assert "HF_HUB_OFFLINE=1 forbids downloading it" in err

@@ -224,7 +224,8 @@ def pretrained_for_inference(name: str, pretrained: str | bool | os.PathLike = T
     own preprocessing (resolution, crop_pct, interpolation, crop mode) and the ImageNet classes."""
     arch, _, tag = str(name).partition(".")
     check_model_name(arch)
-    if isinstance(pretrained, (str, os.PathLike)) and not isinstance(pretrained, bool) and Path(pretrained).exists():
+    if isinstance(pretrained, (str, os.PathLike)) and not isinstance(pretrained, bool) and (
+            Path(pretrained).exists() or hub.is_hub_name(pretrained)):  # a file, or hf-hub:ORG/NAME, local-dir:DIR
         model, info = load_for_inference(pretrained)
         if info.model_name != arch:
             raise ValueError(f"{pretrained} holds a {info.model_name}, not {arch}; use --model {info.model_name}")
