@@ -117,6 +117,22 @@ def cache_dir() -> Path:
     return path
 
 
+def read_json_object(path: Path, error: type[Exception] = ValueError) -> dict | None:
+    """The JSON object in `path`, None if there is no such file; `error` (one line naming the file) for a file
+    that is not readable JSON or holds something else than an object."""
+    import json
+
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise error(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: not a JSON object")
+    return data
+
+
 def seeded(fn: Callable, seed: int, *args: object) -> object:
     """`fn(*args)` with the CPU generator the transforms draw from seeded, then restored.
 

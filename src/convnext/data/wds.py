@@ -65,16 +65,9 @@ def _expand(pattern: str) -> list[str]:
 
 
 def read_info(root: Path) -> dict[str, Any]:
-    path = root / "_info.json"
-    if not path.is_file():
-        return {}
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: not readable JSON ({e})") from None
-    if not isinstance(info, dict):
-        raise DataError(f"{path}: not a JSON object")
-    return info
+    from ..utils import read_json_object
+
+    return read_json_object(root / "_info.json", DataError) or {}
 
 
 def _is_pattern(text: str) -> bool:

@@ -80,15 +80,9 @@ def weight_file(folder: Path) -> Path:
 
 
 def _json_file(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not readable JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: not a JSON object")
-    return data
+    from ..utils import read_json_object
+
+    return read_json_object(path, CheckpointError)
 
 
 def folder_spec(folder: Path) -> dict[str, Any]:
