@@ -11,7 +11,7 @@ mkdir -p "$OUT"
 run() { local name=$1; shift; "$BIN/convnext" bench "$@" --threads 1 --json "$OUT/$name.json" --force \
         | grep -v "^  ready\|round " | tee "$OUT/$name.txt"; echo; }
 PRECISIONS="fp32"
-[ "$CLASS" = avx512 ] && PRECISIONS="fp32 bf16"
+case "$CLASS" in avx512|amx) PRECISIONS="fp32 bf16" ;; esac
 for p in $PRECISIONS; do
   run infer-$p-convnext_tiny-b8    --model convnext_tiny   --batch-size 8  --precision $p --compile \
       --compare timm,torchvision,onnxruntime,openvino --repeats 10 --no-memory

@@ -180,12 +180,13 @@ def cpu_flags() -> set[str]:
 
 
 def cpu_class() -> str:
-    """"avx512" (AVX-512 with bf16 or AMX: Zen 4/5, Sapphire Rapids and later), "avx2", or "other".
-
-    From what torch itself dispatches to (`get_cpu_capability`) and the bf16 instructions the CPU has.
+    """"amx" (AMX-BF16: Sapphire Rapids and later), "avx512" (AVX-512 with avx512_bf16: Zen 4/5), "avx2", or
+    "other": from what torch itself dispatches to (`get_cpu_capability`) and the bf16 instructions the CPU has.
     """
     capability = torch.backends.cpu.get_cpu_capability()
-    if capability.startswith("AVX512") and cpu_flags() & {"avx512_bf16", "amx_bf16"}:
+    if capability.startswith("AVX512") and "amx_bf16" in cpu_flags():
+        return "amx"
+    if capability.startswith("AVX512") and "avx512_bf16" in cpu_flags():
         return "avx512"
     return "avx2" if capability.startswith(("AVX2", "AVX512")) else "other"
 
