@@ -112,3 +112,15 @@ def test_bench_bad_input_is_one_line(args, needle, capsys):
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 2 and len(lines) == 1 and needle in lines[0] and "Traceback" not in err, err
+
+
+def test_bench_contention_times_each_policy_quiet_and_busy(tmp_path, capsys):
+    from helpers import run_main
+
+    code, out, err = run_main(capsys, "bench", "--mode", "contention", "--model", "convnext_atto", "--batch-size", 2,
+                              "--input-size", 32, "--batches", 1, "--repeats", 1, "--json", "-")
+    assert code == 0, err
+    res = json.loads(out)
+    assert [r["candidate"] for r in res["rows"]][0] == "libgomp default (spin 300000)" and len(res["rows"]) == 5
+    assert all(r["quiet_img_s"] > 0 and r["busy_img_s"] > 0 for r in res["rows"])
+    assert res["rows"][0]["quiet_vs_default_quiet"] == 1.0 and res["rows"][-1]["threads"] == 1

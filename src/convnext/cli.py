@@ -124,6 +124,12 @@ def _cmd_bench(args: argparse.Namespace) -> None:
         check_output(args.json, force=args.force, suffixes=(".json",))
     if args.mode == "data" or args.data:
         return _bench_data(args)
+    if args.mode == "contention":
+        from .bench.contention import bench_contention, format_contention_table
+
+        res = bench_contention(args.model, args.batch_size, args.input_size, steps=args.batches, repeats=args.repeats,
+                               progress=args.json != "-")
+        return _report_bench(args, res, format_contention_table)
     res = run(BenchOptions(
         model=args.model, batch_size=args.batch_size, input_size=args.input_size, mode=args.mode,
         precision=args.precision, compare=tuple(p for p in args.compare.split(",") if p), repeats=args.repeats,
@@ -372,8 +378,10 @@ def _add_export_bench_demo(sub) -> None:
     p.add_argument("--model", default="convnext_tiny")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--input-size", type=int, default=224)
-    p.add_argument("--mode", choices=[*MODES, "data"], default="infer",
-                   help="infer, train (a training step), or data: the input pipeline alone (with --data)")
+    p.add_argument("--mode", choices=[*MODES, "data", "contention"], default="infer",
+                   help="infer, train (a training step), data: the input pipeline alone (with --data), contention: "
+                        "the training step quiet and with a busy process beside it (e.g. --model convnext_atto "
+                        "--batch-size 128 --input-size 32 --batches 8 --repeats 3: the demo's)")
     p.add_argument("--data", help="--mode data: sources to time, comma-separated (a folder, hf:..., wds:...)")
     p.add_argument("--workers", default="0", help="--mode data: loader processes, N or N,N,... (default 0)")
     p.add_argument("--batches", type=int, default=10, help="--mode data: batches timed per round")
