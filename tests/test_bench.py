@@ -117,10 +117,13 @@ def test_bench_bad_input_is_one_line(args, needle, capsys):
 def test_bench_contention_times_each_policy_quiet_and_busy(tmp_path, capsys):
     from helpers import run_main
 
-    code, out, err = run_main(capsys, "bench", "--mode", "contention", "--model", "convnext_atto", "--batch-size", 2,
-                              "--input-size", 32, "--batches", 1, "--repeats", 1, "--json", "-")
-    assert code == 0, err
-    res = json.loads(out)
-    assert [r["candidate"] for r in res["rows"]][0] == "libgomp default (spin 300000)" and len(res["rows"]) == 5
+    from convnext.bench.contention import CANDIDATES, bench_contention, format_contention_table
+
+    res = bench_contention("convnext_atto", 2, 32, steps=1, repeats=1, progress=False,
+                           candidates=(CANDIDATES[0], CANDIDATES[-1]))  # the default and 1 thread: each a process
+    assert [r["candidate"] for r in res["rows"]] == ["libgomp default (spin 300000)", "1 thread"]
     assert all(r["quiet_img_s"] > 0 and r["busy_img_s"] > 0 for r in res["rows"])
     assert res["rows"][0]["quiet_vs_default_quiet"] == 1.0 and res["rows"][-1]["threads"] == 1
+    assert "busy/def" in format_contention_table(res)
+    code, _, err = run_main(capsys, "bench", "--mode", "contention", "--model", "convnext_nope", "--json", "-")
+    assert code == 2 and "unknown model" in err

@@ -70,8 +70,9 @@ def _clean_env(extra: dict[str, str]) -> dict[str, str]:
 
 
 def bench_contention(model: str = "convnext_atto", batch_size: int = 128, input_size: int = 32, steps: int = 8,
-                     repeats: int = 3, progress: bool = True) -> dict[str, Any]:
-    """{"rows": [{candidate, threads, quiet_img_s, busy_img_s, busy_vs_default_quiet}], ...}."""
+                     repeats: int = 3, progress: bool = True, candidates: tuple = CANDIDATES) -> dict[str, Any]:
+    """{"rows": [{candidate, threads, quiet_img_s, busy_img_s, busy_vs_default_quiet}], ...}; `candidates`
+    (label, threads, environment), the first the default the others are compared with."""
     from ..factory import check_model_name
     from ..utils import machine_line
 
@@ -79,9 +80,9 @@ def bench_contention(model: str = "convnext_atto", batch_size: int = 128, input_
     if batch_size < 1 or steps < 1 or repeats < 1 or input_size < 32:
         raise ValueError("--batch-size, --batches (steps), --repeats >= 1 and --input-size >= 32")
     cores = os.cpu_count() or 1
-    got: dict[str, list[dict]] = {label: [] for label, _, _ in CANDIDATES}
+    got: dict[str, list[dict]] = {label: [] for label, _, _ in candidates}
     for r in range(repeats):
-        for label, threads, env in CANDIDATES:
+        for label, threads, env in candidates:
             cmd = [sys.executable, "-c", _CHILD, model, str(batch_size), str(input_size), str(steps),
                    str(threads or cores)]
             out = subprocess.run(cmd, env=_clean_env(env), capture_output=True, text=True, timeout=900)
@@ -91,9 +92,9 @@ def bench_contention(model: str = "convnext_atto", batch_size: int = 128, input_
             if progress:
                 print(f"  round {r + 1}/{repeats}: {label}: quiet {got[label][-1]['quiet']:.0f}, busy "
                       f"{got[label][-1]['busy']:.0f} img/s", flush=True)
-    base = statistics.median(g["quiet"] for g in got[CANDIDATES[0][0]])
+    base = statistics.median(g["quiet"] for g in got[candidates[0][0]])
     rows = []
-    for label, threads, _ in CANDIDATES:
+    for label, threads, _ in candidates:
         quiet, busy = (statistics.median(g[k] for g in got[label]) for k in ("quiet", "busy"))
         rows.append({"candidate": label, "threads": threads or cores, "quiet_img_s": quiet, "busy_img_s": busy,
                      "busy_vs_default_quiet": busy / base, "quiet_vs_default_quiet": quiet / base})
