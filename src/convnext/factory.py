@@ -95,7 +95,7 @@ def _create_from_hub(name: str, pretrained: Any, **kwargs: Any) -> nn.Module:
     if pretrained not in (False, True):
         raise ValueError(f"create_model({name!r}) brings its own weights; pass pretrained=True (or False)")
     folder = hub.resolve(name)
-    arch = read_model_file(folder).model_name
+    arch = hub.folder_spec(folder).get("model_name") or read_model_file(folder).model_name  # (transformers': keys)
     if arch is None:
         raise CheckpointError(f"{name}: its folder does not say which ConvNeXt it holds")
     return create_model(arch, pretrained=folder if pretrained else False, **kwargs)
@@ -279,15 +279,8 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, to: st
     """
     from .utils import check_output
 
-    if to == "hf":  # a transformers folder, with the classes and preprocessing the source knows
-        file = read_model_file(src)
-        model_ = create_model(check_model_name(model) if model else file.model_name or
-                              infer_model_name(to_ours(file.state_dict(key))[1], src), pretrained=file.state_dict(key))
-        pre = Preprocess.from_dict(file.spec["preprocess"]) if file.spec.get("preprocess") else None
-        save_pretrained(model_, dst, format="transformers", classes=file.spec.get("classes"), preprocess=pre,
-                        force=force)
-        return file.layout, model_.model_name
-    check_output(dst, inputs=(src,), force=force, suffixes=(".pt", ".pth", ".safetensors"))
+    if to != "hf":  # (hf: a folder, which `weights.hub.write_folder` checks)
+        check_output(dst, inputs=(src,), force=force, suffixes=(".pt", ".pth", ".safetensors"))
     file = read_model_file(src)
     state_dict = file.state_dict(key)
     if to == "fcmae":
@@ -296,7 +289,13 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, to: st
         return _convert_dense(file, dst, state_dict, to)
     fmt, ours = to_ours(state_dict)
     name = check_model_name(model) if model else file.model_name or infer_model_name(ours, src)
-    _write_layout(create_model(name, pretrained=state_dict), dst, to, file.spec)
+    classifier = create_model(name, pretrained=state_dict)
+    if to == "hf":  # a transformers folder, with the classes and preprocessing the source knows
+        pre = Preprocess.from_dict(file.spec["preprocess"]) if file.spec.get("preprocess") else None
+        save_pretrained(classifier, dst, format="transformers", classes=file.spec.get("classes"), preprocess=pre,
+                        force=force)
+    else:
+        _write_layout(classifier, dst, to, file.spec)
     return fmt, name
 
 

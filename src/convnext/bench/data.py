@@ -15,6 +15,7 @@ def _loader(data: str, decode: str, workers: int, batch_size: int, input_size: i
     from torch.utils.data import DataLoader
 
     from ..data import EpochSampler, ImageFolder, collate, split_folder, train_transform
+    from ..data.folder import one_thread_worker
     from ..data.sources import kind, open_split
 
     augment = train_transform(input_size, draft=decode == "cpu-draft")
@@ -25,13 +26,7 @@ def _loader(data: str, decode: str, workers: int, batch_size: int, input_size: i
     ds.decode = decode
     sampler = EpochSampler(len(ds), shuffle=True, seed=seed)
     return ds, DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
-                          persistent_workers=workers > 0, drop_last=True, worker_init_fn=_one_thread)
-
-
-def _one_thread(_: int) -> None:
-    import torch
-
-    torch.set_num_threads(1)  # as the training loader's workers
+                          persistent_workers=workers > 0, drop_last=True, worker_init_fn=one_thread_worker)
 
 
 def _time(loader, batches: int, device_augment=None) -> float:

@@ -475,6 +475,12 @@ class EpochSampler(Sampler):
         return len(self.inner) - self.start
 
 
+def one_thread_worker(_: int) -> None:
+    """A DataLoader's `worker_init_fn`: one torch thread per loader worker, so that workers do not fight the
+    main process's threads for cores."""
+    torch.set_num_threads(1)
+
+
 class ShardSampler(Sampler):
     """Every index exactly once across ranks (no padding): exact distributed evaluation."""
 

@@ -46,14 +46,12 @@ class ClassificationTask(Task):
 
     def datasets(self) -> tuple[ImageFolder, ImageFolder]:
         from ..data import (DataError, ImageFolder, LabelledFiles, check_same_classes, eval_transform, mixup_cutmix,
-                            split_folder, train_transform)
+                            split_folder)
 
         from ..data.sources import kind, open_split
 
         cfg, root = self.cfg, Path(self.cfg.data)
-        augment = train_transform(cfg.input_size, scale=cfg.scale, hflip=cfg.hflip, aa=cfg.aa,
-                                  color_jitter=cfg.color_jitter, reprob=cfg.reprob,
-                                  interpolation_name=cfg.train_interpolation, draft=cfg.decode == "cpu-draft")
+        augment = self._augment(draft=cfg.decode == "cpu-draft")
         if kind(cfg.data) != "folder":  # a Hugging Face dataset's or WebDataset shards' splits
             keys = dict(image_key=cfg.image_key, label_key=cfg.label_key, cache=cfg.cache_images,
                         multi_label=cfg.multi_label)
@@ -88,10 +86,18 @@ class ClassificationTask(Task):
                                 switch_prob=cfg.mixup_switch_prob, prob=cfg.mixup_prob)
         return train, val
 
+    def _augment(self, **how: bool):
+        """The recipe's train transform from the config (`how`: `draft` or `tensors`, `data.train_transform`)."""
+        from ..data import train_transform
+
+        cfg = self.cfg
+        return train_transform(cfg.input_size, scale=cfg.scale, hflip=cfg.hflip, aa=cfg.aa, color_jitter=cfg.color_jitter,
+                               reprob=cfg.reprob, interpolation_name=cfg.train_interpolation, **how)
+
     def _decode_on_device(self, train: ImageFolder) -> None:
         """`--decode cpu-draft|gpu`: the training set's loader workers leave decoding to its transform or to
         `prepare` (the device); validation always decodes as `cpu` (the published protocol)."""
-        from ..data import DataError, train_transform
+        from ..data import DataError
         from ..data.decode import cuda_available
 
         cfg = self.cfg
@@ -100,9 +106,7 @@ class ClassificationTask(Task):
                             "(or cpu-draft: JPEGs decoded reduced where the crop allows)")
         train.decode = cfg.decode
         if cfg.decode == "gpu":
-            self.device_augment = train_transform(cfg.input_size, scale=cfg.scale, hflip=cfg.hflip, aa=cfg.aa,
-                                                  color_jitter=cfg.color_jitter, reprob=cfg.reprob,
-                                                  interpolation_name=cfg.train_interpolation, tensors=True)
+            self.device_augment = self._augment(tensors=True)
 
     def prepare(self, batch: Batch, device: torch.device) -> Batch:
         """`--decode gpu`: the batch's images decoded and augmented on `device`; those no decoder reads go to

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..data import Batch, DataError, EpochSampler, ShardSampler
+from ..data.folder import one_thread_worker
 from ..models import fast
 from ..utils import atomic_write, autocast, same_file
 from ..weights.header import ModelFile, header
@@ -167,10 +168,6 @@ class DeviceLoader:
         return (self.to_device(b) for b in self.loader)
 
 
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)  # loader workers must not fight the training threads for cores
-
-
 class Trainer:
     """One training run of one task: built by `__init__`, driven by `fit`."""
 
@@ -211,7 +208,7 @@ class Trainer:
             raise DataError(f"{len(self.train_ds)} training samples are fewer than one batch ({cfg.batch_size} x "
                             f"{env.world_size} processes); lower --batch-size")
         common = dict(num_workers=cfg.workers, collate_fn=self.task.collate, pin_memory=env.device.type == "cuda",
-                      persistent_workers=cfg.workers > 0, worker_init_fn=_worker_init if cfg.workers > 0 else None)
+                      persistent_workers=cfg.workers > 0, worker_init_fn=one_thread_worker if cfg.workers > 0 else None)
         self.sampler = EpochSampler(len(self.train_ds), shuffle=True, seed=cfg.seed, rank=env.rank,
                                     world_size=env.world_size, weights=self.task.sample_weights(self.train_ds),
                                     groups=self.task.sample_groups(self.train_ds))
@@ -386,7 +383,7 @@ class Trainer:
             bar.update(1)
             if p.batch % cfg.grad_accum == 0:  # optimizer step boundary
                 self.optimizer_step()
-                if p.step % cfg.log_every == 0 and self.env.is_main:
+                if p.step % cfg.log_every == 0 and self.tracking.names:  # (rank 0 only has trackers)
                     self.tracking.step(p.step, self.window.scalars(p, self.n_images, self.lr, self._extras()))
                 if p.step % cfg.log_every == 0 or p.batch == len(self.train_loader):
                     bar.set_postfix(loss=f"{p.loss_sums.get('loss', 0.0) / max(p.loss_count, 1):.4f}",
@@ -515,9 +512,9 @@ class Trainer:
         if self.step_ok:
             if self.cfg.clip_grad is not None or logged:
                 state.scaler.unscale_(state.optimizer)
-                grads = [w.grad for w in state.model.parameters() if w.grad is not None]
                 norm = (nn.utils.clip_grad_norm_(state.model.parameters(), self.cfg.clip_grad)
-                        if self.cfg.clip_grad is not None else nn.utils.get_total_norm(grads))
+                        if self.cfg.clip_grad is not None else
+                        nn.utils.get_total_norm([w.grad for w in state.model.parameters() if w.grad is not None]))
                 self.window.grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
             state.scaler.step(state.optimizer)
             state.scaler.update()

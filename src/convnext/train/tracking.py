@@ -88,7 +88,7 @@ class Tracking:
                  saved: Mapping[str, Any] | None = None, resumed_step: int | None = None) -> None:
         self.names, self.out, self.saved = list(names), Path(out), dict(saved or {})
         self.tb = self.wandb = self.mlflow = None
-        self.csv_path = self.out / "train_steps.csv"
+        self.csv_path, self.csv_fields = self.out / "train_steps.csv", None
         hparams = _flat(config)
         if "tensorboard" in self.names:
             from torch.utils.tensorboard import SummaryWriter
@@ -145,9 +145,11 @@ class Tracking:
 
     def _append_csv(self, row: Mapping[str, Any]) -> None:
         new = not self.csv_path.is_file()
-        fields = list(row) if new else next(csv.reader(self.csv_path.read_text(encoding="utf-8").splitlines()[:1]))
+        if self.csv_fields is None:  # (the file's header, read once: appending does not re-read the file)
+            self.csv_fields = list(row) if new else next(csv.reader(
+                self.csv_path.read_text(encoding="utf-8").splitlines()[:1]))
         with open(self.csv_path, "a", encoding="utf-8", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
+            writer = csv.DictWriter(f, fieldnames=self.csv_fields, lineterminator="\n", extrasaction="ignore")
             if new:
                 writer.writeheader()
             writer.writerow(row)

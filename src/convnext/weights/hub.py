@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from ..utils import read_json_object
 from .io import CheckpointError
 
 SOURCES = ("hf-hub:", "local-dir:")
@@ -79,22 +80,16 @@ def weight_file(folder: Path) -> Path:
     raise CheckpointError(f"{folder}: the folder holds none of {', '.join(WEIGHT_FILES)}")
 
 
-def _json_file(path: Path) -> dict[str, Any] | None:
-    from ..utils import read_json_object
-
-    return read_json_object(path, CheckpointError)
-
-
 def folder_spec(folder: Path) -> dict[str, Any]:
     """Our spec (`model_name`, `classes`, `preprocess`; whatever the folder says) of a Hub model folder."""
-    cfg = _json_file(folder / "config.json")
+    cfg = read_json_object(folder / "config.json", CheckpointError)
     if cfg is None:
         return {}
     if "architecture" in cfg or "pretrained_cfg" in cfg:
         return _timm_spec(cfg, folder)
     if str(cfg.get("model_type", "")).startswith("convnext"):
         spec = {"classes": _id2label(cfg, folder)}
-        pre = _json_file(folder / "preprocessor_config.json")
+        pre = read_json_object(folder / "preprocessor_config.json", CheckpointError)
         if pre is not None:
             spec["preprocess"] = _processor_preprocess(pre, folder).to_dict()
         return {k: v for k, v in spec.items() if v is not None}
