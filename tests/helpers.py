@@ -57,3 +57,37 @@ def one_line(err: str) -> str:
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
+
+
+def run_cli(capsys, *args):
+    """`python -m convnext ARGS` in this process, as a fresh process would answer: a CompletedProcess with the
+    exit code (argparse's exits too: usage errors 2, --help 0), stdout and stderr, the log lines included
+    (main()'s logging.basicConfig does nothing here: pytest's handlers are already on the root logger, so
+    this puts one on it that writes to the captured stderr, at the level basicConfig would set)."""
+    import logging
+    import subprocess
+    import sys
+
+    from convnext.cli import main
+
+    argv = [str(a) for a in args]
+    root = logging.getLogger()
+    handler = logging.StreamHandler(sys.stderr)  # capsys's stream (the fixture is active)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level = root.level
+    capsys.readouterr()
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if "--debug" in argv else logging.INFO)
+    try:
+        code = main(argv)
+    except SystemExit as e:  # as the interpreter turns it into an exit status
+        if e.code is None or isinstance(e.code, int):
+            code = e.code or 0
+        else:
+            print(e.code, file=sys.stderr)
+            code = 1
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(["convnext", *argv], code, out.out, out.err)

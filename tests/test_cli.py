@@ -1,8 +1,5 @@
-"""The `convnext` command, run as a user runs it: a subprocess, its exit code and its words."""
-
-import os
-import subprocess
-import sys
+"""The `convnext` command as a user runs it: its exit code and its words (its main() in this process, as
+`helpers.run_cli` gives them; `python -m convnext` as a real process is run by test_train.py)."""
 
 import pytest
 import torch
@@ -10,13 +7,7 @@ import torch
 import convnext
 from convnext.weights import from_ours
 
-from helpers import perturb
-
-
-def run(*args, cwd=None):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-m", "convnext", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=300)
+from helpers import perturb, run_cli
 
 
 def assert_one_line_error(r, *needles):
@@ -28,20 +19,20 @@ def assert_one_line_error(r, *needles):
         assert n in r.stderr, r.stderr
 
 
-def test_list_prints_params_macs_and_tags():
-    r = run("list")
+def test_list_prints_params_macs_and_tags(capsys):
+    r = run_cli(capsys, "list")
     assert r.returncode == 0, r.stderr
     rows = {line.split()[0]: line for line in r.stdout.splitlines()[1:-1]}
     assert r.stdout.splitlines()[-1].startswith("* at 224x224")
     assert set(convnext.list_models()) == set(rows)
     assert "28.59" in rows["convnext_tiny"] and "4.46" in rows["convnext_tiny"]
     assert "fb_in22k_ft_in1k_384" in rows["convnext_tiny"] and "tv_in1k" in rows["convnext_tiny"]
-    r = run("list", "convnextv2_*")
+    r = run_cli(capsys, "list", "convnextv2_*")
     assert r.returncode == 0 and all(line.startswith("convnextv2_") for line in r.stdout.splitlines()[1:-1])
 
 
-def test_info():
-    r = run("info", "convnextv2_huge")
+def test_info(capsys):
+    r = run_cli(capsys, "info", "convnextv2_huge")
     assert r.returncode == 0, r.stderr
     assert "660,289,640 parameters" in r.stdout and "fcmae_ft_in22k_in1k_512" in r.stdout
     assert "cc-by-nc-4.0" in r.stdout
@@ -53,16 +44,17 @@ def test_info():
     (("convert", "missing.pth", "out.safetensors"), ("checkpoint not found: missing.pth",)),
     (("frobnicate",), ("invalid choice",)),
 ])
-def test_errors_are_one_line_exit_2(args, needles, tmp_path):
-    assert_one_line_error(run(*args, cwd=tmp_path), *needles)
+def test_errors_are_one_line_exit_2(args, needles, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert_one_line_error(run_cli(capsys, *args), *needles)
 
 
-def test_convert_torchvision_and_official_to_safetensors(tmp_path):
+def test_convert_torchvision_and_official_to_safetensors(tmp_path, capsys):
     import torchvision
 
     tv = perturb(torchvision.models.convnext_tiny(num_classes=3))
     torch.save(tv.state_dict(), tmp_path / "tv.pth")
-    r = run("convert", tmp_path / "tv.pth", tmp_path / "tv.safetensors")
+    r = run_cli(capsys, "convert", tmp_path / "tv.pth", tmp_path / "tv.safetensors")
     assert r.returncode == 0, r.stderr
     assert "torchvision" in r.stdout and "convnext_tiny" in r.stdout
     m = convnext.create_model("convnext_tiny", pretrained=tmp_path / "tv.safetensors").eval()
@@ -73,7 +65,8 @@ def test_convert_torchvision_and_official_to_safetensors(tmp_path):
     # Official training checkpoint, EMA weights picked with --key, written back in official layout.
     src = perturb(convnext.create_model("convnextv2_atto", num_classes=2))
     torch.save({"model": {}, "model_ema": from_ours(src.state_dict(), "official")}, tmp_path / "ckpt.pth")
-    r = run("convert", tmp_path / "ckpt.pth", tmp_path / "o.safetensors", "--key", "model_ema", "--to", "official")
+    r = run_cli(capsys, "convert", tmp_path / "ckpt.pth", tmp_path / "o.safetensors", "--key", "model_ema", "--to",
+                "official")
     assert r.returncode == 0, r.stderr
     from safetensors.torch import load_file
 
@@ -81,6 +74,6 @@ def test_convert_torchvision_and_official_to_safetensors(tmp_path):
     assert torch.equal(back["stages.0.0.grn.gamma"].flatten(), src.stages[0].blocks[0].grn.gamma)
 
 
-def test_convert_garbage_is_one_line(tmp_path):
+def test_convert_garbage_is_one_line(tmp_path, capsys):
     (tmp_path / "bad.pth").write_bytes(b"garbage" * 100)
-    assert_one_line_error(run("convert", tmp_path / "bad.pth", tmp_path / "o.safetensors"), "bad.pth")
+    assert_one_line_error(run_cli(capsys, "convert", tmp_path / "bad.pth", tmp_path / "o.safetensors"), "bad.pth")

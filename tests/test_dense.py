@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import assert_same_run, sigkill_when
+from helpers import assert_same_run, run_cli, sigkill_when
 from PIL import Image
 
 import convnext
@@ -260,7 +260,7 @@ def test_non_contiguous_category_ids_map_to_labels_and_back(tmp_path):
     assert coco_ap(ds.coco_gt(), results, "segm")["segm_mAP"] == pytest.approx(1.0)
 
 
-def test_bad_annotations_are_clear_errors_or_reported_skips(tmp_path, caplog):
+def test_bad_annotations_are_clear_errors_or_reported_skips(tmp_path, caplog, capsys):
     from convnext.data import DataError
     from convnext.data.coco import CocoDetection
 
@@ -280,8 +280,9 @@ def test_bad_annotations_are_clear_errors_or_reported_skips(tmp_path, caplog):
                                                          "width": 80}]))
     # through the command line: one line, exit 2, no traceback
     ann, img = _coco(tmp_path, [{**good, "category_id": 5}])
-    r = cli("detect", "train", "--data", tmp_path, "--train-ann", ann, "--train-images", img, "--val-ann", ann,
-            "--val-images", img, "--output", tmp_path.with_name(tmp_path.name + "-run"), "--model", "convnext_atto")
+    r = run_cli(capsys, "detect", "train", "--data", tmp_path, "--train-ann", ann, "--train-images", img, "--val-ann",
+                ann, "--val-images", img, "--output", tmp_path.with_name(tmp_path.name + "-run"), "--model",
+                "convnext_atto")
     assert r.returncode == 2 and "not among the categories" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -382,7 +383,7 @@ def _held_out_detection(model, ds):
 
 
 @pytest.mark.slow
-def test_detection_learns_on_held_out_scenes_and_ddp_evaluation_equals_one_process(tmp_path):
+def test_detection_learns_on_held_out_scenes_and_ddp_evaluation_equals_one_process(tmp_path, capsys):
     """Mask R-CNN trained from scratch for 120 steps on 160 small scenes of one garment (trousers), judged on
     8 held-out scenes (other garments, other placements): its RPN finds the objects there (an untrained one
     finds none), its loss there falls far below the untrained model's, box mAP@0.5 > 0 where the untrained
@@ -401,7 +402,7 @@ def test_detection_learns_on_held_out_scenes_and_ddp_evaluation_equals_one_proce
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["train_loss"] < 0.5 * lines[0]["train_loss"]
-    e = cli("detect", "eval", "--checkpoint", tmp_path / "run" / "last.pt", "--data", data, "--json")
+    e = run_cli(capsys, "detect", "eval", "--checkpoint", tmp_path / "run" / "last.pt", "--data", data, "--json")
     assert e.returncode == 0, e.stderr[-2000:]
     one = json.loads(e.stdout)
     assert one["count"] == 8 and one["bbox_mAP"] == pytest.approx(lines[-1]["bbox_mAP"], abs=1e-9)
@@ -417,20 +418,20 @@ def test_detection_learns_on_held_out_scenes_and_ddp_evaluation_equals_one_proce
     assert loss < 0.3 * loss0, (loss, loss0)
     assert one["bbox_mAP_50"] > 0.005, one
     # predict on a held-out scene: drawn image and COCO results, its best box on the object's class
-    p = cli("detect", "predict", data / "val" / "000000.jpg", "--checkpoint", tmp_path / "run" / "best.safetensors",
-            "--output", tmp_path / "pred", "--score-threshold", 0.05)
+    p = run_cli(capsys, "detect", "predict", data / "val" / "000000.jpg", "--checkpoint",
+                tmp_path / "run" / "best.safetensors", "--output", tmp_path / "pred", "--score-threshold", 0.05)
     assert p.returncode == 0, p.stderr[-2000:]
     assert (tmp_path / "pred" / "000000.png").is_file()
     results = json.loads((tmp_path / "pred" / "detections.json").read_text())
     assert results and all(r["file_name"].endswith("000000.jpg") for r in results)
     assert max(results, key=lambda r: r["score"])["category_id"] == 2  # Trouser (Fashion-MNIST class 1)
-    again = cli("detect", "predict", data / "val" / "000000.jpg", "--checkpoint", tmp_path / "run" / "best.safetensors",
-                "--output", tmp_path / "pred")
+    again = run_cli(capsys, "detect", "predict", data / "val" / "000000.jpg", "--checkpoint",
+                    tmp_path / "run" / "best.safetensors", "--output", tmp_path / "pred")
     assert again.returncode == 2 and "exists; pass --force" in again.stderr
 
 
 @pytest.mark.slow
-def test_segmentation_learns_on_the_engine(tmp_path):
+def test_segmentation_learns_on_the_engine(tmp_path, capsys):
     """The FPN head from scratch on 128 scenes of one large garment (trousers); judged on 8 held-out scenes
     against the untrained model and the majority baseline (measured on Zen 4: mIoU 0.69 vs 0.38, aAcc 0.85 vs
     0.75)."""
@@ -465,11 +466,12 @@ def test_segmentation_learns_on_the_engine(tmp_path):
     present = int((counts > 0).sum())
     best = max(lines, key=lambda m: m["mIoU"])
     assert best["aAcc"] > majority_acc + 0.02 and best["mIoU"] > 1.5 * majority_acc / present
-    r = cli("segment", "eval", "--checkpoint", tmp_path / "run" / "best.safetensors", "--data", seg_scenes, "--json")
+    r = run_cli(capsys, "segment", "eval", "--checkpoint", tmp_path / "run" / "best.safetensors", "--data", seg_scenes,
+                "--json")
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout)["mIoU"] == pytest.approx(s["best"], abs=1e-9)
-    p = cli("segment", "predict", seg_scenes / "images" / "validation", "--checkpoint",
-            tmp_path / "run" / "best.safetensors", "--output", tmp_path / "pred")
+    p = run_cli(capsys, "segment", "predict", seg_scenes / "images" / "validation", "--checkpoint",
+                tmp_path / "run" / "best.safetensors", "--output", tmp_path / "pred")
     assert p.returncode == 0, p.stderr[-2000:]
     mask = np.asarray(Image.open(tmp_path / "pred" / "000000_mask.png"))
     assert mask.shape == np.asarray(Image.open(seg_scenes / "images/validation/000000.jpg")).shape[:2]
@@ -544,14 +546,14 @@ def test_segmentation_resumes_bitwise_and_evaluates_as_it_trained(small_scenes, 
 
 
 @pytest.mark.slow
-def test_segmentation_on_two_processes_equals_one_process(small_scenes, tmp_path):
+def test_segmentation_on_two_processes_equals_one_process(small_scenes, tmp_path, capsys):
     data = small_scenes["segment"]
     args = ["segment", "train", "--model", "convnext_atto", "--data", data, "--epochs", 2, "--input-size", 64,
             "--lr", 5e-4, "--warmup-epochs", 0, "--workers", 0, "--threads", 1, "--no-progress", "--head", "fpn",
             "--channels", 16, "--photometric", 0, "--head-dropout", 0, "--scale", 1, 1]
     # (dropout draws per rank; no padding, so that each rank's mean over its pixels is the mean over all: the
     # loss is averaged per rank, as mmseg does)
-    one = cli(*args, "--output", tmp_path / "one", "--batch-size", 4)
+    one = run_cli(capsys, *args, "--output", tmp_path / "one", "--batch-size", 4)
     assert one.returncode == 0, one.stderr[-2000:]
     two = cli(*args, "--output", tmp_path / "two", "--batch-size", 2, "--nproc", 2)
     assert two.returncode == 0, two.stderr[-2000:]

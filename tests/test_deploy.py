@@ -1,8 +1,6 @@
 """Deployment: exported ONNX / TorchScript / torch.export programs give eager PyTorch's logits."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +12,7 @@ from convnext.export import ExportedModel, export_model, read_export_metadata
 from convnext.models import ConvNeXt, ConvNeXtConfig
 from convnext.weights import save_checkpoint
 
-from helpers import perturb
+from helpers import perturb, run_cli
 
 # Small V1 and V2 models (real blocks, 4 stages, few of them) keep exports fast.
 CONFIGS = {
@@ -62,7 +60,7 @@ def test_export_errors_are_clear(tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "openvino"])
-def test_cli_export_then_predict_with_an_exported_runtime(fmt, tmp_path):
+def test_cli_export_then_predict_with_an_exported_runtime(fmt, tmp_path, capsys):
     pytest.importorskip(BACKEND[fmt], reason="deployment extra: pip install -e '.[test]'")
     from PIL import Image
 
@@ -75,8 +73,7 @@ def test_cli_export_then_predict_with_an_exported_runtime(fmt, tmp_path):
         Image.fromarray((torch.rand(80, 90, 3) * 255).byte().numpy()).save(tmp_path / f"img{i}.png")
 
     def cli(*args):
-        r = subprocess.run([sys.executable, "-m", "convnext", *map(str, args)], capture_output=True, text=True,
-                           timeout=600)
+        r = run_cli(capsys, *args)
         assert r.returncode == 0, r.stderr
         return r.stdout
 

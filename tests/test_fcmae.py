@@ -9,7 +9,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
-from helpers import assert_same_run, perturb, sigkill_when
+from helpers import assert_same_run, perturb, run_cli, sigkill_when
 
 from convnext import create_model
 from convnext.data.fashion_mnist import prepare
@@ -246,9 +246,9 @@ def _pretrain_args(data, out, *extra):
 
 
 @pytest.mark.slow
-def test_pretrain_then_finetune_through_the_cli(images, tmp_path):
+def test_pretrain_then_finetune_through_the_cli(images, tmp_path, capsys):
     out = tmp_path / "pt"
-    r = cli(*_pretrain_args(images / "train", out))
+    r = run_cli(capsys, *_pretrain_args(images / "train", out))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "120 unlabelled images at 32 px" in r.stderr  # labelled sub-folders are read as plain images
     for f in ("metrics.jsonl", "last.pt", "curves.png", "reconstructions.png", "best.safetensors", "config.yaml"):
@@ -256,17 +256,18 @@ def test_pretrain_then_finetune_through_the_cli(images, tmp_path):
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in lines] == [1, 2] and all({"train_loss", "lr", "probe_loss"} <= set(x) for x in lines)
     # export to the official layout; both files fine-tune through `train --finetune` with the V2 defaults
-    c = cli("convert", out / "last.pt", tmp_path / "fcmae.pt", "--to", "fcmae")
+    c = run_cli(capsys, "convert", out / "last.pt", tmp_path / "fcmae.pt", "--to", "fcmae")
     assert c.returncode == 0, c.stderr
     assert "encoder.stages.0.0.dwconv.kernel" in torch.load(tmp_path / "fcmae.pt", weights_only=True)["model"]
-    again = cli("convert", out / "last.pt", tmp_path / "fcmae.pt", "--to", "fcmae")
+    again = run_cli(capsys, "convert", out / "last.pt", tmp_path / "fcmae.pt", "--to", "fcmae")
     assert again.returncode == 2 and "pass --force" in again.stderr
     encoder = read_checkpoint(out / "last.pt")[0]["model"]
     for src in (out / "last.pt", tmp_path / "fcmae.pt"):
         ft = tmp_path / f"ft-{src.stem}"
-        t = cli("train", "--model", "convnextv2_atto", "--data", images, "--output", ft, "--finetune", src,
-                "--epochs", 1, "--batch-size", 24, "--input-size", 32, "--warmup-epochs", 0, "--workers", 0,
-                "--threads", 1, "--no-progress", "--aa", "none", "--mixup", 0, "--cutmix", 0, "--reprob", 0, "--lr", 1e-9)
+        t = run_cli(capsys, "train", "--model", "convnextv2_atto", "--data", images, "--output", ft, "--finetune",
+                    src, "--epochs", 1, "--batch-size", 24, "--input-size", 32, "--warmup-epochs", 0, "--workers", 0,
+                    "--threads", 1, "--no-progress", "--aa", "none", "--mixup", 0, "--cutmix", 0, "--reprob", 0,
+                    "--lr", 1e-9)
         assert t.returncode == 0, t.stderr[-3000:]
         assert "V2 fine-tuning defaults --head-init-scale 0.001, --layer-decay 0.9, --layer-decay-type single" in t.stderr
         state = read_checkpoint(ft / "last.pt")[0]
@@ -280,24 +281,24 @@ def test_pretrain_then_finetune_through_the_cli(images, tmp_path):
     for i, p in enumerate(sorted((images / "train").rglob("*.png"))[::30][:4]):
         (probe / str(i)).mkdir(parents=True)
         (probe / str(i) / p.name).write_bytes(p.read_bytes())
-    ev = cli("pretrain", "eval", "--checkpoint", out / "best.safetensors", "--data", probe, "--input-size", 32,
-             "--seed", 1, "--json")
+    ev = run_cli(capsys, "pretrain", "eval", "--checkpoint", out / "best.safetensors", "--data", probe,
+                 "--input-size", 32, "--seed", 1, "--json")
     assert ev.returncode == 0, ev.stderr[-2000:]
     res = json.loads(ev.stdout)
     assert res["count"] == 4 and res["mask_ratio"] == 0.6 and 0 < res["loss"] < 10
-    again = json.loads(cli("pretrain", "eval", "--checkpoint", out / "best.safetensors", "--data", probe,
-                           "--input-size", 32, "--seed", 1, "--json").stdout)
-    other = json.loads(cli("pretrain", "eval", "--checkpoint", out / "best.safetensors", "--data", probe,
-                           "--input-size", 32, "--seed", 2, "--json").stdout)
+    again = json.loads(run_cli(capsys, "pretrain", "eval", "--checkpoint", out / "best.safetensors", "--data", probe,
+                               "--input-size", 32, "--seed", 1, "--json").stdout)
+    other = json.loads(run_cli(capsys, "pretrain", "eval", "--checkpoint", out / "best.safetensors", "--data", probe,
+                               "--input-size", 32, "--seed", 2, "--json").stdout)
     assert again == res and other["loss"] != res["loss"]  # the masks come from the seed, nothing else
-    pr = cli("pretrain", "predict", *sorted(probe.rglob("*.png"))[:2], "--checkpoint", out / "last.pt",
-             "--output", tmp_path / "rec", "--input-size", 32)
+    pr = run_cli(capsys, "pretrain", "predict", *sorted(probe.rglob("*.png"))[:2], "--checkpoint", out / "last.pt",
+                 "--output", tmp_path / "rec", "--input-size", 32)
     assert pr.returncode == 0, pr.stderr[-2000:]
     assert len(list((tmp_path / "rec").rglob("*.png"))) == 2 and pr.stdout.count("reconstruction loss") == 2
-    wrong = cli("detect", "eval", "--checkpoint", out / "best.safetensors", "--data", probe)
+    wrong = run_cli(capsys, "detect", "eval", "--checkpoint", out / "best.safetensors", "--data", probe)
     assert wrong.returncode == 2 and "holds a pretrain model" in wrong.stderr and "convnext pretrain" in wrong.stderr
-    bad = cli("pretrain", "--model", "convnextv2_atto", "--data", images, "--output", tmp_path / "x",
-              "--layer-decay", "0.9")
+    bad = run_cli(capsys, "pretrain", "--model", "convnextv2_atto", "--data", images, "--output", tmp_path / "x",
+                  "--layer-decay", "0.9")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--layer-decay is for fine-tuning" in bad.stderr
 
 
@@ -318,8 +319,8 @@ def test_pretrain_sigkill_then_resume_is_bitwise(images, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_ddp_processes_equal_one_process_at_the_same_global_batch(images, tmp_path):
-    one = cli(*_pretrain_args(images / "train", tmp_path / "one", "--batch-size", 16))
+def test_two_ddp_processes_equal_one_process_at_the_same_global_batch(images, tmp_path, capsys):
+    one = run_cli(capsys, *_pretrain_args(images / "train", tmp_path / "one", "--batch-size", 16))
     assert one.returncode == 0, one.stderr[-3000:]
     two = cli(*_pretrain_args(images / "train", tmp_path / "two", "--batch-size", 8, "--nproc", 2))
     assert two.returncode == 0, two.stderr[-3000:]

@@ -15,6 +15,8 @@ from convnext.data.fashion_mnist import prepare
 from convnext.train import ClassificationTask, TrainConfig, fit
 from convnext.weights import read_checkpoint
 
+from helpers import run_cli
+
 pytestmark = pytest.mark.timeout(600)
 
 FAST = dict(model="convnext_atto", input_size=32, batch_size=32, lr=2e-3, warmup_epochs=0.5, aa="none",
@@ -77,7 +79,7 @@ def assert_same_run(a, b):
     assert a["step"] == b["step"]
 
 
-def test_training_learns_and_eval_predict_agree(fmnist, tmp_path):
+def test_training_learns_and_eval_predict_agree(fmnist, tmp_path, capsys):
     out = tmp_path / "run"
     summary = train(fmnist, out, epochs=8, lr=3e-3)
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -91,18 +93,18 @@ def test_training_learns_and_eval_predict_agree(fmnist, tmp_path):
     torch.load(out / "last.pt", weights_only=True)  # full state, no allow-list needed
 
     # `convnext eval` on the saved best weights reproduces training's evaluation of that epoch.
-    r = cli("eval", "--checkpoint", out / "best.safetensors", "--data", fmnist, "--json")
+    r = run_cli(capsys, "eval", "--checkpoint", out / "best.safetensors", "--data", fmnist, "--json")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert res["acc1"] == pytest.approx(summary["best"], abs=1e-6)
     assert res["count"] == 100 and len(res["per_class_acc"]) == 10 and res["classes"][0] == "Ankle_boot"
     assert (out / "confusion_matrix.png").is_file()
-    r = cli("eval", "--checkpoint", out / "last.pt", "--data", fmnist / "val", "--json", "--force")
+    r = run_cli(capsys, "eval", "--checkpoint", out / "last.pt", "--data", fmnist / "val", "--json", "--force")
     assert json.loads(r.stdout)["acc1"] == pytest.approx(history[-1]["val_acc1"], abs=1e-6)
 
     # `convnext predict` gives the class the model's logits give.
     images = sorted((fmnist / "val" / "Trouser").glob("*.png"))[:3]
-    r = cli("predict", "--checkpoint", out / "best.safetensors", *images, "--json", "--topk", "3")
+    r = run_cli(capsys, "predict", "--checkpoint", out / "best.safetensors", *images, "--json", "--topk", "3")
     assert r.returncode == 0, r.stderr
     preds = json.loads(r.stdout)
     from convnext.eval import load_for_inference
@@ -115,15 +117,15 @@ def test_training_learns_and_eval_predict_agree(fmnist, tmp_path):
         assert len(p["top"]) == 3 and p["top"][0]["class"] == info.classes[int(row.argmax())]
         assert p["top"][0]["index"] == int(row.argmax()) and p["top"][0]["name"] == p["top"][0]["class"]
         assert sum(t["probability"] for t in p["top"]) <= 1.0 + 1e-6
-    r = cli("predict", "--checkpoint", out / "best.safetensors", images[0], "--csv")
+    r = run_cli(capsys, "predict", "--checkpoint", out / "best.safetensors", images[0], "--csv")
     assert r.stdout.splitlines()[0] == "path,rank,index,class,name,probability,error" and len(r.stdout.splitlines()) == 6
 
 
-def test_reproducible_whatever_the_workers(fmnist, tmp_path):
+def test_reproducible_whatever_the_workers(fmnist, tmp_path, capsys):
     kw = dict(epochs=2, model_ema=True, model_ema_decay=0.9, drop_path_rate=0.1, mixup=0.8, cutmix=1.0,
               aa="rand-m9-mstd0.5-inc1", reprob=0.25)
-    assert cli(*train_cmd(fmnist, tmp_path / "w0", workers=0, **kw)).returncode == 0
-    r = cli(*train_cmd(fmnist, tmp_path / "w2", workers=2, **kw))
+    assert run_cli(capsys, *train_cmd(fmnist, tmp_path / "w0", workers=0, **kw)).returncode == 0
+    r = run_cli(capsys, *train_cmd(fmnist, tmp_path / "w2", workers=2, **kw))
     assert r.returncode == 0, r.stderr
     a, b = final_state(tmp_path / "w0"), final_state(tmp_path / "w2")
     assert_same_run(a, b)
@@ -201,8 +203,8 @@ def test_grad_accumulation_equals_the_big_batch(fmnist, tmp_path):
         torch.testing.assert_close(sa[k], sb[k], atol=2e-5, rtol=1e-4)
 
 
-def test_nan_policy(fmnist, tmp_path):
-    r = cli(*train_cmd(fmnist, tmp_path / "abort", epochs=1, lr=1e12, save_every_steps=1))
+def test_nan_policy(fmnist, tmp_path, capsys):
+    r = run_cli(capsys, *train_cmd(fmnist, tmp_path / "abort", epochs=1, lr=1e12, save_every_steps=1))
     assert r.returncode == 1, r.stderr
     err = [ln for ln in r.stderr.splitlines() if "error" in ln][-1]
     assert "non-finite loss" in err and ".png" in err and "no checkpoint written" in err
@@ -211,12 +213,12 @@ def test_nan_policy(fmnist, tmp_path):
     for ck in written:
         state = torch.load(ck, weights_only=True)
         assert all(torch.isfinite(v).all() for v in state["model"].values())
-    r = cli(*train_cmd(fmnist, tmp_path / "skip", epochs=1, lr=1e12, nan_policy="skip"))
+    r = run_cli(capsys, *train_cmd(fmnist, tmp_path / "skip", epochs=1, lr=1e12, nan_policy="skip"))
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()[-1])["nan_skipped"] > 0
 
 
-def test_bad_images_are_skipped_and_reported(fmnist, tmp_path):
+def test_bad_images_are_skipped_and_reported(fmnist, tmp_path, capsys):
     import shutil
 
     from test_data import make_bad_folder
@@ -224,18 +226,18 @@ def test_bad_images_are_skipped_and_reported(fmnist, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(fmnist, data)
     bad = make_bad_folder(data / "train" / "Bag" / "odd")  # a nested folder of tricky files
-    r = cli(*train_cmd(data, tmp_path / "run", epochs=1, batch_size=16))
+    r = run_cli(capsys, *train_cmd(data, tmp_path / "run", epochs=1, batch_size=16))
     assert r.returncode == 0, r.stderr
     for name in ("truncated.jpg", "empty.png", "text.jpg"):
         assert f"skipping unreadable image {bad / name}" in r.stderr
     assert "cmyk" not in r.stderr and "rgba" not in r.stderr
     line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert line["bad_images"] == 3
-    r = cli(*train_cmd(data, tmp_path / "strict", epochs=1, batch_size=16, bad_images="error"))
+    r = run_cli(capsys, *train_cmd(data, tmp_path / "strict", epochs=1, batch_size=16, bad_images="error"))
     assert r.returncode == 2 and "unreadable image" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_finetune_from_checkpoint_reinitialises_the_head(fmnist, tmp_path, monkeypatch):
+def test_finetune_from_checkpoint_reinitialises_the_head(fmnist, tmp_path, monkeypatch, capsys):
     """--finetune loads the backbone (every tensor), re-initialises the head at --head-init-scale, and each
     option asked for acts: layer decay in the optimizer's groups, bf16 autocast, channels-last weights,
     gradient checkpointing in the model that trains."""
@@ -266,7 +268,7 @@ def test_finetune_from_checkpoint_reinitialises_the_head(fmnist, tmp_path, monke
     assert model.stem.conv.weight.is_contiguous(memory_format=torch.channels_last) and model.grad_checkpointing
     # The bf16 evaluation during training agrees with an fp32 evaluation of the same weights.
     line = json.loads((tmp_path / "ft" / "metrics.jsonl").read_text())
-    r = cli("eval", "--checkpoint", tmp_path / "ft" / "last.pt", "--data", fmnist, "--json")
+    r = run_cli(capsys, "eval", "--checkpoint", tmp_path / "ft" / "last.pt", "--data", fmnist, "--json")
     fp32 = json.loads(r.stdout)
     assert line["val_acc1"] == pytest.approx(fp32["acc1"], abs=3.0)  # at most 3 of 100 images flip
     assert line["val_loss"] == pytest.approx(fp32["loss"], rel=0.02)
@@ -458,6 +460,7 @@ def test_the_det_seg_schedules_are_mmcvs(fmnist, tmp_path, schedule):
     (("--warmup-ratio", "0.1"), "--warmup-ratio is for the poly and step schedules"),
     (("--schedule", "linear"), "schedule"),
 ])
-def test_schedule_flags_that_do_not_fit_are_one_line(fmnist, tmp_path, flags, needle):
-    r = cli("train", "--data", fmnist, "--output", tmp_path / "r", "--model", "convnext_atto", "--epochs", 3, *flags)
+def test_schedule_flags_that_do_not_fit_are_one_line(fmnist, tmp_path, flags, needle, capsys):
+    r = run_cli(capsys, "train", "--data", fmnist, "--output", tmp_path / "r", "--model", "convnext_atto",
+                "--epochs", 3, *flags)
     assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr

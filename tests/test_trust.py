@@ -15,7 +15,8 @@ import torch
 
 import convnext
 
-from test_train import FAST, cli, fmnist, train, train_cmd  # noqa: F401  (fmnist is a fixture)
+from helpers import run_cli
+from test_train import FAST, fmnist, train, train_cmd  # noqa: F401  (fmnist is a fixture)
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -36,12 +37,14 @@ def ema_run(fmnist, tmp_path_factory):  # noqa: F811
 
 # --- 3. --key on our own training state -----------------------------------------------------------
 
-def test_eval_and_predict_use_the_ema_weights_of_our_last_pt(fmnist, ema_run):  # noqa: F811
+def test_eval_and_predict_use_the_ema_weights_of_our_last_pt(fmnist, ema_run, capsys):  # noqa: F811
     history = [json.loads(x) for x in (ema_run / "metrics.jsonl").read_text().splitlines()]
-    r = cli("eval", "--checkpoint", ema_run / "last.pt", "--data", fmnist, "--key", "model_ema", "--json", "--force")
+    r = run_cli(capsys, "eval", "--checkpoint", ema_run / "last.pt", "--data", fmnist, "--key", "model_ema", "--json",
+                "--force")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["acc1"] == pytest.approx(history[-1]["val_acc1_ema"], abs=1e-6)
-    r = cli("eval", "--checkpoint", ema_run / "last.pt", "--data", fmnist, "--json", "--force")  # the plain weights
+    # the plain weights
+    r = run_cli(capsys, "eval", "--checkpoint", ema_run / "last.pt", "--data", fmnist, "--json", "--force")
     assert json.loads(r.stdout)["acc1"] == pytest.approx(history[-1]["val_acc1"], abs=1e-6)
     # the EMA weights are not the model's (else an ignored --key would pass), and predict gives the EMA's output
     state = torch.load(ema_run / "last.pt", weights_only=True)
@@ -51,8 +54,8 @@ def test_eval_and_predict_use_the_ema_weights_of_our_last_pt(fmnist, ema_run):  
     from convnext.factory import load_for_inference
 
     images = sorted((fmnist / "val" / "Bag").glob("*.png"))[:4]
-    r = cli("predict", *images, "--checkpoint", ema_run / "last.pt", "--key", "model_ema", "--topk", "10", "--json",
-            "--no-optimize")
+    r = run_cli(capsys, "predict", *images, "--checkpoint", ema_run / "last.pt", "--key", "model_ema", "--topk", "10",
+                "--json", "--no-optimize")
     assert r.returncode == 0, r.stderr
     got = [{t["class"]: t["probability"] for t in p["top"]} for p in json.loads(r.stdout)]
     for key, expect_equal in (("model_ema", True), (None, False)):
@@ -64,11 +67,11 @@ def test_eval_and_predict_use_the_ema_weights_of_our_last_pt(fmnist, ema_run):  
         assert close == expect_equal, key
 
 
-def test_an_unknown_key_is_an_error_that_lists_the_keys(fmnist, ema_run):  # noqa: F811
-    r = cli("eval", "--checkpoint", ema_run / "last.pt", "--data", fmnist, "--key", "model_emma")
+def test_an_unknown_key_is_an_error_that_lists_the_keys(fmnist, ema_run, capsys):  # noqa: F811
+    r = run_cli(capsys, "eval", "--checkpoint", ema_run / "last.pt", "--data", fmnist, "--key", "model_emma")
     one_line_error(r, "no state dict under --key 'model_emma'")
     assert "the file has: model, model_ema" in r.stderr
-    r = cli("eval", "--checkpoint", ema_run / "best.safetensors", "--data", fmnist, "--key", "model_ema")
+    r = run_cli(capsys, "eval", "--checkpoint", ema_run / "best.safetensors", "--data", fmnist, "--key", "model_ema")
     one_line_error(r, "holds a single state dict")
 
 
@@ -76,44 +79,45 @@ def test_an_unknown_key_is_an_error_that_lists_the_keys(fmnist, ema_run):  # noq
 
 @pytest.mark.parametrize("topk,needle", [("0", "--topk must be >= 1, got 0"), ("-1", "--topk must be >= 1, got -1"),
                                          ("11", "--topk must be between 1 and 10")])
-def test_topk_outside_1_to_the_class_count_is_one_line(fmnist, ema_run, topk, needle):  # noqa: F811
+def test_topk_outside_1_to_the_class_count_is_one_line(fmnist, ema_run, topk, needle, capsys):  # noqa: F811
     image = next((fmnist / "val" / "Bag").glob("*.png"))
-    one_line_error(cli("predict", image, "--checkpoint", ema_run / "best.safetensors", "--topk", topk), needle)
+    one_line_error(run_cli(capsys, "predict", image, "--checkpoint", ema_run / "best.safetensors", "--topk", topk),
+                   needle)
 
 
 # --- 5. export never writes over its input --------------------------------------------------------
 
-def test_export_without_output_keeps_the_training_checkpoint(ema_run, tmp_path):
+def test_export_without_output_keeps_the_training_checkpoint(ema_run, tmp_path, capsys):
     import shutil
 
     ckpt = tmp_path / "last.pt"
     shutil.copy(ema_run / "last.pt", ckpt)
     before = ckpt.read_bytes()
-    r = cli("export", "--checkpoint", ckpt, "--format", "torchscript")
+    r = run_cli(capsys, "export", "--checkpoint", ckpt, "--format", "torchscript")
     assert r.returncode == 0, r.stderr
     assert ckpt.read_bytes() == before  # the training state is intact
     assert (tmp_path / "last.torchscript.pt").is_file()
-    one_line_error(cli("export", "--checkpoint", ckpt, "--format", "torchscript"), "exists; pass --force")
-    assert cli("export", "--checkpoint", ckpt, "--format", "torchscript", "--force").returncode == 0
-    one_line_error(cli("export", "--checkpoint", ckpt, "--format", "torchscript", "--output", ckpt),
+    one_line_error(run_cli(capsys, "export", "--checkpoint", ckpt, "--format", "torchscript"), "exists; pass --force")
+    assert run_cli(capsys, "export", "--checkpoint", ckpt, "--format", "torchscript", "--force").returncode == 0
+    one_line_error(run_cli(capsys, "export", "--checkpoint", ckpt, "--format", "torchscript", "--output", ckpt),
                    "is the input")
     assert ckpt.read_bytes() == before
 
 
 # --- 6. convert: no overwriting, never its input, honest suffixes ----------------------------------
 
-def test_convert_refuses_existing_output_its_input_and_a_wrong_suffix(tmp_path):
+def test_convert_refuses_existing_output_its_input_and_a_wrong_suffix(tmp_path, capsys):
     src = tmp_path / "w.pth"
     torch.save(convnext.create_model("convnext_atto").state_dict(), src)
     before = src.read_bytes()
-    one_line_error(cli("convert", src, src), "is the input")
-    one_line_error(cli("convert", src, tmp_path / "x.onnx"), "should end in .pt or .pth or .safetensors")
+    one_line_error(run_cli(capsys, "convert", src, src), "is the input")
+    one_line_error(run_cli(capsys, "convert", src, tmp_path / "x.onnx"), "should end in .pt or .pth or .safetensors")
     dst = tmp_path / "w.safetensors"
-    assert cli("convert", src, dst).returncode == 0
-    one_line_error(cli("convert", src, dst), "exists; pass --force")
-    assert cli("convert", src, dst, "--force").returncode == 0
+    assert run_cli(capsys, "convert", src, dst).returncode == 0
+    one_line_error(run_cli(capsys, "convert", src, dst), "exists; pass --force")
+    assert run_cli(capsys, "convert", src, dst, "--force").returncode == 0
     os.link(dst, tmp_path / "alias.safetensors")  # the same file under another name is still the input
-    one_line_error(cli("convert", dst, tmp_path / "alias.safetensors", "--force"), "is the input")
+    one_line_error(run_cli(capsys, "convert", dst, tmp_path / "alias.safetensors", "--force"), "is the input")
     assert src.read_bytes() == before
 
 
@@ -173,33 +177,33 @@ def test_epochs_flag_keeps_the_recipe_warmup_share(caplog):
                          "--data", "x"]))
 
 
-def test_smoke_testing_a_recipe_with_one_epoch_runs(fmnist, tmp_path):  # noqa: F811
-    r = cli("train", "--config", "in1k_convnext_tiny", "--epochs", "1", "--data", fmnist, "--output", tmp_path / "o",
-            "--model", "convnext_atto", "--input-size", "32", "--batch-size", "32", "--workers", "0",
-            "--no-progress", "--threads", "1")
+def test_smoke_testing_a_recipe_with_one_epoch_runs(fmnist, tmp_path, capsys):  # noqa: F811
+    r = run_cli(capsys, "train", "--config", "in1k_convnext_tiny", "--epochs", "1", "--data", fmnist, "--output",
+                tmp_path / "o", "--model", "convnext_atto", "--input-size", "32", "--batch-size", "32",
+                "--workers", "0", "--no-progress", "--threads", "1")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "keeping its warm-up share" in r.stderr
 
 
 # --- 10. mistakes found before any work, one line -------------------------------------------------------
 
-def test_a_bad_resume_file_or_an_output_file_fails_up_front(fmnist, tmp_path):  # noqa: F811
+def test_a_bad_resume_file_or_an_output_file_fails_up_front(fmnist, tmp_path, capsys):  # noqa: F811
     garbage = tmp_path / "garbage.pt"
     garbage.write_text("hello world")
-    r = cli(*train_cmd(fmnist, tmp_path / "o", epochs=1, resume=garbage))
+    r = run_cli(capsys, *train_cmd(fmnist, tmp_path / "o", epochs=1, resume=garbage))
     one_line_error(r, "not a PyTorch checkpoint or safetensors file")
-    one_line_error(cli(*train_cmd(fmnist, tmp_path / "o", epochs=1, resume=tmp_path / "missing.pt")),
+    one_line_error(run_cli(capsys, *train_cmd(fmnist, tmp_path / "o", epochs=1, resume=tmp_path / "missing.pt")),
                    "--resume: checkpoint not found")
-    one_line_error(cli(*train_cmd(fmnist, garbage, epochs=1)), "is a file; it must be a folder")
+    one_line_error(run_cli(capsys, *train_cmd(fmnist, garbage, epochs=1)), "is a file; it must be a folder")
 
 
-def test_a_new_run_never_overwrites_an_earlier_one(fmnist, tmp_path):  # noqa: F811
+def test_a_new_run_never_overwrites_an_earlier_one(fmnist, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "run"
     train(fmnist, out, epochs=1)
     before = (out / "last.pt").read_bytes()
-    one_line_error(cli(*train_cmd(fmnist, out, epochs=1)), "already holds a training run")
+    one_line_error(run_cli(capsys, *train_cmd(fmnist, out, epochs=1)), "already holds a training run")
     assert (out / "last.pt").read_bytes() == before
-    r = cli(*train_cmd(fmnist, out, epochs=1, seed=3, force=True))  # asked for: start over
+    r = run_cli(capsys, *train_cmd(fmnist, out, epochs=1, seed=3, force=True))  # asked for: start over
     assert r.returncode == 0, r.stderr
     assert torch.load(out / "last.pt", weights_only=True)["config"]["seed"] == 3
     assert [p.name for p in (out / "checkpoints").glob("*.pt")] == ["step-00000009.pt"]
@@ -220,16 +224,17 @@ def test_input_too_small_or_of_wrong_rank_says_what_the_model_needs(shape):
 
 # --- 12. predict: keep going, report, exit 1 ---------------------------------------------------------------
 
-def test_predict_reports_unreadable_files_and_exits_1(fmnist, ema_run, tmp_path):  # noqa: F811
+def test_predict_reports_unreadable_files_and_exits_1(fmnist, ema_run, tmp_path, capsys):  # noqa: F811
     images = sorted((fmnist / "val" / "Bag").glob("*.png"))[:2]
     (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
-    r = cli("predict", *images, tmp_path / "broken.png", "--checkpoint", ema_run / "best.safetensors")
+    r = run_cli(capsys, "predict", *images, tmp_path / "broken.png", "--checkpoint", ema_run / "best.safetensors")
     assert r.returncode == 1
     assert r.stdout.count(": ") == 2 and "broken.png" not in r.stdout  # the readable ones are predicted
     assert "cannot read" in r.stderr and "broken.png" in r.stderr
-    r = cli("predict", *images, tmp_path / "broken.png", "--checkpoint", ema_run / "best.safetensors", "--json")
+    r = run_cli(capsys, "predict", *images, tmp_path / "broken.png", "--checkpoint", ema_run / "best.safetensors",
+                "--json")
     assert r.returncode == 1 and sum("error" in x for x in json.loads(r.stdout)) == 1
-    assert cli("predict", *images, "--checkpoint", ema_run / "best.safetensors").returncode == 0
+    assert run_cli(capsys, "predict", *images, "--checkpoint", ema_run / "best.safetensors").returncode == 0
 
 
 # --- 13. installed like a user installs it ----------------------------------------------------------------
