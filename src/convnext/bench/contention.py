@@ -8,9 +8,9 @@ again; rounds are interleaved and medians reported, against the quiet rate of th
 
 What this shows on 2 cores (benchmarks/README.md): no fixed choice is free. Fewer spins or a passive policy
 keep the busy rate near the fair share but cost quiet throughput; one thread holds up under load and loses a
-third when the machine is free. Changing the thread count during a run would adapt, but it changes the sums'
-order (39 of convnext_atto's 128 gradients differ between 1 and 2 threads), so it cannot be the default of a
-library whose runs resume bitwise.
+third when the machine is free. The training engine's default, `--threads auto`, changes the thread count
+during the run (`train.governor`: two slow windows halve it, probes bring it back), recording each switch:
+another thread count sums in another order, so a run that must repeat bitwise fixes `--threads N`.
 """
 
 from __future__ import annotations
@@ -22,9 +22,11 @@ import subprocess
 import sys
 from typing import Any
 
-# (label, torch threads, environment): threads None = the machine's cores
+# (label, torch threads, environment): threads None = the machine's cores, "auto" = the training engine's
+# governor (`train.governor`) starting at the machine's cores
 CANDIDATES = (
     ("libgomp default (spin 300000)", None, {}),
+    ("--threads auto (governor)", "auto", {}),
     ("GOMP_SPINCOUNT=10000", None, {"GOMP_SPINCOUNT": "10000"}),
     ("GOMP_SPINCOUNT=1000", None, {"GOMP_SPINCOUNT": "1000"}),
     ("OMP_WAIT_POLICY=PASSIVE", None, {"OMP_WAIT_POLICY": "PASSIVE"}),
@@ -32,10 +34,16 @@ CANDIDATES = (
 )
 
 _CHILD = r"""
-import json, subprocess, sys, time
+import json, os, subprocess, sys, time
 import torch, convnext
-model_name, batch, size, steps, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-torch.set_num_threads(threads)
+model_name, batch, size, steps, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+governor = None
+if threads == "auto":
+    from convnext.train.governor import ThreadGovernor
+    governor = ThreadGovernor(os.cpu_count() or 1)
+    governor.start()
+else:
+    torch.set_num_threads(int(threads))
 torch.manual_seed(0)
 model = convnext.create_model(model_name, num_classes=10).train().to(memory_format=torch.channels_last)
 opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -45,6 +53,8 @@ def step():
     torch.nn.functional.cross_entropy(model(x), y).backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
+    if governor is not None:
+        governor.step_done(0, batch)
 def rate():
     t = time.perf_counter()
     for _ in range(steps):
@@ -60,7 +70,8 @@ try:
 finally:
     spin.kill()
     spin.wait()
-print(json.dumps({"quiet": max(quiet, rate()), "busy": busy}))
+print(json.dumps({"quiet": max(quiet, rate()), "busy": busy,
+                  "switches": len(governor.switches) if governor is not None else 0}))
 """
 
 
@@ -84,7 +95,7 @@ def bench_contention(model: str = "convnext_atto", batch_size: int = 128, input_
     for r in range(repeats):
         for label, threads, env in candidates:
             cmd = [sys.executable, "-c", _CHILD, model, str(batch_size), str(input_size), str(steps),
-                   str(threads or cores)]
+                   str(threads or cores)]  # ("auto": the governor)
             out = subprocess.run(cmd, env=_clean_env(env), capture_output=True, text=True, timeout=900)
             if out.returncode != 0:
                 raise RuntimeError(f"contention candidate {label!r} failed: {out.stderr.strip().splitlines()[-1:]}")
@@ -97,6 +108,7 @@ def bench_contention(model: str = "convnext_atto", batch_size: int = 128, input_
     for label, threads, _ in candidates:
         quiet, busy = (statistics.median(g[k] for g in got[label]) for k in ("quiet", "busy"))
         rows.append({"candidate": label, "threads": threads or cores, "quiet_img_s": quiet, "busy_img_s": busy,
+                     "switches": statistics.median(g.get("switches", 0) for g in got[label]),
                      "busy_vs_default_quiet": busy / base, "quiet_vs_default_quiet": quiet / base})
     return {"rows": rows, "model": model, "batch_size": batch_size, "input_size": input_size, "steps": steps,
             "repeats": repeats, "cores": cores, "machine": machine_line(), "target": 0.45}

@@ -87,7 +87,8 @@ class EngineConfig:
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
     workers: int = 2  # DataLoader processes; each competes with torch threads for cores
-    threads: int | None = None  # torch intra-op threads; None: cores minus workers (at least 1)
+    threads: int | None = None  # torch intra-op threads, fixed; None (or "auto"): cores minus workers, governed
+    # by the step time while the CPU is shared (`train.governor`)
     resume: str | None = None  # "auto" (newest complete checkpoint in --output) or a checkpoint path
     force: bool = False  # start over in an --output that holds an earlier run (its checkpoints are deleted)
     save_every_steps: int = 0  # also checkpoint every N optimizer steps (0: once per epoch)
@@ -283,7 +284,8 @@ def _coerce(cls: type, name: str, value: Any) -> Any:
     args = typing.get_args(hint)
     optional = (typing.get_origin(hint) in (typing.Union, types.UnionType)) and type(None) in args
     if optional:
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+        nothing = ("none", "null", "", "auto") if name == "threads" else ("none", "null", "")
+        if value is None or (isinstance(value, str) and value.lower() in nothing):
             return None
         hint = next(a for a in args if a is not type(None))
     try:

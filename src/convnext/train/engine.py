@@ -31,6 +31,7 @@ from ..data.folder import one_thread_worker
 from ..models import fast
 from ..utils import atomic_write, autocast, same_file
 from ..weights.header import ModelFile, header
+from .governor import ThreadGovernor
 from . import distributed as D
 from .checkpoint import OutputLock, earlier_run, find_resume, load_state, save_state
 from .config import save_yaml
@@ -176,7 +177,11 @@ class Trainer:
         self.out = Path(self.cfg.output)
         if self.cfg.precision == "fp16" and env.device.type == "cpu":
             raise ValueError("--precision fp16 has no fast CPU path (and no GradScaler there); use bf16 on CPU")
-        torch.set_num_threads(self.cfg.threads or max(1, (os.cpu_count() or 1) // env.world_size - self.cfg.workers))
+        full = self.cfg.threads or max(1, (os.cpu_count() or 1) // env.world_size - self.cfg.workers)
+        torch.set_num_threads(full)
+        # --threads auto (not given): fewer threads while another process shares the CPU (`train.governor`)
+        self.governor = (ThreadGovernor(full) if self.cfg.threads is None and env.device.type == "cpu" and full > 1
+                         else None)
         if not env.is_main:
             logging.getLogger("convnext").setLevel(logging.WARNING)
         self.found = self._find_checkpoint()  # read first: a bad --resume file fails before any work
@@ -313,6 +318,8 @@ class Trainer:
             p = self.state.progress
             logger.info("resumed from %s (epoch %d, batch %d, step %d)", path, p.epoch + 1, p.batch, p.step)
             tracked, resumed_step = file.training_state().get("tracking"), p.step
+            if self.governor is not None and file.training_state().get("threads"):
+                self.governor.load_state_dict(file.training_state()["threads"])
             self.found = None  # the state is in the model now; free the copy
         if self.env.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -377,12 +384,16 @@ class Trainer:
         bar = tqdm(total=len(self.train_loader), initial=p.batch, desc=f"epoch {p.epoch + 1}/{cfg.epochs}",
                    disable=not (cfg.progress and self.env.is_main), dynamic_ncols=True, leave=False)
         self.window.start(p, self.n_images)
+        if self.governor is not None:
+            self.governor.start()
         for batch in self.train_loader:
             self.window.batch_arrived()
             self.train_batch(batch)
             bar.update(1)
             if p.batch % cfg.grad_accum == 0:  # optimizer step boundary
                 self.optimizer_step()
+                if self.governor is not None:
+                    self.governor.step_done(p.step, cfg.batch_size * cfg.grad_accum)
                 if p.step % cfg.log_every == 0 and self.tracking.names:  # (rank 0 only has trackers)
                     self.tracking.step(p.step, self.window.scalars(p, self.n_images, self.lr, self._extras()))
                 if p.step % cfg.log_every == 0 or p.batch == len(self.train_loader):
@@ -415,6 +426,8 @@ class Trainer:
             line[f"train_{name}"] = p.loss_sums.get(name, 0.0) / max(p.loss_count, 1)
         line.update(lr=opt.param_groups[0]["lr"] / opt.param_groups[0]["lr_scale"], step=p.step,
                     train_time_s=round(train_time, 2), train_img_s=round(self.n_images / max(train_time, 1e-9), 1))
+        if self.governor is not None:
+            line["threads"] = self.governor.threads
         if p.bad_images:
             line["bad_images"] = p.bad_images
         if p.nan_skipped:
@@ -594,7 +607,8 @@ class Trainer:
         if self.env.is_main:
             self.tracking.flush()
             save_state(self.out, {**header(self.task.name, self.task.spec()), "config": self.cfg.to_dict(),
-                                  "run": self.run, "tracking": self.tracking.state_dict(), **state}, p.step,
+                                  "run": self.run, "tracking": self.tracking.state_dict(),
+                                  **({"threads": self.governor.state_dict()} if self.governor is not None else {}), **state}, p.step,
                        keep=self.cfg.keep_checkpoints)
         D.barrier(self.env)
 
