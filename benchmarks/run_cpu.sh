@@ -37,7 +37,8 @@ run data-pipeline-large --mode data --data "$DATA/large" --decode cpu,cpu-draft 
     --batches 8 --repeats 3
 run data-pipeline-large-128px --mode data --data "$DATA/large,$DATA/folder" --decode cpu,cpu-draft --workers 0 \
     --batch-size 32 --batches 8 --repeats 3 --input-size 128
-# the demo's training step with a busy process beside it, per thread count and OpenMP wait policy
-"$BIN/convnext" bench --mode contention --model convnext_atto --batch-size 128 --input-size 32 --batches 16 \
+# the demo's training step with a busy process beside it, per thread count, OpenMP wait policy and the governor
+# (48 steps per phase: the governor needs 8 to notice)
+"$BIN/convnext" bench --mode contention --model convnext_atto --batch-size 128 --input-size 32 --batches 48 \
     --repeats 3 --json "$OUT/contention-convnext_atto-b128-32px.json" --force \
     | grep -v "round " | tee "$OUT/contention-convnext_atto-b128-32px.txt"

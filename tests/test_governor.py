@@ -37,10 +37,27 @@ def governed(m, **kw):
     return g
 
 
-def test_a_free_machine_keeps_every_thread():
+def shared_switches(g):
+    return [s for s in g.switches if "shared" in s["why"]]
+
+
+def test_a_free_machine_keeps_its_threads_but_for_ever_rarer_probes():
     m = Machine()
-    g = governed(m)
-    assert set(m.run(g, 400)) == {2} and g.switches == []
+    g = governed(m, window=4, first_probe=2, max_probe_every=64)
+    counts = m.run(g, 2000)
+    assert counts[-1] == 2 and not shared_switches(g)
+    assert sum(c == 1 for c in counts) / len(counts) < 0.03  # the probes down cost little
+    downs = [s["step"] for s in g.switches if s["threads"] == 1]
+    gaps = [b - a for a, b in zip(downs, downs[1:], strict=False)]
+    assert downs[0] <= 12 and len(downs) >= 4 and gaps == sorted(gaps) and gaps[-1] > gaps[0]
+
+
+def test_a_machine_shared_from_the_start_is_found_by_the_first_probe():
+    m = Machine()
+    m.shared = True  # no quiet time to compare with: only a probe at fewer threads can tell
+    g = governed(m, window=4, first_probe=2)
+    counts = m.run(g, 400)
+    assert counts.index(1) <= 12 and sum(c == 1 for c in counts[12:]) / len(counts[12:]) > 0.9
 
 
 def test_a_shared_machine_drops_to_one_thread_and_probes_back_less_and_less_often():
@@ -50,17 +67,16 @@ def test_a_shared_machine_drops_to_one_thread_and_probes_back_less_and_less_ofte
     m.shared = True
     counts = m.run(g, 600, first=40)
     first_one = counts.index(1)
-    assert 4 <= first_one <= 12  # two slow windows of 4 steps (the first may straddle the change)
-    assert g.switches[0]["threads"] == 1 and "shared" in g.switches[0]["why"]
-    probes = [s["step"] for s in g.switches if s["threads"] == 2]
-    assert len(probes) >= 3
-    gaps = [b - a for a, b in zip(probes, probes[1:], strict=False)]
+    assert first_one <= 12  # two slow windows of 4 steps (the first may straddle the change), or a probe
+    ups = [s["step"] for s in g.switches if s["threads"] == 2 and s["step"] > 40]
+    assert len(ups) >= 3
+    gaps = [b - a for a, b in zip(ups, ups[1:], strict=False)]
     assert gaps == sorted(gaps) and gaps[-1] > gaps[0]  # waiting twice as long after each failed probe
     share_at_two = sum(c == 2 for c in counts[first_one:]) / len(counts[first_one:])
     assert share_at_two < 0.1  # probes are a small part of the shared stretch
     m.shared = False  # the other process ends: a probe finds the machine free and stays
     counts = m.run(g, 600, first=640)
-    assert counts[-200:] == [2] * 200 and g.threads == 2
+    assert counts[-100:].count(2) >= 96 and g.threads == 2
 
 
 def test_one_slow_window_is_not_a_shared_machine():
@@ -70,7 +86,8 @@ def test_one_slow_window_is_not_a_shared_machine():
     m.shared = True
     m.run(g, 4, first=40)  # one window only (e.g. the OS writing a checkpoint)
     m.shared = False
-    assert set(m.run(g, 100, first=44)) == {2} and g.switches == []
+    m.run(g, 100, first=44)
+    assert not shared_switches(g) and g.threads == 2
 
 
 def test_the_step_after_a_pause_is_not_counted():
@@ -81,7 +98,7 @@ def test_the_step_after_a_pause_is_not_counted():
         m.now += 100.0
         g.start()
         m.run(g, 10)
-    assert g.switches == []
+    assert not shared_switches(g)
 
 
 def test_a_checkpoint_carries_the_thread_count_and_its_history():
@@ -96,6 +113,7 @@ def test_a_checkpoint_carries_the_thread_count_and_its_history():
     again = ThreadGovernor(2, clock=m2.clock, apply=m2.apply)
     again.load_state_dict(state)
     assert again.threads == 1 and m2.threads == 1 and again.switches == state["switches"]
+    assert again.state_dict()["wait"] == state["wait"]  # the probe schedule continues
     small = ThreadGovernor(1, clock=m2.clock, apply=m2.apply)
     small.load_state_dict({"threads": 8, "switches": []})  # (resumed on a smaller machine)
     assert small.threads == 1
