@@ -442,7 +442,7 @@ def test_segmentation_learns_on_the_engine(tmp_path, capsys):
         min_side=48, max_side=56, min_objects=1, max_objects=1, min_garment=40, max_garment=48, classes=(1,)))
     cfg = SegmentConfig(model="convnext_atto", data=str(seg_scenes), output=str(tmp_path / "run"), epochs=10,
                         batch_size=8, input_size=48, scale=(1.0, 1.0), head="fpn", channels=32, lr=4e-3,
-                        warmup_epochs=1, workers=0, progress=False)
+                        warmup_epochs=1, workers=0, threads=1, progress=False)
     s = fit(SegmentationTask(cfg))
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert {"train_loss", "train_loss_seg", "train_loss_aux", "mIoU", "mAcc", "aAcc"} <= set(lines[-1])

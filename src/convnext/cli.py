@@ -397,8 +397,8 @@ def _add_export_bench_demo(sub) -> None:
     p.add_argument("--compile", action="store_true",
                    help="also the peers under torch.compile (with inductor freezing for inference), and ours in training")
     p.add_argument("--optimize", choices=list(OPTIMIZE), default="compile",
-                   help="ours through optimize_for_inference: compile (times eager and compiled, keeps the faster; "
-                        "default), eager (no compiling), off")
+                   help="ours through optimize_for_inference (--mode train: optimize_for_training): compile (times "
+                        "eager and compiled, keeps the faster; default), eager (no compiling; inference only), off")
     p.add_argument("--no-memory", action="store_true", help="skip the per-candidate peak-memory runs")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH ('-': only JSON, to stdout)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --json file")

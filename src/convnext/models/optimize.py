@@ -109,3 +109,155 @@ def optimize_for_inference(model: nn.Module, *, precision: str = "fp32", example
     best.timings_ms = {"eager": eager_ms, "compiled": compiled_ms}
     best.compile_s = compiled.compile_s
     return best
+
+
+# --- training -------------------------------------------------------------------------------------------------
+class _Untouched:
+    """Measuring steps leaves no trace: the RNG states, the gradients and the buffers (e.g. BatchNorm's running
+    statistics) are put back as they were; the optimizer is never stepped."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __enter__(self) -> _Untouched:
+        self.rng = torch.get_rng_state()
+        self.cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        self.grads = [(w, w.grad) for w in self.model.parameters()]
+        self.buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
+        return self
+
+    def clear(self) -> None:
+        for w, _ in self.grads:
+            w.grad = None
+
+    def __exit__(self, *exc) -> None:
+        for w, g in self.grads:
+            w.grad = g
+        with torch.no_grad():
+            for b, saved in self.buffers:
+                b.copy_(saved)
+        torch.set_rng_state(self.rng)
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state_all(self.cuda_rng)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def choose_training_forward(model: nn.Module, fwd_bwd: Callable[[Callable], torch.Tensor], *,
+                            compile: bool = True, reps: int = 3) -> tuple[Callable, dict]:
+    """The faster of `model` and `torch.compile(model)` for training, as (forward, record).
+
+    `fwd_bwd(forward)` runs one forward and backward of a batch like the ones to come through `forward` (the
+    loss, autocast, whatever the training runs) and returns the loss. Measured: the median of `reps`
+    forward+backward passes each, the eager ones again after the compile (same conditions); the optimizer is
+    not stepped, and the RNG, the gradients and the buffers are restored. `record`: {"how": "eager" |
+    "compiled", "timings_ms", "compile_s"}, what a resumed run reads back (`training_forward`) instead of
+    measuring again."""
+    device = next(model.parameters()).device
+    with _Untouched(model) as saved:
+        def time_ms(forward: Callable) -> float:
+            ts = []
+            for _ in range(reps):
+                saved.clear()
+                _sync(device)
+                t0 = time.perf_counter()
+                fwd_bwd(forward)
+                _sync(device)
+                ts.append(time.perf_counter() - t0)
+            return statistics.median(ts) * 1e3
+
+        saved.clear()
+        fwd_bwd(model)  # warm-up (first-call allocations, oneDNN primitive creation)
+        eager_ms = time_ms(model)
+        if not compile:
+            return model, {"how": "eager", "timings_ms": {"eager": eager_ms}, "compile_s": None}
+        compiled = torch.compile(model)
+        saved.clear()
+        t0 = time.perf_counter()
+        fwd_bwd(compiled)  # compiles forward and backward
+        _sync(device)
+        compile_s = time.perf_counter() - t0
+        compiled_ms = time_ms(compiled)
+        eager_ms = time_ms(model)
+    how = "compiled" if compiled_ms < eager_ms else "eager"
+    record = {"how": how, "timings_ms": {"eager": eager_ms, "compiled": compiled_ms}, "compile_s": compile_s}
+    return (compiled if how == "compiled" else model), record
+
+
+def training_forward(model: nn.Module, record: dict) -> Callable:
+    """The forward a `choose_training_forward` record names (a resumed run computes as it did)."""
+    if record.get("how") not in ("eager", "compiled"):
+        raise ValueError(f"training forward record names {record.get('how')!r}, not 'eager' or 'compiled'")
+    return torch.compile(model) if record["how"] == "compiled" else model
+
+
+class TrainStep:
+    """`step(images, targets) -> loss`: forward through `forward` (under bf16 autocast for "bf16": weights,
+    gradients, optimizer state and LayerNorm statistics stay fp32), the loss, backward, `optimizer.step()`,
+    gradients cleared. `how`, `timings_ms` and `compile_s` say what was measured and chosen."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, forward: Callable, *, precision: str,
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], record: dict) -> None:
+        if precision not in _DTYPES:
+            raise ValueError(f"precision must be one of {', '.join(_DTYPES)}, got {precision!r}")
+        self.model, self.optimizer, self.forward = model, optimizer, forward
+        self.precision, self.loss_fn, self.record = precision, loss_fn, record
+        self.how = f"{record['how']} ({precision})"
+        self.timings_ms, self.compile_s = record.get("timings_ms", {}), record.get("compile_s")
+
+    def loss(self, forward: Callable, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        from ..utils import autocast
+
+        with autocast(images.device, self.precision):
+            return self.loss_fn(forward(images), targets)
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        loss = self.loss(self.forward, images, targets)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def __repr__(self) -> str:
+        return f"TrainStep({self.how})"
+
+
+def optimize_for_training(model: nn.Module, optimizer: torch.optim.Optimizer, *, precision: str = "fp32",
+                          example_batch: tuple[torch.Tensor, torch.Tensor] | None = None,
+                          loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                          compile: bool = True) -> TrainStep:
+    """One training step for `model` and `optimizer`, the fastest measured way here, as `step(images, targets)`.
+
+    Args:
+        precision: "fp32", or "bf16" (autocast: matmuls and convolutions in bf16, the model's weights, the
+            gradients, the optimizer and LayerNorm/GRN statistics in fp32).
+        example_batch: (images, targets) like the ones to come; with it, eager and `torch.compile`d forward +
+            backward are timed on it (no optimizer step, the RNG, gradients and buffers restored) and the faster
+            is kept. Without it, the eager model.
+        loss_fn: (logits, targets) -> loss; cross-entropy by default (targets: class indices or soft targets).
+        compile: False: never compile.
+    The model trains in place (the step's forward calls it, or its compiled form, which shares its weights);
+    for the fused AdamW kernels, build the optimizer with `fused=True` (the engine does).
+    """
+    import torch.nn.functional as F
+
+    if precision not in _DTYPES:
+        raise ValueError(f"precision must be one of {', '.join(_DTYPES)}, got {precision!r}")
+    loss_fn = loss_fn or F.cross_entropy
+    probe = TrainStep(model, optimizer, model, precision=precision, loss_fn=loss_fn, record={"how": "eager"})
+    if example_batch is None:
+        return probe
+    images, targets = example_batch
+    if not model.training:
+        raise ValueError("optimize_for_training: the model is in eval mode; call model.train() first")
+
+    def fwd_bwd(forward: Callable) -> torch.Tensor:
+        loss = probe.loss(forward, images, targets)
+        loss.backward()
+        return loss
+
+    forward, record = choose_training_forward(model, fwd_bwd, compile=compile)
+    return TrainStep(model, optimizer, forward, precision=precision, loss_fn=loss_fn, record=record)

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from ..data import Batch, DataError, EpochSampler, ShardSampler
 from ..data.folder import one_thread_worker
 from ..models import fast
+from ..models.optimize import choose_training_forward, training_forward
 from ..utils import atomic_write, autocast, same_file
 from ..weights.header import ModelFile, header
 from .governor import ThreadGovernor
@@ -189,7 +190,10 @@ class Trainer:
         self.run = self.run_info()
         self.state = self._build_state()
         self._clear_earlier_run()  # (after the inputs, e.g. --finetune, are read)
-        self.model = self._wrap(self.state.model)
+        self.model = self.wrapped = self._wrap(self.state.model)
+        # --compile: eager and compiled forward+backward are timed on the first batch, the faster is kept
+        # (`optimize.choose_training_forward`); the checkpoint records the choice, a resume takes it as it is
+        self.forward_record: dict[str, Any] | None = None
         self.steps_per_epoch = len(self.train_loader) // self.cfg.grad_accum
         if self.steps_per_epoch < 1:
             raise DataError(f"one epoch has {len(self.train_loader)} batches, fewer than --grad-accum "
@@ -264,11 +268,35 @@ class Trainer:
         fully_shard(model)
 
     def _wrap(self, model: nn.Module) -> nn.Module:
-        """What the training steps call: DDP (unless sharded) and torch.compile around the model."""
+        """What the training steps call: DDP around the model (unless sharded); --compile decides on the first
+        batch (`_choose_forward`)."""
         if self.env.distributed and not self.cfg.fsdp:
             device = self.env.device
             model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        return torch.compile(model) if self.cfg.compile else model
+        return model
+
+    def _choose_forward(self, batch: Batch) -> None:
+        """--compile: time eager and compiled forward+backward of this batch (nothing stepped, RNG, gradients
+        and buffers restored), keep the faster; all processes take the choice of the majority."""
+        cfg, device = self.cfg, self.env.device
+
+        def fwd_bwd(forward) -> torch.Tensor:
+            with autocast(device, cfg.precision):
+                loss = self._named_losses(self.task.loss(forward, batch, device))["loss"]
+            self.state.scaler.scale(loss).backward()
+            return loss
+
+        _, record = choose_training_forward(self.wrapped, fwd_bwd)
+        votes = D.sum_all([float(record["how"] == "compiled")], self.env)[0]
+        record["how"] = "compiled" if 2 * votes > self.env.world_size else "eager"
+        self._use_forward(record)
+        t = record["timings_ms"]
+        logger.info("--compile: %s forward (forward+backward %.0f ms eager, %.0f ms compiled; compiling took %.1f s)",
+                    record["how"], t["eager"], t["compiled"], record["compile_s"])
+
+    def _use_forward(self, record: dict[str, Any]) -> None:
+        self.forward_record = record
+        self.model = training_forward(self.wrapped, record)
 
     # --- resume -------------------------------------------------------------------------------
     def _find_checkpoint(self) -> tuple[Path, ModelFile] | None:
@@ -320,6 +348,8 @@ class Trainer:
             tracked, resumed_step = file.training_state().get("tracking"), p.step
             if self.governor is not None and file.training_state().get("threads"):
                 self.governor.load_state_dict(file.training_state()["threads"])
+            if self.cfg.compile and file.training_state().get("train_forward"):
+                self._use_forward(file.training_state()["train_forward"])
             self.found = None  # the state is in the model now; free the copy
         if self.env.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -463,6 +493,8 @@ class Trainer:
             self.step_ok = True
         torch.manual_seed(_step_seed(cfg.seed, p.epoch, p.batch, self.env.rank))  # mixup and drop path
         losses = None
+        if cfg.compile and self.forward_record is None and len(batch):
+            self._choose_forward(batch)
         if len(batch):
             with autocast(self.env.device, cfg.precision):
                 losses = self._named_losses(self.task.loss(self.model, batch, self.env.device))
@@ -608,7 +640,8 @@ class Trainer:
             self.tracking.flush()
             save_state(self.out, {**header(self.task.name, self.task.spec()), "config": self.cfg.to_dict(),
                                   "run": self.run, "tracking": self.tracking.state_dict(),
-                                  **({"threads": self.governor.state_dict()} if self.governor is not None else {}), **state}, p.step,
+                                  **({"threads": self.governor.state_dict()} if self.governor is not None else {}),
+                                  **({"train_forward": self.forward_record} if self.forward_record else {}), **state}, p.step,
                        keep=self.cfg.keep_checkpoints)
         D.barrier(self.env)
 
