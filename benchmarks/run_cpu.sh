@@ -19,9 +19,9 @@ for p in $PRECISIONS; do
       --compare timm,onnxruntime,openvino --repeats 10 --no-memory
   run infer-$p-convnextv2_atto-b16 --model convnextv2_atto --batch-size 16 --precision $p --compile \
       --compare timm,onnxruntime,openvino --repeats 10 --no-memory
-  run train-$p-convnext_atto-b16   --model convnext_atto   --batch-size 16 --precision $p --mode train \
+  run train-$p-convnext_atto-b16   --model convnext_atto   --batch-size 16 --precision $p --mode train --compile \
       --compare timm --repeats 6
-  run train-$p-convnext_tiny-b8    --model convnext_tiny   --batch-size 8  --precision $p --mode train \
+  run train-$p-convnext_tiny-b8    --model convnext_tiny   --batch-size 8  --precision $p --mode train --compile \
       --compare timm,torchvision --repeats 6
 done
 # the demo's training step (convnext_atto, batch 128 at 32 px), 2 threads as the demo runs it

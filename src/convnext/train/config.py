@@ -81,7 +81,7 @@ class EngineConfig:
     # --- runtime ---
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 + GradScaler on CUDA only)
     channels_last: bool = False
-    compile: bool = False
+    compile: bool = False  # time eager vs torch.compile on the first batch, keep the faster (recorded for a resume)
     grad_checkpointing: bool = False
     fsdp: bool = False  # shard parameters, gradients and optimizer state (FSDP2 fully_shard), per stage
     device: str = "auto"  # auto | cpu | cuda
