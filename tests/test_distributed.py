@@ -280,3 +280,29 @@ def test_max_restarts_on_both_nodes_resume_bitwise(fmnist, tmp_path, one_node_tw
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
     assert_same_run(one_node_two_procs, final_state(tmp_path / "run"))
+
+
+def test_a_rank_whose_batch_is_all_unreadable_images_keeps_in_step(fmnist, tmp_path):
+    """Batch 1 per process and two thirds of the training images unreadable: at most steps one rank's batch is
+    empty while the other's is not. Every rank still runs the backward DDP all-reduces in (the empty one
+    backwards its last good batch weighted 0), so the run ends instead of hanging, and counts each image."""
+    import shutil
+
+    data = tmp_path / "data"
+    for split, n in (("train", 4), ("val", 2)):
+        for cls in ("Bag", "Coat"):
+            (data / split / cls).mkdir(parents=True)
+            for f in sorted((fmnist / split / cls).iterdir())[:n]:
+                shutil.copy(f, data / split / cls)
+    for i in range(16):
+        (data / "train" / ("Bag", "Coat")[i % 2] / f"broken{i:02d}.png").write_bytes(b"not an image %d" % i)
+    kw = {**FAST, "data": data, "output": tmp_path / "run", "epochs": 2, "batch_size": 1, "max_bad_fraction": 0.9,
+          "warmup_epochs": 0}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "convnext",
+           "train", *_args(**kw)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180,  # ~10 s; before the fix it hung
+                       env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = metrics(tmp_path / "run")
+    assert [m["bad_images"] for m in lines] == [16, 16]  # per epoch, over both processes
+    assert all(m["train_loss"] == m["train_loss"] for m in lines)  # finite: the stand-ins weigh nothing

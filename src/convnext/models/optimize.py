@@ -174,7 +174,7 @@ def choose_training_forward(model: nn.Module, fwd_bwd: Callable[[Callable], torc
         eager_ms = time_ms(model)
         if not compile:
             return model, {"how": "eager", "timings_ms": {"eager": eager_ms}, "compile_s": None}
-        compiled = torch.compile(model)
+        compiled = _compile_for_training(model)
         saved.clear()
         t0 = time.perf_counter()
         fwd_bwd(compiled)  # compiles forward and backward
@@ -191,7 +191,14 @@ def training_forward(model: nn.Module, record: dict) -> Callable:
     """The forward a `choose_training_forward` record names (a resumed run computes as it did)."""
     if record.get("how") not in ("eager", "compiled"):
         raise ValueError(f"training forward record names {record.get('how')!r}, not 'eager' or 'compiled'")
-    return torch.compile(model) if record["how"] == "compiled" else model
+    return _compile_for_training(model) if record["how"] == "compiled" else model
+
+
+def _compile_for_training(model: nn.Module) -> Callable:
+    # Static shapes: a second batch shape compiles its own graph. Dynamo's default would mark the changed dims
+    # symbolic, and inductor 2.14's CPU backward then fails ("cannot determine truth value of Relational"),
+    # seen when one process trains two shapes (tests/test_train_step.py).
+    return torch.compile(model, dynamic=False)
 
 
 class TrainStep:

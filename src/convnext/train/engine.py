@@ -194,6 +194,7 @@ class Trainer:
         # --compile: eager and compiled forward+backward are timed on the first batch, the faster is kept
         # (`optimize.choose_training_forward`); the checkpoint records the choice, a resume takes it as it is
         self.forward_record: dict[str, Any] | None = None
+        self.stand_in: Batch | None = None  # DDP: a rank whose batch came out empty backwards this one, weighted 0
         self.steps_per_epoch = len(self.train_loader) // self.cfg.grad_accum
         if self.steps_per_epoch < 1:
             raise DataError(f"one epoch has {len(self.train_loader)} batches, fewer than --grad-accum "
@@ -492,12 +493,23 @@ class Trainer:
                 g["lr"] = self.lr * g["lr_scale"]
             self.step_ok = True
         torch.manual_seed(_step_seed(cfg.seed, p.epoch, p.batch, self.env.rank))  # mixup and drop path
-        losses = None
-        if cfg.compile and self.forward_record is None and len(batch):
-            self._choose_forward(batch)
-        if len(batch):
+        losses, compute = None, batch if len(batch) else None
+        if self.env.distributed:
+            # Every rank runs a backward (DDP's gradient all-reduce) or none does. A rank whose batch came out
+            # empty (every image unreadable) backwards its last good batch with the loss weighted 0; until
+            # each rank has had a good one, a batch empty anywhere is left out everywhere (one vote per batch).
+            if self.stand_in is None:
+                if D.sum_all([float(not len(batch))], self.env)[0] > 0:
+                    compute = None
+            elif not len(batch):
+                compute = self.stand_in
+        if cfg.compile and self.forward_record is None and compute is not None:
+            self._choose_forward(compute)  # on every rank together (the conditions above are shared)
+        if compute is not None:
             with autocast(self.env.device, cfg.precision):
-                losses = self._named_losses(self.task.loss(self.model, batch, self.env.device))
+                losses = self._named_losses(self.task.loss(self.model, compute, self.env.device))
+            if compute is not batch:
+                losses = {k: v * 0.0 for k, v in losses.items()}
         # One reduction per step: every rank learns whether any rank saw a non-finite loss (so all take
         # the same branch, no hang) and the global loss sums (so every rank's progress, and the checkpoint
         # rank 0 writes, hold the same numbers).
@@ -511,6 +523,8 @@ class Trainer:
         else:
             if losses is not None:
                 self.state.scaler.scale(losses["loss"] / cfg.grad_accum).backward()
+                if self.env.distributed and compute is batch:
+                    self.stand_in = batch
             for k, v in zip(names, [stats[1], *stats[4:]], strict=True):
                 p.loss_sums[k] = p.loss_sums.get(k, 0.0) + v
             p.loss_count += int(stats[2])
