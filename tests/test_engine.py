@@ -289,6 +289,47 @@ def test_a_compiled_run_equals_the_eager_run(tmp_path, monkeypatch):
     assert len(measured) == 1 and c["train_forward"] == b["train_forward"] and c["step"] == a["step"] * 3 // 2
 
 
+def test_precision_auto_measures_once_trains_as_chosen_and_a_resume_takes_the_record(tmp_path, monkeypatch):
+    """--precision auto on a CPU with native bf16: fp32 and bf16 forward+backward are timed on the first batch;
+    the choice (forced to bf16 here, whatever this CPU measures) is what the run computes: its weights equal an
+    explicit --precision bf16 run's and differ from fp32's; recorded in the checkpoint, taken by a resume
+    without measuring. Without native bf16: fp32, nothing measured, the reason recorded."""
+    from convnext.models import optimize
+    from convnext.train import engine
+
+    measured = []
+
+    def choose(model, fwd_bwd, **kw):
+        _, record = optimize.choose_training_precision(model, fwd_bwd, **kw)
+        measured.append(dict(record))
+        return "bf16", {**record, "precision": "bf16"}
+
+    monkeypatch.setattr(engine, "native_low_precision", lambda dtype: True)
+    monkeypatch.setattr("convnext.utils.native_low_precision", lambda dtype: True)  # (optimize's check)
+    monkeypatch.setattr(engine, "choose_training_precision", choose)
+    run = dict(epochs=2, warmup_epochs=0)
+    summary = fit(RegressionTask(config(tmp_path / "auto", precision="auto", **run), dropout=0))
+    fit(RegressionTask(config(tmp_path / "bf16", precision="bf16", **run), dropout=0))
+    fit(RegressionTask(config(tmp_path / "fp32", precision="fp32", **run), dropout=0))
+    assert len(measured) == 1 and set(measured[0]["timings_ms"]) == {"fp32", "bf16"}
+    auto, bf16, fp32 = (state(tmp_path / n) for n in ("auto", "bf16", "fp32"))
+    assert auto["train_precision"]["precision"] == "bf16" and "train_precision" not in bf16
+    assert summary["precision"] == "bf16" and summary["precision_choice"]["timings_ms"] == measured[0]["timings_ms"]
+    for k in auto["model"]:
+        torch.testing.assert_close(auto["model"][k], bf16["model"][k], atol=1e-6, rtol=1e-6)
+    assert any(not torch.allclose(auto["model"][k], fp32["model"][k], atol=1e-5) for k in auto["model"])
+    fit(RegressionTask(config(tmp_path / "auto", precision="auto", resume="auto", epochs=3, warmup_epochs=0),
+                       dropout=0))
+    assert len(measured) == 1 and state(tmp_path / "auto")["train_precision"] == auto["train_precision"]
+    # no native bf16: fp32, unmeasured, and said why
+    monkeypatch.setattr(engine, "native_low_precision", lambda dtype: False)
+    summary = fit(RegressionTask(config(tmp_path / "plain", precision="auto", **run), dropout=0))
+    assert len(measured) == 1 and summary["precision"] == "fp32"
+    assert "no native bf16" in summary["precision_choice"]["reason"]
+    for k in fp32["model"]:
+        torch.testing.assert_close(state(tmp_path / "plain")["model"][k], fp32["model"][k], atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     cmd, env = run_script(tmp_path / "ref", save_every_steps=1)

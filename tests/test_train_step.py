@@ -85,3 +85,45 @@ def test_the_compiled_step_has_the_eager_loss_curve_over_20_steps(precision, tol
     assert sum(want[-4:]) < 0.8 * sum(want[:4])  # it learned (the comparison is not between two flat curves)
     for k, v in ref_model.state_dict().items():
         torch.testing.assert_close(model.state_dict()[k], v, atol=tol * 10, rtol=tol * 10)
+
+
+def test_choose_training_precision_takes_bf16_only_when_native_and_clearly_faster(monkeypatch):
+    """The choice follows the measured times (stood in for here: a table per precision) with bf16 required to
+    win by 5%; where bf16 is not native nothing is run and fp32 is taken; what ran left no trace."""
+    from convnext.models import optimize
+
+    model, _ = make()
+    x, y = batches(1)[0]
+    ran = []
+
+    def fwd_bwd(precision):
+        ran.append(precision)
+        with autocast("cpu", precision):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    def choice(table):
+        monkeypatch.setattr(optimize, "_median_ms", lambda saved, device, run, reps: (run(), table[ran[-1]])[1])
+        return optimize.choose_training_precision(model, fwd_bwd)
+
+    monkeypatch.setattr("convnext.utils.native_low_precision", lambda dtype: True)
+    before = copy.deepcopy(model.state_dict())
+    p, record = choice({"fp32": 100.0, "bf16": 60.0})
+    assert p == record["precision"] == "bf16" and record["timings_ms"] == {"fp32": 100.0, "bf16": 60.0}
+    assert set(ran) == {"fp32", "bf16"} and all(w.grad is None for w in model.parameters())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert choice({"fp32": 100.0, "bf16": 97.0})[0] == "fp32"  # faster, but within the margin
+    assert choice({"fp32": 100.0, "bf16": 140.0})[0] == "fp32"
+    monkeypatch.setattr("convnext.utils.native_low_precision", lambda dtype: False)
+    ran.clear()
+    p, record = optimize.choose_training_precision(model, fwd_bwd)
+    assert p == "fp32" and not ran and "no native bf16" in record["reason"]
+    # optimize_for_training(precision="auto") needs the batch to measure on
+    monkeypatch.undo()
+    monkeypatch.setattr("convnext.utils.native_low_precision", lambda dtype: False)
+    with pytest.raises(ValueError, match="example_batch"):
+        convnext.optimize_for_training(model, torch.optim.AdamW(model.parameters()), precision="auto")
+    step = convnext.optimize_for_training(model, torch.optim.AdamW(model.parameters()), precision="auto",
+                                          example_batch=(x, y), compile=False)
+    assert step.precision == "fp32" and step.record["precision"]["precision"] == "fp32"

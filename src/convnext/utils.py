@@ -179,6 +179,14 @@ def cpu_flags() -> set[str]:
     return set((_cpuinfo_field("flags") or "").split())
 
 
+def native_low_precision(dtype: torch.dtype) -> bool:
+    """Whether this CPU has bf16/fp16 matrix instructions (oneDNN's fast low-precision GEMMs)."""
+    flags = cpu_flags()
+    if dtype == torch.bfloat16:
+        return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return bool(flags & {"amx_fp16", "avx512_fp16"})
+
+
 def cpu_class() -> str:
     """"amx" (AMX-BF16: Sapphire Rapids and later), "avx512" (AVX-512 with avx512_bf16: Zen 4/5), "avx2", or
     "other": from what torch itself dispatches to (`get_cpu_capability`) and the bf16 instructions the CPU has.

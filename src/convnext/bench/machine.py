@@ -10,20 +10,12 @@ import time
 
 import torch
 
-from ..utils import PRECISIONS, cpu_class, cpu_flags, cpu_name
+from ..utils import PRECISIONS, cpu_class, cpu_flags, cpu_name, native_low_precision
 
 
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-
-
-def native_low_precision(dtype: torch.dtype) -> bool:
-    """Whether this CPU has bf16/fp16 matrix instructions (oneDNN's fast low-precision GEMMs)."""
-    flags = cpu_flags()
-    if dtype == torch.bfloat16:
-        return bool(flags & {"avx512_bf16", "amx_bf16"})
-    return bool(flags & {"amx_fp16", "avx512_fp16"})
 
 
 def matmul_peak(device: str, precision: str, reps: int = 5) -> tuple[float, str]:

@@ -146,6 +146,51 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _median_ms(saved: _Untouched, device: torch.device, run: Callable[[], object], reps: int) -> float:
+    ts = []
+    for _ in range(reps):
+        saved.clear()
+        _sync(device)
+        t0 = time.perf_counter()
+        run()
+        _sync(device)
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1e3
+
+
+BF16_MUST_WIN = 0.95  # bf16 trains only when its step takes < 95% of fp32's: its rounding is not free
+
+
+def choose_training_precision(model: nn.Module, fwd_bwd: Callable[[str], torch.Tensor], *,
+                              reps: int = 3) -> tuple[str, dict]:
+    """"bf16" or "fp32" to train `model` in here (bf16: autocast, weights and statistics fp32), as (precision,
+    record).
+
+    On a CUDA GPU with bf16, bf16; on a CPU with native bf16 matrix instructions (AVX512-BF16, AMX), the faster
+    of the two, measured: `fwd_bwd(precision)` runs one forward and backward of a batch like the ones to come
+    (median of `reps` each after a warm-up of each, again fp32 last; nothing stepped, the RNG, gradients and
+    buffers restored); bf16 must take < `BF16_MUST_WIN` of fp32's time. Elsewhere fp32, unmeasured (bf16 is
+    emulated there, slower). `record`: {"precision", "timings_ms" or "reason"}, what a resumed run reads back."""
+    from ..utils import native_low_precision
+
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        bf16 = torch.cuda.is_bf16_supported()
+        return ("bf16" if bf16 else "fp32"), {"precision": "bf16" if bf16 else "fp32",
+                                              "reason": f"CUDA {'with' if bf16 else 'without'} bf16"}
+    if device.type != "cpu" or not native_low_precision(torch.bfloat16):
+        return "fp32", {"precision": "fp32", "reason": "no native bf16 matrix instructions (AVX512-BF16/AMX)"}
+    with _Untouched(model) as saved:
+        times: dict[str, float] = {}
+        for p in ("fp32", "bf16"):
+            saved.clear()
+            fwd_bwd(p)  # warm-up
+            times[p] = _median_ms(saved, device, lambda p=p: fwd_bwd(p), reps)
+        times["fp32"] = min(times["fp32"], _median_ms(saved, device, lambda: fwd_bwd("fp32"), reps))
+    precision = "bf16" if times["bf16"] < BF16_MUST_WIN * times["fp32"] else "fp32"
+    return precision, {"precision": precision, "timings_ms": times}
+
+
 def choose_training_forward(model: nn.Module, fwd_bwd: Callable[[Callable], torch.Tensor], *,
                             compile: bool = True, reps: int = 3) -> tuple[Callable, dict]:
     """The faster of `model` and `torch.compile(model)` for training, as (forward, record).
@@ -159,15 +204,7 @@ def choose_training_forward(model: nn.Module, fwd_bwd: Callable[[Callable], torc
     device = next(model.parameters()).device
     with _Untouched(model) as saved:
         def time_ms(forward: Callable) -> float:
-            ts = []
-            for _ in range(reps):
-                saved.clear()
-                _sync(device)
-                t0 = time.perf_counter()
-                fwd_bwd(forward)
-                _sync(device)
-                ts.append(time.perf_counter() - t0)
-            return statistics.median(ts) * 1e3
+            return _median_ms(saved, device, lambda: fwd_bwd(forward), reps)
 
         saved.clear()
         fwd_bwd(model)  # warm-up (first-call allocations, oneDNN primitive creation)
@@ -239,8 +276,9 @@ def optimize_for_training(model: nn.Module, optimizer: torch.optim.Optimizer, *,
     """One training step for `model` and `optimizer`, the fastest measured way here, as `step(images, targets)`.
 
     Args:
-        precision: "fp32", or "bf16" (autocast: matmuls and convolutions in bf16, the model's weights, the
-            gradients, the optimizer and LayerNorm/GRN statistics in fp32).
+        precision: "fp32", "bf16" (autocast: matmuls and convolutions in bf16, the model's weights, the
+            gradients, the optimizer and LayerNorm/GRN statistics in fp32), or "auto": bf16 where it is native
+            and measured faster on `example_batch` (`choose_training_precision`), else fp32.
         example_batch: (images, targets) like the ones to come; with it, eager and `torch.compile`d forward +
             backward are timed on it (no optimizer step, the RNG, gradients and buffers restored) and the faster
             is kept. Without it, the eager model.
@@ -251,15 +289,26 @@ def optimize_for_training(model: nn.Module, optimizer: torch.optim.Optimizer, *,
     """
     import torch.nn.functional as F
 
-    if precision not in _DTYPES:
-        raise ValueError(f"precision must be one of {', '.join(_DTYPES)}, got {precision!r}")
+    if precision not in (*_DTYPES, "auto"):
+        raise ValueError(f"precision must be one of {', '.join(_DTYPES)} or auto, got {precision!r}")
     loss_fn = loss_fn or F.cross_entropy
-    probe = TrainStep(model, optimizer, model, precision=precision, loss_fn=loss_fn, record={"how": "eager"})
     if example_batch is None:
-        return probe
+        if precision == "auto":
+            raise ValueError("optimize_for_training: precision='auto' measures on example_batch; give one")
+        return TrainStep(model, optimizer, model, precision=precision, loss_fn=loss_fn, record={"how": "eager"})
     images, targets = example_batch
     if not model.training:
         raise ValueError("optimize_for_training: the model is in eval mode; call model.train() first")
+    chosen = None
+    if precision == "auto":
+        def fwd_bwd_at(p: str) -> torch.Tensor:
+            loss = TrainStep(model, optimizer, model, precision=p, loss_fn=loss_fn, record={"how": "eager"}).loss(
+                model, images, targets)
+            loss.backward()
+            return loss
+
+        precision, chosen = choose_training_precision(model, fwd_bwd_at)
+    probe = TrainStep(model, optimizer, model, precision=precision, loss_fn=loss_fn, record={"how": "eager"})
 
     def fwd_bwd(forward: Callable) -> torch.Tensor:
         loss = probe.loss(forward, images, targets)
@@ -267,4 +316,6 @@ def optimize_for_training(model: nn.Module, optimizer: torch.optim.Optimizer, *,
         return loss
 
     forward, record = choose_training_forward(model, fwd_bwd, compile=compile)
+    if chosen is not None:
+        record["precision"] = chosen
     return TrainStep(model, optimizer, forward, precision=precision, loss_fn=loss_fn, record=record)

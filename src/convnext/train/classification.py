@@ -263,9 +263,20 @@ def demo(output: str | None = None, epochs: int | None = None, per_class: int | 
     samples = sorted((data / "val").glob("*/*.png"))[::1000][:5]
     print(format_predictions(predict_files(best, samples, topk=3)))
     print(f"\ndemo result: {cfg.model} reached {summary['val_acc1']:.2f}% top-1 (best {summary['best']:.2f}%) on "
-          f"the 10,000 Fashion-MNIST test images in {minutes:.1f} min (data + training) {machine_line()}. Outputs: "
+          f"the 10,000 Fashion-MNIST test images in {minutes:.1f} min (data + training, {_precision_said(summary)}) "
+          f"{machine_line()}. Outputs: "
           f"{out / 'train'} (metrics.jsonl, curves.png, confusion_matrix.png, best.safetensors, last.pt)")
     return summary | {"minutes": minutes}
+
+
+def _precision_said(summary: dict) -> str:
+    """How the summary line names the training precision: "bf16 autocast" / "fp32", and why when it was chosen."""
+    p, choice = summary.get("precision", "fp32"), summary.get("precision_choice") or {}
+    name = "bf16 autocast" if p == "bf16" else p
+    t = choice.get("timings_ms")
+    if t:
+        return f"{name}: a step measured {t['fp32'] / t['bf16']:.2f}x as fast in bf16 as in fp32 here"
+    return f"{name}: {choice['reason']}" if choice.get("reason") else name
 
 
 def _format_predictions(results: list[dict], style: str) -> str:

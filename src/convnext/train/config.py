@@ -79,7 +79,7 @@ class EngineConfig:
     model_ema: bool = False
     model_ema_decay: float = 0.9999
     # --- runtime ---
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 + GradScaler on CUDA only)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 + GradScaler on CUDA only) | auto (bf16 where measured faster)
     channels_last: bool = False
     compile: bool = False  # time eager vs torch.compile on the first batch, keep the faster (recorded for a resume)
     grad_checkpointing: bool = False
@@ -140,7 +140,7 @@ class EngineConfig:
             _fail(f"--max-bad-fraction must be in [0, 1], got {self.max_bad_fraction}")
         if self.save_every_steps < 0:
             _fail(f"--save-every-steps must be >= 0, got {self.save_every_steps}")
-        self._check_choices({"precision": tuple(PRECISIONS), "device": ("auto", "cpu", "cuda"),
+        self._check_choices({"precision": (*PRECISIONS, "auto"), "device": ("auto", "cpu", "cuda"),
                              "nan_policy": ("abort", "skip"), "bad_images": ("skip", "error"),
                              "layer_decay_type": self.LAYER_DECAY_TYPES, "schedule": ("cosine", "poly", "step")})
         self._check_schedule()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import dataclasses
 import os
 import random
 import time
@@ -29,8 +30,8 @@ from tqdm import tqdm
 from ..data import Batch, DataError, EpochSampler, ShardSampler
 from ..data.folder import one_thread_worker
 from ..models import fast
-from ..models.optimize import choose_training_forward, training_forward
-from ..utils import atomic_write, autocast, same_file
+from ..models.optimize import choose_training_forward, choose_training_precision, training_forward
+from ..utils import atomic_write, autocast, native_low_precision, same_file
 from ..weights.header import ModelFile, header
 from .governor import ThreadGovernor
 from . import distributed as D
@@ -194,6 +195,9 @@ class Trainer:
         # --compile: eager and compiled forward+backward are timed on the first batch, the faster is kept
         # (`optimize.choose_training_forward`); the checkpoint records the choice, a resume takes it as it is
         self.forward_record: dict[str, Any] | None = None
+        # --precision auto: fp32 or bf16, measured on the first batch where the CPU has native bf16
+        # (`_choose_precision`), recorded in the checkpoint as the forward's choice is
+        self.precision_record: dict[str, Any] | None = None
         self.stand_in: Batch | None = None  # DDP: a rank whose batch came out empty backwards this one, weighted 0
         self.steps_per_epoch = len(self.train_loader) // self.cfg.grad_accum
         if self.steps_per_epoch < 1:
@@ -202,10 +206,7 @@ class Trainer:
         self.total_steps = self.cfg.epochs * self.steps_per_epoch
         self.warmup_steps = (round(self.cfg.warmup_epochs * self.steps_per_epoch) if self.cfg.warmup_iters is None
                              else min(self.cfg.warmup_iters, self.total_steps))
-        # bf16 on CPU: the compiled depthwise backward pays its ~20 s of compiling back over a long run only
-        # (decided from the plan, not from timings, so that a resumed run computes exactly as before)
-        fast.use_fused_depthwise_backward(self.state.model, self.cfg.precision == "bf16"
-                                          and env.device.type == "cpu" and self.total_steps >= FUSED_DEPTHWISE_MIN_STEPS)
+        self._fused_depthwise(self.cfg.precision)
         self.seen_bad: set[int] = set()
         self.tracking = Tracking([], self.out, {}, project=self.cfg.project)  # rank 0's trackers: `resume`
         self.window = StepWindow()
@@ -275,6 +276,46 @@ class Trainer:
             device = self.env.device
             model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         return model
+
+    def _fused_depthwise(self, precision: str) -> None:
+        # bf16 on CPU: the compiled depthwise backward pays its ~20 s of compiling back over a long run only
+        # (decided from the plan, not from timings, so that a resumed run computes exactly as before)
+        fast.use_fused_depthwise_backward(self.state.model, precision == "bf16" and self.env.device.type == "cpu"
+                                          and self.total_steps >= FUSED_DEPTHWISE_MIN_STEPS)
+
+    def _choose_precision(self, batch: Batch) -> None:
+        """--precision auto: bf16 on a CUDA GPU that has it; on CPUs with native bf16 (AVX512-BF16, AMX) on every
+        process, the faster of fp32 and bf16 forward+backward of this batch (as the run would compute it;
+        nothing stepped, RNG, gradients and buffers restored; bf16 must win by 5%), all processes taking the
+        majority's choice; else fp32."""
+        device, env = self.env.device, self.env
+        native = device.type == "cpu" and native_low_precision(torch.bfloat16)
+        if device.type == "cuda" or D.sum_all([float(native)], env)[0] < env.world_size:
+            record = (choose_training_precision(self.state.model, lambda p: None)[1] if device.type == "cuda" else
+                      {"precision": "fp32", "reason": "no native bf16 matrix instructions (AVX512-BF16/AMX)"
+                       + (" on every process" if env.distributed else "")})
+        else:
+            def fwd_bwd(precision: str) -> torch.Tensor:
+                self._fused_depthwise(precision)
+                with autocast(device, precision):
+                    loss = self._named_losses(self.task.loss(self.wrapped, batch, device))["loss"]
+                loss.backward()
+                return loss
+
+            _, record = choose_training_precision(self.state.model, fwd_bwd)
+            votes = D.sum_all([float(record["precision"] == "bf16")], env)[0]
+            record["precision"] = "bf16" if 2 * votes > env.world_size else "fp32"
+        self._use_precision(record)
+        t = record.get("timings_ms")
+        logger.info("--precision auto: %s (%s)", record["precision"], record.get("reason") if t is None else
+                    f"forward+backward {t['fp32']:.0f} ms fp32, {t['bf16']:.0f} ms bf16")
+
+    def _use_precision(self, record: dict[str, Any]) -> None:
+        if record.get("precision") not in ("fp32", "bf16"):
+            raise ValueError(f"the checkpoint's --precision auto record names {record.get('precision')!r}")
+        self.precision_record = record
+        self.cfg = self.task.cfg = dataclasses.replace(self.cfg, precision=record["precision"])
+        self._fused_depthwise(record["precision"])
 
     def _choose_forward(self, batch: Batch) -> None:
         """--compile: time eager and compiled forward+backward of this batch (nothing stepped, RNG, gradients
@@ -349,6 +390,8 @@ class Trainer:
             tracked, resumed_step = file.training_state().get("tracking"), p.step
             if self.governor is not None and file.training_state().get("threads"):
                 self.governor.load_state_dict(file.training_state()["threads"])
+            if self.cfg.precision == "auto" and file.training_state().get("train_precision"):
+                self._use_precision(file.training_state()["train_precision"])
             if self.cfg.compile and file.training_state().get("train_forward"):
                 self._use_forward(file.training_state()["train_forward"])
             self.found = None  # the state is in the model now; free the copy
@@ -503,8 +546,11 @@ class Trainer:
                     compute = None
             elif not len(batch):
                 compute = self.stand_in
+        if cfg.precision == "auto" and compute is not None:
+            self._choose_precision(compute)  # on every rank together (the conditions above are shared)
+            cfg = self.cfg
         if cfg.compile and self.forward_record is None and compute is not None:
-            self._choose_forward(compute)  # on every rank together (the conditions above are shared)
+            self._choose_forward(compute)
         if compute is not None:
             with autocast(self.env.device, cfg.precision):
                 losses = self._named_losses(self.task.loss(self.model, compute, self.env.device))
@@ -603,6 +649,9 @@ class Trainer:
         cfg, epoch = self.cfg, self.state.progress.epoch + 1
         if self.val_loader is None or not (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
             return {}
+        if cfg.precision == "auto":  # no training batch came before (a resume at an epoch's very end)
+            self._use_precision({"precision": "fp32", "reason": "evaluated before any training batch"})
+            cfg = self.cfg
         model = self.state.model if self.env.distributed else self.model
         loader = DeviceLoader(self.val_loader, self._to_device)
         metrics = self.task.evaluate(model, loader, self.env.device, progress=cfg.progress and self.env.is_main,
@@ -655,14 +704,17 @@ class Trainer:
             save_state(self.out, {**header(self.task.name, self.task.spec()), "config": self.cfg.to_dict(),
                                   "run": self.run, "tracking": self.tracking.state_dict(),
                                   **({"threads": self.governor.state_dict()} if self.governor is not None else {}),
-                                  **({"train_forward": self.forward_record} if self.forward_record else {}), **state}, p.step,
+                                  **({"train_forward": self.forward_record} if self.forward_record else {}),
+                                  **({"train_precision": self.precision_record} if self.precision_record else {}),
+                                  **state}, p.step,
                        keep=self.cfg.keep_checkpoints)
         D.barrier(self.env)
 
     def summary(self) -> dict[str, Any]:
         last = dict(self.state.history[-1]) if self.state.history else {}
         return last | {"best": self.state.progress.best, "best_metric": self.task.best_metric, "output": str(self.out),
-                       "model": self.cfg.model}
+                       "model": self.cfg.model, "precision": self.cfg.precision,
+                       **({"precision_choice": self.precision_record} if self.precision_record else {})}
 
 
 __all__ = ["NonFiniteLossError", "PeerLostError", "TooManyBadSamplesError", "Progress", "TrainState", "Trainer", "fit"]
