@@ -88,23 +88,25 @@ def plot_reconstructions(columns: dict[str, object], path: str | os.PathLike, ti
     _save(plt, fig, path)
 
 
-def plot_comparison(runs: dict[str, Sequence[dict]], key: str, path: str | os.PathLike, title: str = "",
-                    extra: tuple[str, Sequence[dict], str] | None = None) -> None:
-    """`key` (e.g. val_acc1) against epochs for several runs in one panel; `extra` (name, history, key): a
-    second panel (e.g. the pre-training loss)."""
+def plot_comparison(runs: dict[str, Sequence[dict]], key: str | Sequence[str], path: str | os.PathLike,
+                    title: str = "", extra: tuple[str, Sequence[dict], str] | None = None) -> None:
+    """`key` (e.g. val_acc1; several keys: one panel each) against epochs for several runs; `extra` (name,
+    history, key): one more panel (e.g. the pre-training loss)."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2 if extra else 1, figsize=(11 if extra else 6, 4), squeeze=False)
-    ax = axes[0][0]
-    for name, history in runs.items():
-        pts = [(h["epoch"], h[key]) for h in history if key in h]
-        if pts:
-            ax.plot(*zip(*pts, strict=True), "o-", label=name)
-    ax.set(title=title or key, xlabel="epoch", ylabel=key)
-    ax.legend(fontsize="small")
+    keys = [key] if isinstance(key, str) else list(key)
+    n = len(keys) + bool(extra)
+    fig, axes = plt.subplots(1, n, figsize=(6 if n == 1 else 5.5 * n, 4), squeeze=False)
+    for ax, k in zip(axes[0], keys, strict=False):  # (the extra panel is last)
+        for name, history in runs.items():
+            pts = [(h["epoch"], h[k]) for h in history if k in h]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), "o-", label=name)
+        ax.set(title=title if title and len(keys) == 1 else k, xlabel="epoch", ylabel=k)
+        ax.legend(fontsize="small")
     if extra:
         name, history, k2 = extra
-        axes[0][1].plot([h["epoch"] for h in history], [h[k2] for h in history], "o-")
-        axes[0][1].set(title=name, xlabel="epoch", ylabel=k2)
+        axes[0][-1].plot([h["epoch"] for h in history], [h[k2] for h in history], "o-")
+        axes[0][-1].set(title=name, xlabel="epoch", ylabel=k2)
     for a in axes[0]:
         a.grid(alpha=0.3)
     _save(plt, fig, path)
