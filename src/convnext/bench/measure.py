@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import time
@@ -64,11 +65,23 @@ def _rss_kib(field_name: str) -> int:
     raise OSError(f"{field_name} not in /proc/self/status")
 
 
+def _release_freed_memory() -> None:
+    """Give the memory the allocator holds but nothing uses back to the OS (glibc's malloc_trim), so that the
+    next steps' RSS rises by what they need, whatever the set-up before them freed."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def _memory_child(spec: Spec, workdir: str, steps: int, queue) -> None:  # runs in a fresh process
     try:
         torch.set_num_threads(spec.threads)
         step = build(spec, None, workdir)
         step()  # first step allocates what persists (e.g. AdamW state): counted, as a user pays it
+        _release_freed_memory()  # else memory freed by the set-up (a measured choice's warm-ups) hides the peak
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current RSS
         base = _rss_kib("VmRSS")
