@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CPU figures of benchmarks/README.md: each line is one `convnext bench` run (all candidates interleaved
 # in one process, 1 torch thread for stable ratios); JSON and text go to benchmarks/results/<cpu class>/.
-# Takes ~35 min on 2 cores. The CPU class (avx512 / avx2) is detected at run time, as in the library.
+# Takes ~35 min on 2 cores. The CPU class (amx / avx512 / avx2) is detected at run time, as in the library.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
@@ -25,9 +25,16 @@ for p in $PRECISIONS; do
       --compare timm,torchvision --repeats 6
 done
 # the demo's training step (convnext_atto, batch 128 at 32 px), 2 threads as the demo runs it
-"$BIN/convnext" bench --model convnext_atto --batch-size 128 --input-size 32 --mode train --compare timm \
-    --threads 2 --repeats 10 --json "$OUT/train-fp32-convnext_atto-b128-32px-2threads.json" --force \
-    | grep -v "^  ready\|round " | tee "$OUT/train-fp32-convnext_atto-b128-32px-2threads.txt"
+for p in $PRECISIONS; do
+  "$BIN/convnext" bench --model convnext_atto --batch-size 128 --input-size 32 --mode train --compare timm \
+      --precision $p --threads 2 --repeats 10 --json "$OUT/train-$p-convnext_atto-b128-32px-2threads.json" --force \
+      | grep -v "^  ready\|round " | tee "$OUT/train-$p-convnext_atto-b128-32px-2threads.txt"
+done
+# where the training step's time goes
+for p in $PRECISIONS; do
+  "$BIN/python" benchmarks/profile_train_step.py --model convnext_atto --batch-size 16 --precision $p --threads 1 \
+      2>/dev/null | tee "$OUT/profile-train-$p-convnext_atto-b16.txt"
+done
 # the input pipeline alone: folder vs shards vs an hf dataset, whole vs draft JPEG decoding (benchmarks/make_data.py)
 DATA=${DATA:-/tmp/benchdata}
 "$BIN/python" benchmarks/make_data.py "$DATA"
