@@ -21,9 +21,8 @@ import torch
 
 from ..factory import check_model_name, create_model
 from ..models.flops import count_macs
-from ..utils import PRECISIONS
+from ..utils import PRECISIONS, native_low_precision
 from .candidates import PEERS, candidates, skipped_peers
-from ..utils import native_low_precision
 from .machine import matmul_peak
 from .measure import Result, peak_memory, time_interleaved
 from .report import format_table, summarize

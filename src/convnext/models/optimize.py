@@ -159,6 +159,7 @@ def _median_ms(saved: _Untouched, device: torch.device, run: Callable[[], object
 
 
 BF16_MUST_WIN = 0.95  # bf16 trains only when its step takes < 95% of fp32's: its rounding is not free
+NO_NATIVE_BF16 = "no native bf16 matrix instructions (AVX512-BF16/AMX)"
 
 
 def choose_training_precision(model: nn.Module, fwd_bwd: Callable[[str], torch.Tensor], *,
@@ -179,7 +180,7 @@ def choose_training_precision(model: nn.Module, fwd_bwd: Callable[[str], torch.T
         return ("bf16" if bf16 else "fp32"), {"precision": "bf16" if bf16 else "fp32",
                                               "reason": f"CUDA {'with' if bf16 else 'without'} bf16"}
     if device.type != "cpu" or not native_low_precision(torch.bfloat16):
-        return "fp32", {"precision": "fp32", "reason": "no native bf16 matrix instructions (AVX512-BF16/AMX)"}
+        return "fp32", {"precision": "fp32", "reason": NO_NATIVE_BF16}
     with _Untouched(model) as saved:
         times: dict[str, float] = {}
         for p in ("fp32", "bf16"):

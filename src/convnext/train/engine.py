@@ -10,9 +10,9 @@ A task (`train.task.Task`) supplies only what differs: data, model, losses, metr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import dataclasses
 import os
 import random
 import time
@@ -30,7 +30,7 @@ from tqdm import tqdm
 from ..data import Batch, DataError, EpochSampler, ShardSampler
 from ..data.folder import one_thread_worker
 from ..models import fast
-from ..models.optimize import choose_training_forward, choose_training_precision, training_forward
+from ..models.optimize import NO_NATIVE_BF16, choose_training_forward, choose_training_precision, training_forward
 from ..utils import atomic_write, autocast, native_low_precision, same_file
 from ..weights.header import ModelFile, header
 from .governor import ThreadGovernor
@@ -292,8 +292,7 @@ class Trainer:
         native = device.type == "cpu" and native_low_precision(torch.bfloat16)
         if device.type == "cuda" or D.sum_all([float(native)], env)[0] < env.world_size:
             record = (choose_training_precision(self.state.model, lambda p: None)[1] if device.type == "cuda" else
-                      {"precision": "fp32", "reason": "no native bf16 matrix instructions (AVX512-BF16/AMX)"
-                       + (" on every process" if env.distributed else "")})
+                      {"precision": "fp32", "reason": NO_NATIVE_BF16 + (" on every process" if env.distributed else "")})
         else:
             def fwd_bwd(precision: str) -> torch.Tensor:
                 self._fused_depthwise(precision)
